@@ -1,0 +1,126 @@
+"""bench.py: speed and memory claims of the papers, measured side by side in one run (ratios, medians).
+
+Paper:
+    HiViT (arXiv 2205.14949) Tab. 8 and supplementary Tab. 12; iTPN / Fast-iTPN (arXiv 2211.12735) Fig. 5, Tab. 7;
+    FastMIM (arXiv 2212.06593); M3I (arXiv 2211.09807).
+
+Implements:
+    A tiny CLI that times each paper's speed claim as a ratio of two configurations measured in the same process,
+    with warm-up and medians, and prints a table. Speed never appears in a test (STYLE.md 10): it lives here.
+
+Sections:
+    1. Timing helpers        (warm-up, median of reps, peak memory)
+    2. hivit.py suite        <-> HiViT Tab. 8 (dropping masked units), supplementary Tab. 12 (HiViT-B vs ViT-B)
+    3+. one section per file, added by that file (itpn, mim, fast_itpn, train)
+    last. CLI
+
+Shapes:
+    B batch, H = W image side.
+
+Differences from the paper / official code:
+    - Numbers are measured on whatever machine runs this (the project's CI machine is a 2-core CPU); the papers
+      measured on V100/A100 GPUs. Ratios, not absolute throughput, are what compare.
+
+Run:
+    python bench.py                         # every suite, CPU, small batches (several minutes on 2 cores)
+    python bench.py --suite hivit --batch 8 --reps 5
+    python bench.py --device cuda           # on a GPU machine
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import hivit
+
+
+# ---- 1. Timing helpers --------------------------------------------------------------------------------------------
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn, *, warmup: int = 2, reps: int = 5, device: str = "cpu") -> float:
+    """Median wall-clock seconds of fn() over `reps` runs after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn, *, device: str = "cpu") -> float | None:
+    """Peak accelerator memory of one fn() call in MiB (None on CPU, where torch does not track it)."""
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def fwd_bwd(model, x, **kwargs):
+    """One forward + backward of the stage-3 output (the part a pre-training step always pays)."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        model.forward_features(x, **kwargs)[-1].float().mean().backward()
+    return step
+
+
+# ---- 2. hivit.py suite --------------------------------------------------------------------------------------------
+
+def bench_hivit(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+    """HiViT Tab. 8: dropping 75% of units speeds up a pre-training step ~1.8-2x; supp. Tab. 12: HiViT-B ~0.95x ViT-B."""
+    torch.manual_seed(0)
+    model = hivit.HiViT(hivit.PRESETS["hivit_b"]).to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    n, n_vis = 196, 49                                                   # 14x14 units, 75% masked
+    ids_keep = torch.rand(batch, n, device=device).argsort(dim=1)[:, :n_vis]   # (B, N_vis)
+    t_all = measure(fwd_bwd(model, x), reps=reps, device=device)
+    t_drop = measure(fwd_bwd(model, x, ids_keep=ids_keep), reps=reps, device=device)
+
+    vit = hivit.VisionTransformer(hivit.VIT_PRESETS["vit_b"]).to(device)
+    with torch.no_grad():
+        t_hivit_fwd = measure(lambda: model(x), reps=reps, device=device)
+        t_vit_fwd = measure(lambda: vit(x), reps=reps, device=device)
+    return [
+        ("HiViT-B fwd+bwd 224, all units (s/step)", t_all, f"batch {batch}"),
+        ("HiViT-B fwd+bwd 224, 75% units dropped (s/step)", t_drop, f"batch {batch}"),
+        ("speed-up from dropping masked units", t_all / t_drop, "x  (HiViT Tab. 8: ~1.8-2x)"),
+        ("HiViT-B / ViT-B forward throughput", t_vit_fwd / t_hivit_fwd, "x  (supp. Tab. 12: 0.95x)"),
+    ]
+
+
+# ---- last. CLI ----------------------------------------------------------------------------------------------------
+
+SUITES = {
+    "hivit": bench_hivit,
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), action="append",
+                        help="suite(s) to run (repeatable); default: all")
+    parser.add_argument("--batch", type=int, default=4, help="images per timed step")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per row (median is reported)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    for name in args.suite or list(SUITES):
+        print(f"\n== {name} ==")
+        for row, value, note in SUITES[name](batch=args.batch, reps=args.reps, device=args.device):
+            print(f"  {row:58s} {value:10.3f}  {note}")
+
+
+if __name__ == "__main__":
+    main()
