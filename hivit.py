@@ -608,21 +608,21 @@ def unwrap_checkpoint(ckpt: dict) -> dict:
 def load_official(model: nn.Module, state_dict: dict, *, allow_missing: tuple[str, ...] = ()) -> list[str]:
     """Strictly load an official HiViT/iTPN classifier checkpoint into a HiViT; returns the ignored keys.
 
-    Raises KeyError naming every missing or unexpected key, and ValueError naming every key whose shape differs
+    Raises KeyError naming every missing key (our name) and unexpected key (the file's name), and ValueError naming every key whose shape differs
     (with both shapes). Ignored, and returned: `relative_position_index` buffers and the pre-training-only keys in
     PRETRAIN_ONLY_PREFIXES. `allow_missing`: key prefixes our model may keep at init (e.g. ("head.", "fc_norm.")
     when fine-tuning from a pre-training checkpoint).
     """
     cfg = model.cfg
     ours = model.state_dict()
-    mapped, ignored = {}, []
+    mapped, source, ignored = {}, {}, []
     for key, value in unwrap_checkpoint(state_dict).items():
         new = map_official_key(key, mlp_depth1=cfg.mlp_depth1, mlp_depth2=cfg.mlp_depth2)
         if new is None or (new not in ours and new.startswith(PRETRAIN_ONLY_PREFIXES)):
             ignored.append(key)
             continue
-        mapped[new] = value
-    unexpected = sorted(set(mapped) - set(ours))
+        mapped[new], source[new] = value, key
+    unexpected = sorted(source[k] for k in set(mapped) - set(ours))     # named as in the checkpoint file
     missing = sorted(k for k in set(ours) - set(mapped) if not k.startswith(tuple(allow_missing)))
     if unexpected or missing:
         raise KeyError(f"official checkpoint does not match {type(model).__name__}: missing keys {missing}, "

@@ -1,0 +1,302 @@
+"""Oracles for hivit.py: paper/official sizes, visible-unit equivalence, an independent official forward, loading."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import hivit
+from hivit import PRESETS, HiViT, HiViTConfig, VisionTransformer, VIT_PRESETS, load_official
+
+KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+
+
+def official_layout(name):
+    path = os.path.join(KEYS_DIR, f"{name}.json")
+    if not os.path.exists(path):
+        pytest.fail(f"reference key listing {path} not found: the repo expects ../shared/reference beside it")
+    with open(path) as f:
+        return json.load(f)
+
+
+def meta_model(cfg):
+    with torch.device("meta"):
+        return HiViT(cfg) if isinstance(cfg, HiViTConfig) else VisionTransformer(cfg)
+
+
+# ---- sizes: paper Tab. 7 and the official models ----
+
+@pytest.mark.parametrize("name, params_m, gmacs, layout", [
+    ("hivit_t", 19.182, 4.59, "hivit_tiny"), ("hivit_s", 37.526, 9.04, "hivit_small"),
+    ("hivit_b", 66.419, 15.81, "hivit_base"), ("hivit_l", 266.763, 63.66, "hivit_large"),
+])
+def test_parameter_counts_and_gmacs(name, params_m, gmacs, layout):
+    model = meta_model(PRESETS[name])
+    n = sum(p.numel() for p in model.parameters())
+    assert n == official_layout(layout)["n_params"]                     # exact, against the official model
+    assert abs(n / 1e6 - params_m) / params_m < 1e-3
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert abs(counter.get_total_flops() / 2e9 - gmacs) / gmacs < 1e-2    # MACs = FLOPs / 2
+
+
+def test_vit_b_size():
+    # ViT-B/16 with mean pooling + fc_norm + head: 86.57M (the well-known ViT-B count plus fc_norm, minus nothing)
+    n = sum(p.numel() for p in meta_model(VIT_PRESETS["vit_b"]).parameters())
+    assert abs(n / 1e6 - 86.568) < 1e-3
+
+
+# ---- visible-unit equivalence (the paper's key claim: no inter-unit ops before stage 3) ----
+
+def test_visible_units_equal_full_then_select():
+    torch.manual_seed(0)
+    model = HiViT(PRESETS["tiny"]).eval()
+    x = torch.randn(3, 3, 64, 64)
+    ids_keep = torch.rand(3, 16).argsort(dim=1)[:, :5]                  # (B, N_vis)
+    with torch.no_grad():
+        full_units, grid = model.embed_units(x)
+        f4, f8, tokens = model.forward_early(full_units)
+        v4, v8, v16 = model.forward_features(x, ids_keep=ids_keep)
+
+        def select(t):
+            idx = ids_keep.reshape(3, 5, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:])
+            return torch.gather(t, 1, idx)
+
+        # exact: the same per-row ops on fewer rows (bitwise on CPU fp32)
+        assert torch.equal(v4, select(f4)) and torch.equal(v8, select(f8))
+        # stage 3 on the selected tokens (with their APE and RPE) is what the seam returns
+        sel = select(tokens + model.pos_embed(grid))
+        ref = model.forward_stage3(sel, grid_hw=grid, ids_keep=ids_keep)[-1]
+        assert torch.equal(v16, ref)
+        # and it is NOT the same as attending over all units (stage 3 does mix units)
+        assert not torch.allclose(v16, select(model.forward_features(x)[-1]), atol=1e-4)
+
+
+def test_masked_unit_pixels_do_not_reach_visible_units():
+    torch.manual_seed(0)
+    model = HiViT(PRESETS["tiny"]).eval()
+    x = torch.randn(1, 3, 64, 64)
+    ids_keep = torch.tensor([[0, 5, 10, 15]])                            # unit 1 (row 0, col 1) is masked
+    y = x.clone()
+    y[:, :, 0:16, 16:32] += 5.0                                          # change only unit 1's pixels
+    with torch.no_grad():
+        for a, b in zip(model.forward_features(x, ids_keep=ids_keep), model.forward_features(y, ids_keep=ids_keep)):
+            assert torch.equal(a, b)
+
+
+# ---- independent oracle: the official forward written from the reference (flat blocks.{i}, official names) ----
+
+def official_forward(sd, *, n1, n2, depth, heads, img=64):
+    """Functional re-statement of the official iTPN(num_outs=1) classifier, reading official keys directly."""
+    def ln(x, p, eps=1e-6):
+        return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps)
+
+    def lin(x, p):
+        return F.linear(x, sd[p + ".weight"], sd.get(p + ".bias"))
+
+    def mlp(x, p):
+        return lin(F.gelu(lin(x, p + ".fc1")), p + ".fc2")
+
+    x = F.conv2d(img, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    b, c, hh, ww = x.shape
+    g = hh // 4
+    # nested layout: (B, C, G, 4, G, 4) -> (B, G, G, 4, 4, C) -> (B, G*G, 4, 4, C)
+    x = x.view(b, c, g, 4, g, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, 4, 4, c)
+    x = ln(x, "patch_embed.norm")
+    merges = {n1, n1 + n2 + 1}
+    for i in range(n1 + n2 + 2):
+        p = f"blocks.{i}"
+        if i in merges:                                                   # Swin order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
+            x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
+            x = lin(ln(x, p + ".norm"), p + ".reduction")
+        else:
+            x = x + mlp(ln(x, p + ".norm2"), p + ".mlp")
+    x = x[:, :, 0, 0, :] + sd["absolute_pos_embed"]
+    n = x.shape[1]
+    coords = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (g - 1)
+    index = rel[0] * (2 * g - 1) + rel[1]
+    for i in range(n1 + n2 + 2, n1 + n2 + 2 + depth):
+        p = f"blocks.{i}"
+        h = ln(x, p + ".norm1")
+        qkv = lin(h, p + ".attn.qkv").view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
+        att = att + sd[p + ".attn.relative_position_bias_table"][index].permute(2, 0, 1)[None]
+        h = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        x = x + lin(h, p + ".attn.proj")
+        x = x + mlp(ln(x, p + ".norm2"), p + ".mlp")
+    return lin(ln(x.mean(1), "fc_norm"), "head")
+
+
+def random_official_state_dict(cfg, seed=0):
+    """Random tensors under official key names for a small config (the inverse of map_official_key, by hand)."""
+    g = torch.Generator().manual_seed(seed)
+    ours = HiViT(cfg).state_dict()
+    n1, n2 = cfg.mlp_depth1, cfg.mlp_depth2
+    sd = {}
+    for k, v in ours.items():
+        if k.startswith("stage1.") or k.startswith("stage2."):
+            stage, j, rest = k.split(".", 2)
+            i = int(j) if stage == "stage1" else n1 + 1 + int(j)
+            rest = rest.replace("norm.", "norm2.")
+            k = f"blocks.{i}.{rest}"
+        elif k.startswith("merge1."):
+            k = f"blocks.{n1}." + k[len("merge1."):]
+        elif k.startswith("merge2."):
+            k = f"blocks.{n1 + n2 + 1}." + k[len("merge2."):]
+        elif k.startswith("blocks."):
+            _, j, rest = k.split(".", 2)
+            k = f"blocks.{int(j) + n1 + n2 + 2}.{rest}"
+        sd[k] = torch.randn(v.shape, generator=g) * 0.2
+    sd["relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)   # derived buffer: accepted, ignored
+    return sd
+
+
+def test_load_official_matches_independent_official_forward():
+    cfg = HiViTConfig(img_size=64, embed_dim=128, mlp_depth1=2, mlp_depth2=1, depth=2, num_heads=2, num_classes=7)
+    sd = random_official_state_dict(cfg)
+    model = HiViT(cfg).eval()
+    ignored = load_official(model, {"model": sd})
+    assert ignored == ["relative_position_index"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = official_forward(sd, n1=2, n2=1, depth=2, heads=2, img=x)
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset, layout", [("hivit_t", "hivit_tiny"), ("hivit_s", "hivit_small"),
+                                            ("hivit_b", "hivit_base"), ("hivit_l", "hivit_large")])
+def test_official_key_listing_loads_strictly(preset, layout):
+    """Every official key of the released layout maps onto our model with the listed shape, none left over."""
+    model = meta_model(PRESETS[preset])
+    sd = {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+          for k, shape, dtype in official_layout(layout)["keys"]}
+    assert load_official(model, sd) == ["relative_position_index"]
+
+
+def test_load_official_errors_name_the_key():
+    cfg = HiViTConfig(img_size=64, embed_dim=128, mlp_depth1=2, mlp_depth2=1, depth=2, num_heads=2, num_classes=7)
+    sd = random_official_state_dict(cfg)
+    missing = {k: v for k, v in sd.items() if k != "blocks.5.attn.qkv.weight"}
+    with pytest.raises(KeyError, match=r"blocks\.0\.attn\.qkv\.weight"):  # reported under our name
+        load_official(HiViT(cfg), missing)
+    extra = dict(sd, **{"blocks.9.attn.qkv.weight": torch.zeros(1)})
+    with pytest.raises(KeyError, match=r"unexpected keys \[.blocks\.9\.attn\.qkv\.weight"):
+        load_official(HiViT(cfg), extra)
+    wrong = dict(sd, head=None)
+    wrong.pop("head")
+    wrong["head.weight"] = torch.zeros(5, 128)
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(5, 128\) vs model \(7, 128\)"):
+        load_official(HiViT(cfg), wrong)
+    # pre-training-only keys are listed and ignored; a fine-tuning start may leave head/fc_norm at init
+    pre = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    pre["mask_token"] = torch.zeros(1, 1, 128)
+    ignored = load_official(HiViT(cfg), pre, allow_missing=("head.", "fc_norm."))
+    assert "mask_token" in ignored
+
+
+# ---- behaviour: gradients, sizes, errors, mask tokens ----
+
+def test_every_parameter_gets_a_gradient_and_outputs_are_finite():
+    torch.manual_seed(0)
+    model = HiViT(HiViTConfig(**{**vars(PRESETS["tiny"]), "drop_path_rate": 0.1, "layer_scale": 0.1}))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert torch.isfinite(out).all()
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("size", [64, 224, 256, 512, (64, 96)])
+def test_input_sizes(size):
+    h, w = (size, size) if isinstance(size, int) else size
+    model = HiViT(PRESETS["tiny"]).eval()
+    with torch.no_grad():
+        f4, f8, f16 = model.forward_features(torch.randn(1, 3, h, w))
+        assert f16.shape == (1, (h // 16) * (w // 16), 64)
+        assert hivit.units_to_map(f4, (h // 16, w // 16)).shape == (1, 16, h // 4, w // 4)
+        assert torch.isfinite(model(torch.randn(1, 3, h, w))).all()
+
+
+def test_bad_size_error_says_which_sizes_are_valid():
+    with pytest.raises(ValueError, match=r"200x200 is not divisible by the 16-px unit.*192 or 208"):
+        HiViT(PRESETS["tiny"])(torch.randn(1, 3, 200, 200))
+
+
+def test_units_to_map_is_the_image_layout():
+    # stem output reshaped by PatchEmbed then unfolded again must give back the conv map
+    model = HiViT(PRESETS["tiny"]).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        units = model.patch_embed.proj(x)                                # (1, 16, 16, 24) image layout
+        nested = model.patch_embed(x)                                    # LN is per position, so undo it by value
+        ref = F.layer_norm(units.permute(0, 2, 3, 1), (16,), model.patch_embed.norm.weight,
+                           model.patch_embed.norm.bias, 1e-6).permute(0, 3, 1, 2)
+        torch.testing.assert_close(hivit.units_to_map(nested, (4, 6)), ref)
+
+
+def test_mask_token_path_replaces_masked_stage3_inputs():
+    torch.manual_seed(0)
+    model = HiViT(PRESETS["tiny"]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 16)
+    mask[:, 3] = 1
+    token = torch.randn(1, 1, 64)
+    y = x.clone()
+    y[:, :, 0:16, 48:64] = 0                                             # unit 3's pixels
+    with torch.no_grad():
+        a = model.forward_features(x, mask=mask, mask_token=token)
+        b = model.forward_features(y, mask=mask, mask_token=token)
+    torch.testing.assert_close(a[2], b[2])                               # stage 3 never sees unit 3's pixels
+    assert not torch.allclose(a[0], b[0])                                # ... but stages 1-2 do (documented)
+    with pytest.raises(ValueError, match="together"):
+        model.forward_features(x, mask=mask)
+
+
+def test_sincos_table_layout():
+    t = hivit.sincos_pos_embed_2d(8, 2, 3)                                # dim 8: [sin c, cos c | sin r, cos r]
+    assert t.shape == (6, 8)
+    torch.testing.assert_close(t[4, :4], torch.tensor([1.0, 1.0, 1.0, 1.0]).mul(torch.tensor(
+        [torch.sin(torch.tensor(1.0)), torch.sin(torch.tensor(0.01)), torch.cos(torch.tensor(1.0)),
+         torch.cos(torch.tensor(0.01))])))                                # unit 4 = row 1, col 1
+    torch.testing.assert_close(t[2, 4:], torch.tensor([0.0, 0.0, 1.0, 1.0]))   # row 0
+
+
+def test_resize_pos_embed_identity_and_quirk():
+    table = torch.randn(1, 196, 8)
+    assert hivit.resize_pos_embed(table, (14, 14)) is table
+    quirk = hivit.resize_pos_embed(table, (14, 14), force=True)          # reference 2.7: resampled at 14.1/14
+    assert quirk.shape == table.shape and not torch.allclose(quirk, table)
+    assert hivit.resize_pos_embed(table, (32, 20)).shape == (1, 640, 8)
+
+
+def test_vit_seam_and_cls_token():
+    torch.manual_seed(0)
+    cfg = ViTConfig = VIT_PRESETS["vit_tiny"]
+    vit = VisionTransformer(cfg).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ids_keep = torch.rand(2, 16).argsort(dim=1)[:, :4]
+    with torch.no_grad():
+        outs = vit.forward_features(x, ids_keep=ids_keep)
+        assert len(outs) == cfg.depth and outs[-1].shape == (2, 4, 64)
+        assert vit(x).shape == (2, 10)
+    clip_like = VisionTransformer(hivit.ViTConfig(**{**vars(cfg), "class_token": True, "pre_norm": True,
+                                                     "quick_gelu": True, "ln_eps": 1e-5}))
+    out = clip_like.forward_features(x)[-1]
+    assert out.shape == (2, 16, 64)
+    out.sum().backward()
+    assert clip_like.cls_token.grad is not None
+
+
+def test_smoke_demo_runs():
+    import runpy
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "hivit.py"), run_name="__main__")
+    assert "hivit_b      66.419M" in buf.getvalue()
