@@ -97,10 +97,13 @@ import torch.nn.functional as F
 from hivit import AttentionBlock, check_image_size, sincos_pos_embed_2d
 
 __all__ = [
-    "MIMConfig", "PRESETS", "M3I_PRESET_NAMES", "tiny_decoder", "img_size_at", "truncate_encoder_config",
-    "random_masking", "block_masking", "mask_to_map", "ids_from_mask",
-    "patchify", "unpatchify", "norm_pix", "masked_mean", "hog", "hog_targets",
+    "MIMConfig", "PRESETS", "M3I_PRESET_NAMES", "METHODS", "tiny_decoder", "img_size_at", "truncate_encoder_config",
+    "random_masking", "block_masking", "ids_from_mask", "mask_units", "mask_to_map",
+    "patchify", "unpatchify", "norm_pix", "masked_mean", "HOG_BINS", "HOG_CELL", "hog", "hog_targets", "hog_picture",
     "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES",
+    "LightDecoder", "MAEDecoder", "view_pos_embed", "QueryDecoder", "AttentionPool", "tokenize_captions",
+    "TextEncoder", "make_teacher", "ema_update_", "cosine_momentum", "pixel_recon",
+    "MAE", "FastMIM", "random_resized_views", "view_coords", "mix_images", "gather_units", "M3I",
 ]
 
 
@@ -250,6 +253,18 @@ def ids_from_mask(mask: torch.Tensor):
     return ids_shuffle[:, :num_keep], ids_shuffle.argsort(dim=1)          # (B, N_vis), (B, N)
 
 
+def mask_units(batch_size: int, grid_hw: tuple[int, int], *, mask_ratio: float, pattern: str, device=None):
+    """One entry point for the methods: (ids_keep, ids_restore, mask) by "random" or "block" masking, same counts."""
+    n = grid_hw[0] * grid_hw[1]
+    if pattern == "random":
+        return random_masking(batch_size, n, mask_ratio, device=device)
+    if pattern == "block":
+        num_masked = n - int(round(n * (1 - mask_ratio)))
+        mask = block_masking(batch_size, grid_hw, num_masked).to(device)  # (B, N)
+        return (*ids_from_mask(mask), mask)
+    raise ValueError(f"mask_pattern must be 'random' or 'block', not {pattern!r}")
+
+
 def mask_to_map(mask: torch.Tensor, grid_hw: tuple[int, int], scale: int) -> torch.Tensor:
     """Unit mask (B, N) -> (B, Hp*scale, Wp*scale) map: every unit becomes a scale x scale square.
 
@@ -341,6 +356,27 @@ def hog_targets(hog_map: torch.Tensor, patch: int = 16) -> torch.Tensor:
     return x.reshape(b, (ch // s) * (cw // s), k * s * s)                 # (B, N, 108)
 
 
+
+def hog_picture(per_unit: torch.Tensor, grid_hw: tuple[int, int], patch: int = 16) -> torch.Tensor:
+    """Per-unit HOG (B, N, 27 * s * s) -> (B, 3, H, W) picture in [0, 1] for the logs (classic HOG rendering).
+
+    Every 8x8 cell draws each of its 9 bins as a line through the cell centre along the EDGE direction (normal to
+    the bin's gradient angle), brightness = bin value; colour channels are drawn separately.
+    """
+    b = per_unit.shape[0]
+    hp, wp = grid_hw
+    s = patch // HOG_CELL
+    x = per_unit.float().reshape(b, hp, wp, 3, HOG_BINS, s, s)           # (B, Hp, Wp, 3, 9, s, s)
+    centre = torch.arange(HOG_CELL, dtype=torch.float32, device=x.device) - (HOG_CELL - 1) / 2   # (8,)
+    theta = (torch.arange(HOG_BINS, device=x.device) + 0.5) * math.pi / HOG_BINS                 # bin centres
+    # angle = atan2(gx, gy): the gradient points along (row, col) ~ (cos, sin), so the edge runs along (-sin, cos)
+    dist = (centre[None, :, None] * theta.cos()[:, None, None]
+            + centre[None, None, :] * theta.sin()[:, None, None]).abs()   # (9, 8, 8) distance to the edge line
+    glyphs = (1 - dist).clamp(min=0)                                      # (9, 8, 8)
+    img = torch.einsum("bhwckst,kij->bchsiwtj", x, glyphs)               # (B, 3, Hp, s, 8, Wp, s, 8)
+    img = img.reshape(b, 3, hp * patch, wp * patch)                       # (B, 3, H, W)
+    return img / img.flatten(1).amax(dim=1).clamp(min=1e-6)[:, None, None, None]
+
 # ---- 5. Losses (M3I Sec. 3.1: Gaussian P -> L2, Boltzmann P -> softmax cross-entropy) ------------------------------
 # Dense losses map (B, N, d) predictions and targets to a per-unit (B, N) loss; the method decides where to average
 # (masked units only, or all). Global losses map (B, d) vectors to a per-sample (B,) loss.
@@ -379,3 +415,478 @@ def info_nce_loss(query: torch.Tensor, keys: torch.Tensor, *, positive: torch.Te
 
 
 LOSSES = {"l2": l2_loss, "smooth_l1": smooth_l1_loss, "cosine": cosine_loss, "info_nce": info_nce_loss}
+
+
+# ---- 6. Decoders and heads ----------------------------------------------------------------------------------------
+
+LN_EPS = 1e-6     # LayerNorm eps of MAE / iTPN pre-training heads
+
+
+class LightDecoder(nn.Module):
+    """FastMIM's decoder (Tab. 16, "1b256d"): Linear C -> D, `depth` AttentionBlocks, LayerNorm, Linear D -> out.
+
+    It has no mask tokens and no position embedding: the encoder already saw every position (FastMIM Sec. 4.1).
+    MAEDecoder and QueryDecoder add their own inputs and reuse `blocks -> norm -> pred` through `run`.
+    """
+
+    def __init__(self, in_dim: int, *, dim: int, depth: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        self.blocks = nn.ModuleList(AttentionBlock(dim, num_heads=num_heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.pred = nn.Linear(dim, out_dim)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) decoder tokens -> (B, L, out)."""
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.run(self.embed(tokens))                               # (B, N, out)
+
+
+class MAEDecoder(LightDecoder):
+    """MAE's decoder (Fig. 1): visible tokens + a shared mask token per removed unit, un-shuffled, + fixed sin-cos."""
+
+    def __init__(self, in_dim: int, *, dim: int, depth: int, num_heads: int, out_dim: int):
+        super().__init__(in_dim, dim=dim, depth=depth, num_heads=num_heads, out_dim=out_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)                  # MAE: N(0, 0.02)
+
+    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """tokens (B, N_vis, C) in ids_keep order -> predictions (B, N, out) for every unit, original order."""
+        x = self.embed(tokens)                                            # (B, N_vis, D)
+        b, n_vis, d = x.shape
+        n = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.expand(b, n - n_vis, -1)], dim=1)   # (B, N, D) in shuffled order
+        x = torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, d))    # (B, N, D) original order
+        x = x + sincos_pos_embed_2d(d, *grid_hw).to(x)                   # fixed table, built for this grid
+        return self.run(x)                                                # (B, N, out)
+
+
+def view_pos_embed(dim: int, coords: torch.Tensor) -> torch.Tensor:
+    """Sin-cos embedding of 4-d view coordinates (B, L, 4) -> (B, L, dim); dim/4 channels per coordinate.
+
+    coords = (row, col, scale_h, scale_w) from `view_coords`: positions are real numbers in units of the input
+    view's patches from its top-left corner (M3I Sec. 3.4, SiameseIM), so a query can sit between or outside the
+    visible units. Each quarter is [sin | cos] with omega_k = 1 / 10000^(k / (dim/8)), as MAE's table.
+    """
+    assert dim % 8 == 0, "view position embedding needs dim divisible by 8"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 8, device=coords.device, dtype=torch.float32) / (dim / 8))
+    angles = coords.float()[..., None] * omega                            # (B, L, 4, dim/8)
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)                 # (B, L, 4, dim/4)
+    return emb.flatten(2)                                                 # (B, L, dim)
+
+
+class QueryDecoder(LightDecoder):
+    """M3I's image decoder (Sec. 3.4, Fig. 2): visible tokens + one mask query per target-view unit.
+
+    Tokens and queries both get `pos_proj(view_pos_embed(coords))`; the outputs at the queries are the predictions.
+    With an identity geometry and the visible units as queries this is MAE's decoder with a learned position map.
+    """
+
+    def __init__(self, in_dim: int, *, dim: int, depth: int, num_heads: int, out_dim: int):
+        super().__init__(in_dim, dim=dim, depth=depth, num_heads=num_heads, out_dim=out_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.pos_proj = nn.Linear(dim, dim)                               # SiameseIM's "decoder_pos_mlp"
+
+    def forward(self, tokens: torch.Tensor, token_coords: torch.Tensor, query_coords: torch.Tensor) -> torch.Tensor:
+        """tokens (B, N_vis, C), token_coords (B, N_vis, 4), query_coords (B, Nq, 4) -> (B, Nq, out)."""
+        d = self.mask_token.shape[-1]
+        x = self.embed(tokens) + self.pos_proj(view_pos_embed(d, token_coords))      # (B, N_vis, D)
+        q = self.mask_token + self.pos_proj(view_pos_embed(d, query_coords))         # (B, Nq, D)
+        out = self.run(torch.cat([x, q], dim=1))                          # (B, N_vis + Nq, out)
+        return out[:, x.shape[1]:]                                        # (B, Nq, out)
+
+
+class AttentionPool(nn.Module):
+    """CAE-style attention pooling: one learned query attends over tokens -> Linear (M3I Sec. 3.4, global targets)."""
+
+    def __init__(self, dim: int, *, num_heads: int, out_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        kv = self.norm(tokens)                                            # (B, L, C)
+        pooled, _ = self.attn(self.query.expand(tokens.shape[0], -1, -1), kv, kv, need_weights=False)   # (B, 1, C)
+        return self.proj(pooled[:, 0])                                    # (B, out)
+
+
+TEXT_PAD, TEXT_START = 0, 1      # token ids; a byte b is token b + 2, so the vocabulary is 258
+
+
+def tokenize_captions(captions: list[str], length: int = 32) -> torch.Tensor:
+    """UTF-8 bytes as tokens (no tokenizer dependency): (B, T) long, a start token first, padded with TEXT_PAD."""
+    out = torch.full((len(captions), length), TEXT_PAD, dtype=torch.long)
+    for i, text in enumerate(captions):
+        ids = [TEXT_START] + [byte + 2 for byte in text.encode("utf-8")][:length - 1]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+class TextEncoder(nn.Module):
+    """Small text encoder for M3I's text target: byte embedding + learned positions, transformer, masked mean, Linear.
+
+    The paper uses a 12-layer BERT-Base-like encoder trained jointly; this is a 2-layer stand-in for captions of a
+    built-in or small dataset (the start token keeps every row non-empty, so the padding mask never hides all keys).
+    """
+
+    def __init__(self, *, dim: int, depth: int = 2, num_heads: int, out_dim: int, max_len: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(256 + 2, dim)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, num_heads, dim_feedforward=4 * dim, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.proj = nn.Linear(dim, out_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pad = tokens == TEXT_PAD                                          # (B, T)
+        x = self.embed(tokens) + self.pos[:, :tokens.shape[1]]            # (B, T, dim)
+        x = self.norm(self.blocks(x, src_key_padding_mask=pad))           # (B, T, dim)
+        keep = (~pad).to(x.dtype)[:, :, None]                             # (B, T, 1)
+        return self.proj((x * keep).sum(dim=1) / keep.sum(dim=1))         # (B, out)
+
+
+# ---- 7. Momentum (EMA) teacher ------------------------------------------------------------------------------------
+
+def make_teacher(encoder: nn.Module) -> nn.Module:
+    """A frozen copy of the encoder: no gradient, excluded from the optimizer, always in eval mode."""
+    teacher = copy.deepcopy(encoder)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """theta_teacher <- m * theta_teacher + (1 - m) * theta_student, in place, parameter by parameter (BYOL/MoCo)."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s.detach().to(t.dtype), 1 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def cosine_momentum(base: float, progress: float) -> float:
+    """SiameseIM's schedule: m(t) = 1 - (1 - m0) * (1 + cos(pi t)) / 2, from m0 at t = 0 to 1 at t = 1."""
+    return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def pixel_recon(pred: torch.Tensor, imgs: torch.Tensor, *, patch: int, norm_pix_loss: bool) -> torch.Tensor:
+    """Predicted pixels back in the normalised input space, (B, 3, H, W), for the reconstruction pictures.
+
+    With norm_pix_loss the prediction is de-normalised with the ORIGINAL unit's mean and std: the picture then
+    borrows each unit's true colour statistics (label it so; the loss never sees them).
+    """
+    target = patchify(imgs, patch)                                        # (B, N, P)
+    if norm_pix_loss:
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    return unpatchify(pred.detach().float(), check_image_size(imgs, patch), patch)   # (B, 3, H, W)
+
+
+# ---- 8. MAE -------------------------------------------------------------------------------------------------------
+
+class MAE(nn.Module):
+    """MAE (Sec. 3): encode only the visible units, decode with mask tokens, L2 on normalised pixels of removed units.
+
+    forward(imgs (B, 3, H, W)) -> {"loss", "mask" (B, N), "pred" (B, N, P), "recon" (B, 3, H, W)}.
+    """
+
+    num_views = 1
+
+    def __init__(self, encoder: nn.Module, *, cfg: MIMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.patch = getattr(encoder.cfg, "patch_size", 16)               # unit = the last-stage patch
+        c = encoder.cfg.embed_dim
+        self.norm = nn.LayerNorm(c, eps=LN_EPS)                           # MAE encoder's final norm
+        self.decoder = MAEDecoder(c, dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
+                                  out_dim=self.patch ** 2 * 3)
+
+    def forward(self, imgs: torch.Tensor) -> dict:
+        grid_hw = check_image_size(imgs, self.patch)
+        ids_keep, ids_restore, mask = mask_units(imgs.shape[0], grid_hw, mask_ratio=self.cfg.mask_ratio,
+                                                 pattern=self.cfg.mask_pattern, device=imgs.device)
+        latent = self.norm(self.encoder.forward_features(imgs, ids_keep=ids_keep)[-1])   # (B, N_vis, C)
+        pred = self.decoder(latent, ids_restore, grid_hw)                 # (B, N, P)
+        target = patchify(imgs, self.patch)                               # (B, N, P)
+        if self.cfg.norm_pix_loss:
+            target = norm_pix(target)
+        loss = masked_mean(LOSSES[self.cfg.loss](pred.float(), target.float()), mask)   # loss on removed units
+        recon = pixel_recon(pred, imgs, patch=self.patch, norm_pix_loss=self.cfg.norm_pix_loss)
+        return {"loss": loss, "mask": mask, "pred": pred, "recon": recon}
+
+
+# ---- 9. SimMIM / FastMIM / FastMIM-P ------------------------------------------------------------------------------
+
+class FastMIM(nn.Module):
+    """FastMIM (Sec. 4.1): mask the RGB input with a learnable colour, encode every unit, light decoder, HOG target.
+
+    The "simmim" preset is the same module at 224 px with a pixel target. Low resolution (128 px) and the
+    progressive FastMIM-P schedule only change the input size (`img_size_at`); every size-dependent table is
+    derived from the input, so a resolution switch keeps the optimizer state untouched.
+    forward(imgs (B, 3, H, W)) -> {"loss", "mask" (B, N), "pred" (B, N, out), "recon" or "pictures"}.
+    """
+
+    num_views = 1
+
+    def __init__(self, encoder: nn.Module, *, cfg: MIMConfig):
+        super().__init__()
+        if cfg.target not in ("hog", "pixel"):
+            raise ValueError(f"FastMIM predicts 'hog' or 'pixel', not {cfg.target!r}")
+        self.cfg = cfg
+        self.encoder = encoder
+        self.patch = getattr(encoder.cfg, "patch_size", 16)               # mask unit = last-stage patch (16 px)
+        c = encoder.cfg.embed_dim
+        # [MASK] in R^{1x1x3}, living in the normalised-pixel space (init ~ the dataset mean colour)
+        self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.norm = nn.LayerNorm(c, eps=LN_EPS)
+        out_dim = 3 * HOG_BINS * (self.patch // HOG_CELL) ** 2 if cfg.target == "hog" else self.patch ** 2 * 3
+        self.decoder = LightDecoder(c, dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
+                                    out_dim=out_dim)                      # 108 (HOG) or 768 (pixels) per unit
+
+    def mask_input(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """X_hat = X * (1 - M) + [MASK] * M with M the unit mask upsampled to pixels (FastMIM Sec. 4.1)."""
+        m = mask_to_map(mask, check_image_size(imgs, self.patch), self.patch)[:, None].to(imgs.dtype)  # (B,1,H,W)
+        return imgs * (1 - m) + self.mask_token.to(imgs.dtype) * m
+
+    def forward(self, imgs: torch.Tensor) -> dict:
+        grid_hw = check_image_size(imgs, self.patch)
+        _, _, mask = mask_units(imgs.shape[0], grid_hw, mask_ratio=self.cfg.mask_ratio,
+                                pattern=self.cfg.mask_pattern, device=imgs.device)
+        tokens = self.norm(self.encoder.forward_features(self.mask_input(imgs, mask))[-1])   # (B, N, C): all units
+        pred = self.decoder(tokens)                                       # (B, N, out)
+        out = {"mask": mask, "pred": pred}
+        if self.cfg.target == "hog":
+            with torch.no_grad():
+                target = hog_targets(hog(imgs, normalize=self.cfg.norm_pix_loss), self.patch)   # (B, N, 108) fp32
+            out["pictures"] = {"hog_target": hog_picture(target, grid_hw, self.patch),
+                               "hog_pred": hog_picture(pred.detach().clamp(min=0), grid_hw, self.patch)}
+        else:
+            target = patchify(imgs, self.patch)                           # (B, N, P)
+            target = norm_pix(target) if self.cfg.norm_pix_loss else target
+            out["recon"] = pixel_recon(pred, imgs, patch=self.patch, norm_pix_loss=self.cfg.norm_pix_loss)
+        out["loss"] = masked_mean(LOSSES[self.cfg.loss](pred.float(), target), mask)   # Sec. 4.1: masked region
+        return out
+
+
+# ---- 10. M3I and its 12 special cases -----------------------------------------------------------------------------
+
+LOG_SCALE = 10.0    # SiameseIM embeds 10 * ln(scale), so that scales 0.5..2 span a useful angle range
+
+
+def random_resized_views(imgs: torch.Tensor, *, scale: tuple[float, float] = (0.25, 1.0),
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3), generator=None):
+    """Cut another view out of each image: random resized crop + horizontal flip, resampled to the same size.
+
+    Returns views (B, 3, H, W), boxes (B, 4) = (top, left, height, width) as fractions of the source image, and
+    flip (B,) bool. Done with one affine grid_sample per batch, so the geometry is exact and known to the decoder.
+    """
+    b = imgs.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=generator)          # fraction of the source area
+    aspect = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()   # w / h
+    height, width = (area / aspect).sqrt().clamp(max=1), (area * aspect).sqrt().clamp(max=1)
+    top = torch.rand(b, generator=generator) * (1 - height)
+    left = torch.rand(b, generator=generator) * (1 - width)
+    flip = torch.rand(b, generator=generator) < 0.5
+    theta = torch.zeros(b, 2, 3)                                          # output [-1, 1] -> source [-1, 1]
+    theta[:, 0, 0] = torch.where(flip, -width, width)                    # x_src = cx + (+-w) * x_out
+    theta[:, 0, 2] = 2 * left + width - 1
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = 2 * top + height - 1
+    grid = F.affine_grid(theta.to(imgs), list(imgs.shape), align_corners=False)   # (B, H, W, 2)
+    views = F.grid_sample(imgs, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    boxes = torch.stack([top, left, height, width], dim=1).to(imgs.device)   # (B, 4)
+    return views, boxes, flip.to(imgs.device)
+
+
+def view_coords(grid_hw: tuple[int, int], boxes: torch.Tensor | None = None, flip: torch.Tensor | None = None):
+    """Coordinates of the TARGET view's units in the frame of the INPUT view: (B or 1, N, 4).
+
+    The input view is the crop `boxes` (+ `flip`) of the target view (random_resized_views). A target unit (r, c)
+    gets (row, col) in units of the input view's patches from its top-left corner (M3I Sec. 3.4), plus
+    10 ln(scale) of a target unit measured in input units. boxes None = the input IS the target view: (r, c, 0, 0).
+    """
+    hp, wp = grid_hw
+    rows, cols = torch.meshgrid(torch.arange(hp, dtype=torch.float32), torch.arange(wp, dtype=torch.float32),
+                                indexing="ij")
+    rows, cols = rows.flatten()[None], cols.flatten()[None]               # (1, N) each
+    if boxes is None:
+        return torch.stack([rows, cols, torch.zeros_like(rows), torch.zeros_like(rows)], dim=-1)   # (1, N, 4)
+    rows, cols = rows.to(boxes.device), cols.to(boxes.device)
+    top, left, height, width = boxes.float().unbind(dim=1)               # (B,) each
+    y = ((rows + 0.5) / hp - top[:, None]) / height[:, None]             # (B, N) in input-view fractions
+    x = ((cols + 0.5) / wp - left[:, None]) / width[:, None]
+    x = torch.where(flip[:, None], 1 - x, x)                              # mirrored input view
+    scale_h = (LOG_SCALE * torch.log(1 / height))[:, None].expand_as(y)  # (B, N)
+    scale_w = (LOG_SCALE * torch.log(1 / width))[:, None].expand_as(y)
+    return torch.stack([y * hp - 0.5, x * wp - 0.5, scale_h, scale_w], dim=-1)   # (B, N, 4)
+
+
+def mix_images(x_i: torch.Tensor, x_j: torch.Tensor, mix: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """M3I Sec. 3.4: I_mix = m * I_i + (1 - m) * I_j with m constant on p x p units; here mix (B, N) = 1 - m, i.e.
+    mix 1 = the unit comes from image j (= removed from image i, the mask convention from image i's side)."""
+    m = mask_to_map(mix, check_image_size(x_i, patch), patch)[:, None].to(x_i.dtype)   # (B, 1, H, W)
+    return x_i * (1 - m) + x_j * m
+
+
+def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, N, d) -> (B, len(ids), d) at the unit indices ids (B, L)."""
+    return torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))   # (B, L, d)
+
+
+class M3I(nn.Module):
+    """M3I (Sec. 3.3-3.4, Fig. 2) and, through its config, the 12 self-supervised rows of Tab. 2.
+
+    Full M3I: slot i mixes its own target view v_i with another view u_sigma(i) of image j = sigma(i); the encoder
+    sees all units of the mix; image i predicts the EMA features of v_i (intra-view), image j those of v_sigma(i)
+    (inter-view); optional category (labels) and text (captions) targets through attention pooling.
+    Tab. 2 rows use one input: the target view ("same") or the other view ("other"), full or masked.
+
+    forward(imgs (B, 3, H, W) or (B, 2, 3, H, W), *, labels (B,) = None, captions (B, T) = None) ->
+        {"loss", "mask" (B, N): mixing or input mask, "pred": image i's prediction, "logs": the loss terms}.
+    """
+
+    def __init__(self, encoder: nn.Module, *, cfg: MIMConfig):
+        super().__init__()
+        if cfg.loss_on_masked and (cfg.input_view != "same" or cfg.mix_ratio > 0 or cfg.mask_ratio == 0):
+            raise ValueError("loss_on_masked needs a masked input of the target view itself (Tab. 2 row d)")
+        self.cfg = cfg
+        self.encoder = encoder
+        self.num_views = 2 if (cfg.input_view == "other" or cfg.mix_ratio > 0) else 1
+        self.patch = getattr(encoder.cfg, "patch_size", 16)
+        c = encoder.cfg.embed_dim
+        heads = max(1, c // 64)                                           # head dim 64, as the encoders
+        self.norm = nn.LayerNorm(c, eps=LN_EPS)
+        # target encoder: identity for pixels, a momentum copy of the encoder for features (Sec. 3.4)
+        self.teacher = make_teacher(encoder) if cfg.target in ("dense_feature", "global_feature") else None
+        if cfg.target == "global_feature":                                # Tab. 2 rows c, f, i, l
+            self.global_head = AttentionPool(c, num_heads=heads, out_dim=c)
+        else:                                                             # dense pixels or dense features
+            out_dim = self.patch ** 2 * 3 if cfg.target == "pixel" else c
+            self.decoder = QueryDecoder(c, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
+                                        num_heads=cfg.decoder_heads, out_dim=out_dim)
+        if cfg.num_classes > 0:                                           # category target: learned embedding (K, C)
+            self.category_pool = AttentionPool(c, num_heads=heads, out_dim=c)
+            self.category_embed = nn.Parameter(torch.zeros(cfg.num_classes, c))
+            nn.init.trunc_normal_(self.category_embed, std=0.02)
+        if cfg.text_target:
+            self.text_pool = AttentionPool(c, num_heads=heads, out_dim=c)
+            self.text_encoder = TextEncoder(dim=c, num_heads=heads, out_dim=c)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()                                           # the target encoder never trains
+        return self
+
+    @torch.no_grad()
+    def ema_update(self, progress: float | None = None) -> None:
+        """After each optimizer step (train.py): constant momentum, or the cosine ramp when progress is given."""
+        if self.teacher is not None:
+            m = self.cfg.momentum if progress is None else cosine_momentum(self.cfg.momentum, progress)
+            ema_update_(self.teacher, self.encoder, m)
+
+    @torch.no_grad()
+    def targets(self, view: torch.Tensor) -> torch.Tensor:
+        """Targets of the target views, one teacher pass per view: (B, N, P) pixels, (B, N, C) or (B, C) features."""
+        if self.cfg.target == "pixel":
+            target = patchify(view, self.patch)                           # (B, N, P)
+            return norm_pix(target) if self.cfg.norm_pix_loss else target
+        feats = self.teacher.forward_features(view)[-1].float()           # (B, N, C) full target view
+        if self.cfg.target == "global_feature":
+            return feats.mean(dim=1)                                      # (B, C) global average pooling (Fig. 1)
+        return F.layer_norm(feats, feats.shape[-1:])                      # (B, N, C) LN without affine (SiameseIM)
+
+    def image_loss(self, tokens, ids, query_coords, target, who, mask, grid_hw):
+        """Loss of one image's prediction. tokens (B, L, C) at units ids (B, L); who (B,) = whose target it is."""
+        if self.cfg.target == "global_feature":
+            pred = self.global_head(tokens)                               # (B, C)
+            return info_nce_loss(pred, target, positive=who, temperature=self.cfg.temperature).mean(), pred
+        token_coords = gather_units(view_coords(grid_hw).to(tokens.device).expand(ids.shape[0], -1, -1), ids)
+        pred = self.decoder(tokens, token_coords, query_coords)           # (B, N, out) one per target unit
+        per_unit = LOSSES[self.cfg.loss](pred.float(), target[who])       # (B, N)
+        return (masked_mean(per_unit, mask) if self.cfg.loss_on_masked else per_unit.mean()), pred
+
+    def forward(self, imgs: torch.Tensor, *, labels: torch.Tensor | None = None,
+                captions: torch.Tensor | None = None) -> dict:
+        cfg = self.cfg
+        if (labels is None) != (cfg.num_classes == 0) or (captions is None) == cfg.text_target:
+            raise ValueError("pass labels exactly when cfg.num_classes > 0 and captions exactly when cfg.text_target")
+        view = imgs[:, 0] if imgs.ndim == 5 else imgs                     # v: the target view (B, 3, H, W)
+        source = imgs[:, -1] if imgs.ndim == 5 else imgs                  # same crop, maybe other colours
+        grid_hw = check_image_size(view, self.patch)
+        b, n, dev = view.shape[0], grid_hw[0] * grid_hw[1], view.device
+        target = self.targets(view)
+        own = torch.arange(b, device=dev)
+        same = view_coords(grid_hw).to(dev).expand(b, -1, -1)             # (B, N, 4) identity geometry
+        if self.num_views == 2:
+            other, boxes, flip = random_resized_views(source)             # u: another view of each image
+            other_coords = view_coords(grid_hw, boxes, flip)              # (B, N, 4) v's units in u's frame
+        if cfg.mix_ratio > 0:                                             # Sec. 3.4: two images, one input
+            sigma = torch.randperm(b, device=dev)                        # image j of slot i is sigma(i)
+            _, _, mix = random_masking(b, n, cfg.mix_ratio, device=dev)  # (B, N): 1 = unit from image j
+            tokens = self.norm(self.encoder.forward_features(mix_images(view, other[sigma], mix, self.patch))[-1])
+            ids_i, ids_j = ids_from_mask(mix)[0], ids_from_mask(1 - mix)[0]   # (B, N - n_j), (B, n_j)
+            images = [("i", gather_units(tokens, ids_i), ids_i, same, own),                # intra-view
+                      ("j", gather_units(tokens, ids_j), ids_j, other_coords[sigma], sigma)]   # inter-view
+            mask = mix
+        else:                                                             # Tab. 2: one input, maybe masked
+            x, coords = (view, same) if cfg.input_view == "same" else (other, other_coords)
+            ids_keep, _, mask = mask_units(b, grid_hw, mask_ratio=cfg.mask_ratio, pattern=cfg.mask_pattern,
+                                           device=dev)
+            # (mask_ratio 0 keeps every unit, in shuffled order: same result, one code path)
+            tokens = self.norm(self.encoder.forward_features(x, ids_keep=ids_keep)[-1])   # (B, N_vis, C)
+            images = [("i", tokens, ids_keep, coords, own)]
+        text = self.text_encoder(captions) if cfg.text_target else None   # (B, C)
+        logs, preds = {}, []
+        for name, tok, ids, query_coords, who in images:
+            logs[f"loss_{name}"], pred = self.image_loss(tok, ids, query_coords, target, who, mask, grid_hw)
+            preds.append(pred)
+            if cfg.num_classes > 0:                                       # category target: softmax CE (Eq. 3)
+                logits = self.category_pool(tok) @ self.category_embed.t()   # (B, K)
+                logs[f"loss_cls_{name}"] = cross_entropy_loss(logits, labels[who]).mean()
+            if cfg.text_target:                                           # text target: InfoNCE over the batch
+                logs[f"loss_text_{name}"] = info_nce_loss(self.text_pool(tok), text, positive=who,
+                                                          temperature=cfg.temperature).mean()
+        loss = sum(logs.values())                                         # Eq. 4: unweighted sum of the terms
+        return {"loss": loss, "mask": mask, "pred": preds[0], "logs": {k: v.detach() for k, v in logs.items()}}
+
+
+# ---- 11. METHODS: what train.py builds ----------------------------------------------------------------------------
+# Name -> class; the class is built as METHODS[name](encoder, cfg=PRESETS[name]) (see the header). A plain dict of
+# direct references (grep finds every class), not a registry.
+
+METHODS: dict[str, type[nn.Module]] = {"mae": MAE, "simmim": FastMIM, "fastmim": FastMIM, "fastmim_p": FastMIM,
+                                       "m3i": M3I, **{name: M3I for name in M3I_PRESET_NAMES}}
+
+
+# ---- 12. Smoke demo -----------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    from hivit import HiViT, PRESETS as HIVIT_PRESETS
+
+    torch.manual_seed(0)
+    imgs = torch.randn(4, 3, 64, 64)                                      # a normalised batch, 4 x 4 units
+    encoder_cfg = replace(HIVIT_PRESETS["tiny"], num_classes=0)           # no head: every parameter trains
+    for name in ["mae", "simmim", "fastmim", "fastmim_p", "m3i", *M3I_PRESET_NAMES]:
+        cfg = tiny_decoder(PRESETS[name])
+        if name == "m3i":
+            cfg = replace(cfg, num_classes=10, text_target=True)          # category + text targets on
+        model = METHODS[name](HiViT(encoder_cfg), cfg=cfg)
+        extra = {"labels": torch.randint(10, (4,)), "captions": tokenize_captions(["a red disc"] * 4)} \
+            if name == "m3i" else {}
+        side = max(16, img_size_at(cfg, progress=0.9) * 64 // 224 // 16 * 16)   # schedule scaled 224 -> 64 px
+        out = model(torch.nn.functional.interpolate(imgs, size=side) if side != 64 else imgs, **extra)
+        out["loss"].backward()
+        logs = " ".join(f"{k} {v:.3f}" for k, v in out.get("logs", {}).items())
+        print(f"{name:36s} {type(model).__name__:8s} input {side:3d}px  loss {out['loss'].item():.4f}  {logs}")
