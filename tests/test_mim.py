@@ -185,3 +185,219 @@ def test_losses_basic_values():
     q = torch.eye(4) * 10
     assert mim.info_nce_loss(q, q, temperature=0.05).max() < 1e-6            # each query matches its own key
     assert mim.info_nce_loss(q, q.roll(1, dims=0), temperature=0.05).min() > 10
+
+
+# ---- methods on the tiny encoders ----
+
+from hivit import PRESETS as HIVIT_PRESETS, VIT_PRESETS, HiViT, VisionTransformer   # noqa: E402
+
+
+def tiny_encoder(kind: str = "hivit"):
+    """The tiny HiViT (or ViT) without a classification head, so every parameter belongs to the pre-training."""
+    if kind == "hivit":
+        return HiViT(replace(HIVIT_PRESETS["tiny"], num_classes=0))
+    return VisionTransformer(replace(VIT_PRESETS["vit_tiny"], num_classes=0))
+
+
+def build(name: str, kind: str = "hivit", **overrides):
+    return mim.METHODS[name](tiny_encoder(kind), cfg=replace(mim.tiny_decoder(mim.PRESETS[name]), **overrides))
+
+
+def check_step(model, imgs, **extra):
+    """One forward/backward: finite loss, and a finite gradient for every trainable parameter (none for teachers)."""
+    out = model(imgs, **extra)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(p.grad).all(), name
+        else:
+            assert name.startswith("teacher.") and p.grad is None, name
+    return out
+
+
+class PerfectDecoder(torch.nn.Module):
+    """Stands in for MAEDecoder: returns the true target, corrupted by `noise` on one chosen unit of sample 0."""
+
+    def __init__(self, target, unit, noise):
+        super().__init__()
+        self.target, self.unit, self.noise = target, unit, noise
+
+    def forward(self, latent, ids_restore, grid_hw):
+        pred = self.target.clone()
+        pred[0, self.unit(ids_restore, latent.shape[1])] += self.noise
+        return pred
+
+
+def test_mae_loss_zero_for_perfect_prediction_and_counts_only_masked_units():
+    torch.manual_seed(0)
+    model = build("mae")
+    imgs = torch.randn(2, 3, 64, 64)
+    target = norm_pix(patchify(imgs))
+    first_kept = lambda ids_restore, n_vis: int((ids_restore[0] < n_vis).nonzero()[0])      # noqa: E731
+    first_removed = lambda ids_restore, n_vis: int((ids_restore[0] >= n_vis).nonzero()[0])  # noqa: E731
+    model.decoder = PerfectDecoder(target, first_kept, 5.0)
+    assert model(imgs)["loss"].item() == 0                               # errors on visible units do not count
+    model.decoder = PerfectDecoder(target, first_removed, 2.0)
+    out = model(imgs)
+    assert out["mask"].sum() == 2 * 12                                   # 16 units, 0.75 removed
+    assert out["loss"].item() == pytest.approx(4.0 / 24, rel=1e-5)      # 2^2 on one unit, mean over 24 removed
+
+
+@pytest.mark.parametrize("kind", ["hivit", "vit"])
+def test_mae_step_and_shapes(kind):
+    out = check_step(build("mae", kind), torch.randn(2, 3, 64, 64))
+    assert out["pred"].shape == (2, 16, 768) and out["recon"].shape == (2, 3, 64, 64)
+    assert (out["mask"].sum(dim=1) == 12).all()
+
+
+def test_simmim_input_at_masked_units_is_the_mask_token():
+    model = build("simmim")
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = random_masking(2, 16, 0.75)[2]
+    x = model.mask_input(imgs, mask)
+    pixel_mask = mask_to_map(mask, (4, 4), 16)[:, None].expand(-1, 3, -1, -1).bool()   # (B, 3, H, W)
+    token = model.mask_token.detach().expand(2, 3, 64, 64)
+    assert torch.equal(x[pixel_mask], token[pixel_mask])                 # masked units: the learnable colour
+    assert torch.equal(x[~pixel_mask], imgs[~pixel_mask])                # visible units: untouched
+
+
+@pytest.mark.parametrize("name, kind", [("simmim", "hivit"), ("fastmim", "hivit"), ("fastmim", "vit")])
+def test_fastmim_step(name, kind):
+    out = check_step(build(name, kind), torch.randn(2, 3, 32, 32))
+    assert out["pred"].shape == (2, 4, 108 if name == "fastmim" else 768)
+    if name == "fastmim":
+        assert out["pictures"]["hog_target"].shape == (2, 3, 32, 32)
+
+
+def test_no_nan_under_bf16_autocast():
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)
+    for name in ("mae", "fastmim", "m3i"):
+        model = build(name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(imgs)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                            if p.grad is not None)
+
+
+def test_fastmim_p_switches_resolution_mid_run_and_keeps_optimizer_state():
+    torch.manual_seed(0)
+    model = build("fastmim_p", img_sizes=((0.0, 32), (0.5, 48), (0.75, 64)))   # 128/160/192, scaled down
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sizes = [mim.img_size_at(model.cfg, progress=s / 4) for s in range(4)]
+    assert sizes == [32, 32, 48, 64]
+    moments = None
+    for step, side in enumerate(sizes):
+        opt.zero_grad()
+        loss = model(torch.randn(2, 3, side, side))["loss"]
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+        states = {id(p): opt.state[p] for g in opt.param_groups for p in g["params"]}
+        assert all(int(s["step"]) == step + 1 for s in states.values())  # one continuous optimizer history
+        if moments is not None:                                          # moments carried over, not re-created
+            assert all(states[k]["exp_avg"] is moments[k] for k in moments)
+        moments = {k: s["exp_avg"] for k, s in states.items()}
+    # fine-tune at another size: the position tables interpolate on the fly
+    classifier = HiViT(HIVIT_PRESETS["tiny"])
+    missing = classifier.load_state_dict(model.encoder.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert torch.isfinite(classifier(torch.randn(1, 3, 80, 80))).all()
+
+
+def test_depth_truncation_pretrains_and_loads_into_the_full_model():
+    cfg = mim.truncate_encoder_config(replace(HIVIT_PRESETS["tiny"], num_classes=0), 1)
+    assert cfg.depth == HIVIT_PRESETS["tiny"].depth - 1
+    model = mim.FastMIM(HiViT(cfg), cfg=mim.tiny_decoder(mim.PRESETS["fastmim"]))
+    check_step(model, torch.randn(2, 3, 32, 32))
+    full = HiViT(replace(HIVIT_PRESETS["tiny"], num_classes=0))
+    missing = full.load_state_dict(model.encoder.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(f"blocks.{cfg.depth}.") for k in missing)   # only the removed block
+    with pytest.raises(ValueError):
+        mim.truncate_encoder_config(cfg, cfg.depth)
+
+
+# ---- M3I ----
+
+def test_mixed_input_takes_each_unit_from_exactly_one_image():
+    x_i, x_j = torch.randn(3, 3, 64, 48), torch.randn(3, 3, 64, 48)
+    mix = random_masking(3, 12, 0.5)[2]
+    mixed = patchify(mim.mix_images(x_i, x_j, mix))                       # (B, N, P)
+    from_i = (mixed == patchify(x_i)).all(dim=-1)                         # (B, N): the whole unit equals image i
+    from_j = (mixed == patchify(x_j)).all(dim=-1)
+    assert (from_i ^ from_j).all()                                        # exactly one source per unit
+    assert torch.equal(from_j.float(), mix) and (mix.sum(dim=1) == 6).all()
+
+
+def test_view_coords_locate_target_units_inside_the_cropped_view():
+    """Oracle: on a linear ramp image, sampling the crop at view_coords gives back the target unit's position."""
+    side, hp = 64, 4
+    pos = (torch.arange(side) + 0.5) / side                               # pixel centres as fractions
+    ramp = torch.stack([pos[:, None].expand(side, side), pos[None, :].expand(side, side),
+                        torch.zeros(side, side)])[None].repeat(8, 1, 1, 1)   # (8, 3, H, W): (row, col, 0)
+    views, boxes, flip = mim.random_resized_views(ramp, generator=torch.Generator().manual_seed(0))
+    assert flip.any() and (~flip).any()
+    coords = mim.view_coords((hp, hp), boxes, flip)                       # (B, N, 4)
+    grid = (coords[..., [1, 0]] + 0.5) * 2 / hp - 1                       # (B, N, 2) x, y in [-1, 1] of the crop
+    sampled = torch.nn.functional.grid_sample(views, grid[:, :, None], align_corners=False)[..., 0]   # (B, 3, N)
+    centre = (torch.arange(hp) + 0.5) / hp
+    truth = torch.stack([centre[:, None].expand(hp, hp).flatten(), centre[None, :].expand(hp, hp).flatten()])
+    inside = (grid.abs() < 0.9).all(dim=-1)                               # (B, N) units that the crop contains
+    assert inside.sum() > 10
+    err = (sampled[:, :2] - truth[None]).abs().amax(dim=1)                # (B, N)
+    assert err[inside].max() < 1e-4, err[inside].max()
+    assert torch.allclose(coords[..., 2], 10 * torch.log(1 / boxes[:, 2:3]).expand(-1, hp * hp))
+    identity = mim.view_coords((hp, hp))                                  # no crop: the plain grid, scale 0
+    assert torch.equal(identity[0, 5], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+def test_m3i_teacher_gets_no_gradient_and_follows_the_ema_rule():
+    torch.manual_seed(0)
+    model = build("m3i")
+    assert model.num_views == 2
+    check_step(model, torch.randn(2, 2, 3, 32, 32))
+    assert all(not p.requires_grad and p.grad is None for p in model.teacher.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.step()                                                            # student moves, teacher does not
+    before = [t.clone() for t in model.teacher.parameters()]
+    model.ema_update()                                                    # m = cfg.momentum
+    m = model.cfg.momentum
+    for t, t0, s in zip(model.teacher.parameters(), before, model.encoder.parameters()):
+        assert torch.allclose(t, m * t0 + (1 - m) * s, atol=1e-7)
+    after = [t.clone() for t in model.teacher.parameters()]
+    model.ema_update(progress=1.0)                                        # cosine schedule ends at m = 1
+    assert all(torch.equal(a, t) for a, t in zip(after, model.teacher.parameters()))
+    assert mim.cosine_momentum(0.99, 0.0) == pytest.approx(0.99)
+    model.train()
+    assert not model.teacher.training                                     # the target encoder stays in eval mode
+
+
+@pytest.mark.parametrize("name", ["m3i", *mim.M3I_PRESET_NAMES])
+def test_m3i_presets_train_one_step(name):
+    torch.manual_seed(0)
+    model = build(name)
+    imgs = torch.randn(4, model.num_views, 3, 64, 64) if model.num_views == 2 else torch.randn(4, 3, 64, 64)
+    out = check_step(model, imgs)
+    assert out["mask"].shape == (4, 16)
+
+
+def test_m3i_with_category_and_text_targets_on_vit():
+    torch.manual_seed(0)
+    model = build("m3i", "vit", num_classes=5, text_target=True)
+    captions = mim.tokenize_captions(["a red disc", "two squares", "", "é"], length=16)
+    assert captions.shape == (4, 16) and (captions[:, 0] == 1).all()
+    out = check_step(model, torch.randn(4, 2, 3, 64, 64), labels=torch.tensor([0, 1, 2, 3]), captions=captions)
+    assert set(out["logs"]) == {"loss_i", "loss_j", "loss_cls_i", "loss_cls_j", "loss_text_i", "loss_text_j"}
+    with pytest.raises(ValueError):
+        model(torch.randn(4, 2, 3, 64, 64))                               # labels and captions are required
+
+
+def test_presets_and_methods_agree():
+    assert len(mim.M3I_PRESET_NAMES) == 12 and set(mim.METHODS) == set(mim.PRESETS)
+    masked = {n for n in mim.M3I_PRESET_NAMES if mim.PRESETS[n].mask_ratio > 0}
+    assert {n[4] for n in masked} == set("defjkl")                        # Tab. 2: rows d-f and j-l mask the input
+    other = {n[4] for n in mim.M3I_PRESET_NAMES if mim.PRESETS[n].input_view == "other"}
+    assert other == set("ghijkl")
