@@ -1,0 +1,295 @@
+"""train.py: the built-in data, the schedule, the loop (DDP = single process, bitwise resume), run records, and
+every bad input ending in a clear message. CPU only, tiny models, 32-px images, a few steps each."""
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--input_size", "32", "--batch_size", "2", "--num_workers", "0"]   # smallest real run
+
+
+class StandIn(nn.Module):
+    """The smallest module that follows the PRETRAINER CONTRACT (contracts.md): 16-px units, 75% masked, a linear
+    pixel predictor on masked-out input, an EMA teacher excluded from the optimizer, optional NaN at a set call."""
+
+    num_views = 1
+
+    def __init__(self, nan_at_call: int | None = None):
+        super().__init__()
+        self.proj = nn.Linear(768, 768)
+        self.teacher = nn.Linear(768, 768).requires_grad_(False)
+        self.nan_at_call, self.calls = nan_at_call, 0
+
+    def forward(self, imgs):
+        b, _, h, w = imgs.shape
+        units = imgs.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 4, 5, 1).reshape(b, -1, 768)   # (B, N, P)
+        mask = (torch.rand(b, units.shape[1]).argsort(1) < units.shape[1] * 3 // 4).float()             # (B, N)
+        pred = self.proj(units * (1 - mask[..., None]))
+        loss = (((pred - units) ** 2).mean(-1) * mask).sum() / mask.sum()
+        self.calls += 1
+        if self.calls == self.nan_at_call:
+            loss = loss * float("nan")
+        recon = pred.reshape(b, h // 16, w // 16, 16, 16, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, h, w)
+        return {"loss": loss, "mask": mask, "pred": pred, "recon": recon, "logs": {"loss_pix": loss.detach()}}
+
+    @torch.no_grad()
+    def ema_update(self, progress=None):
+        for t, s in zip(self.teacher.parameters(), self.proj.parameters()):
+            t.mul_(0.9).add_(s, alpha=0.1)
+
+
+def run(tmp_path, *argv, name="out"):
+    """train.main in this process; returns (log records, output dir)."""
+    out = str(tmp_path / name)
+    return train.main([*argv, "--output_dir", out]), out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def subprocess_env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+
+
+def error_of(argv, tmp_path):
+    """The message a bad invocation stops with (SystemExit), as a string."""
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, *argv)
+    return str(info.value.code)
+
+
+def write_png(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+def test_shapes_dataset_is_deterministic_and_its_targets_agree():
+    ds = train.ShapesDataset(6, image_size=48, seed=3, task="det")
+    again = train.ShapesDataset(6, image_size=48, seed=3, task="det")
+    other_seed = train.ShapesDataset(6, image_size=48, seed=4, task="det")
+    for i in range(6):
+        a, b = ds.scene(i), again.scene(i)
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["masks"], b["masks"])
+        assert a["image"].shape == (48, 48, 3) and a["image"].dtype == np.uint8
+        assert not np.array_equal(a["image"], other_seed.scene(i)["image"])
+        n = len(a["labels"])
+        assert a["boxes"].shape == (n, 4) and a["masks"].shape == (n, 48, 48)
+        assert ((a["labels"] >= 1) & (a["labels"] <= len(train.SHAPE_CLASSES))).all()
+        for label, box, m in zip(a["labels"], a["boxes"], a["masks"]):
+            ys, xs = np.nonzero(m)
+            assert (box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).all()      # tight xyxy box
+            assert (a["semantic"][m] == label).all()                                      # semantic = instances
+        assert (a["masks"].sum(0) <= 1).all()                                           # occlusion: disjoint
+    img, label = train.ShapesDataset(4, image_size=32, task="cls")[2]
+    assert img.size == (32, 32) and 0 <= label < len(train.SHAPE_CLASSES)
+    assert train.ShapesDataset(4, image_size=32)[0][1] == 0                               # pretrain: label ignored
+
+
+def test_pretrain_views_depend_only_on_seed_epoch_and_index():
+    views = train.PretrainViews(train.ShapesDataset(4, image_size=48), input_size=32, seed=1)
+    a, _ = views[2]
+    torch.manual_seed(123)                                                # the global RNG does not matter
+    b, _ = views[2]
+    views.epoch = 1
+    c, _ = views[2]
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_image_modes_are_converted(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    write_png(tmp_path / "grey.png", rgb[..., 0])
+    write_png(tmp_path / "rgba.png", np.concatenate([rgb, rgb[..., :1]], -1))
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(tmp_path / "deep.png")   # 16-bit greyscale
+    files = train.ImageFiles(str(tmp_path))
+    for i in range(len(files)):
+        img, _ = files[i]
+        assert img.mode == "RGB" and img.size == (24, 20)
+    deep = np.asarray(files[files.paths.index(str(tmp_path / "deep.png"))][0])[..., 0]
+    assert np.abs(deep.astype(int) - rgb[..., 0]).max() <= 1                              # 16-bit rescaled, not clipped
+
+
+# ---- optimizer and schedule ---------------------------------------------------------------------------------------
+
+def test_get_lr_warms_up_from_zero_then_follows_a_cosine_to_min_lr():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
+    lrs = [train.get_lr(s, **kw) for s in range(111)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1)
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))
+
+
+def test_param_groups_decay_matrices_only_and_skip_frozen_teacher():
+    model = StandIn()
+    decay, no_decay = train.param_groups(model, 0.05)
+    assert [p.shape for p in decay["params"]] == [(768, 768)] and decay["weight_decay"] == 0.05
+    assert [p.shape for p in no_decay["params"]] == [(768,)] and no_decay["weight_decay"] == 0.0
+
+
+# ---- the whole run ------------------------------------------------------------------------------------------------
+
+def test_default_command_runs_end_to_end_and_writes_its_records(tmp_path):
+    records, out = run(tmp_path, "--max_steps", "2")                     # `python train.py`, 2 steps
+    files = os.listdir(out)
+    assert {"checkpoint-last.pth", "log.txt", "config.json"} <= set(files)
+    assert any(f.startswith("reconstruction-") and f.endswith(".png") for f in files)
+    log = read_log(out)
+    assert log == json.loads(json.dumps(records)) and log[0]["step"] == 2 and np.isfinite(log[0]["train_loss"])
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["args"]["model"] == "itpn_tiny" and ckpt["args"]["method"] == "itpn"
+    assert {"model", "optimizer", "scaler", "epoch", "rng", "config"} <= set(ckpt)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["args"]["epochs"] == train.RECIPES["demo"]["epochs"] and "git_commit" in config
+
+
+def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
+    argv = [*TINY, "--model", "hivit_tiny", "--method", "mae", "--num_images", "8", "--epochs", "2",
+            "--warmup_epochs", "1", "--blr", "0.05"]                    # 4 steps per epoch
+    _, straight = run(tmp_path, *argv, "--max_steps", "6", name="straight")
+    _, stopped = run(tmp_path, *argv, "--max_steps", "3", name="stopped")  # stopped mid-epoch 0, checkpoint saved
+    run(tmp_path, *argv, "--max_steps", "6", "--resume", "auto", name="stopped")
+    a = torch.load(os.path.join(straight, "checkpoint-last.pth"), weights_only=True)
+    b = torch.load(os.path.join(stopped, "checkpoint-last.pth"), weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert read_log(straight)[-1]["train_loss"] == read_log(stopped)[-1]["train_loss"]   # epoch 1, steps 4-5
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    # Global batch 4 = 2 ranks x 2 micro-steps x 1 image = 1 process x 4 micro-steps x 1 image. Shard k of a step
+    # (k = micro_step * world_size + rank) reads the k-th image of the shuffled order and seeds its masks by k.
+    argv = ["train.py", "--model", "itpn_tiny", "--input_size", "32", "--num_images", "4", "--batch_size", "1",
+            "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.5"]
+    outs = {}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, launch, accum in (("ddp", torchrun, "2"), ("single", [sys.executable], "4")):
+        outs[name] = str(tmp_path / name)
+        proc = subprocess.run([*launch, *argv, "--accum_iter", accum, "--output_dir", outs[name]],
+                              cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, single = read_log(outs["ddp"]), read_log(outs["single"])
+    assert len(ddp) == len(single) == 3                                   # 3 epochs of 1 step
+    assert len({r["train_loss"] for r in single}) == 3                   # the model does change
+    for a, b in zip(ddp, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5, rel=0)
+    assert json.load(open(os.path.join(outs["ddp"], "config.json")))["world_size"] == 2
+
+
+def test_python_train_py_help_lists_every_flag_and_every_flag_is_read():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    source = open(os.path.join(ROOT, "train.py")).read()
+    for action in train.get_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and action.option_strings[0] in proc.stdout, action.dest
+        assert f"args.{action.dest}" in source, f"--{action.dest} is never read"
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.pth")
+    train.save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    real_save = torch.save
+
+    def killed_midway(obj, f):                                             # half a file, then the process dies
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.torch, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert train.load_checkpoint(path)["step"] == 1
+    assert train.find_checkpoint(str(tmp_path)) == path                   # the .tmp leftover is never picked
+
+
+# ---- bad inputs: a clear message, nothing lost ----------------------------------------------------------------------
+
+def test_bad_data_paths_stop_with_a_clear_message(tmp_path):
+    assert "is not a directory" in error_of(["--data_path", str(tmp_path / "missing")], tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert "no image files" in error_of(["--data_path", str(tmp_path / "empty")], tmp_path)
+    (tmp_path / "corrupt").mkdir()
+    for i in range(3):
+        (tmp_path / "corrupt" / f"{i}.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        msg = error_of(["--data_path", str(tmp_path / "corrupt")], tmp_path)
+    assert "no image in the dataset is readable" in msg
+
+
+def test_one_corrupt_file_among_good_ones_is_skipped_and_counted(tmp_path):
+    data = tmp_path / "data" / "train" / "some_class"                    # MAE's ImageFolder layout
+    data.mkdir(parents=True)
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    write_png(data / "a_grey.png", rgb[..., 0])
+    write_png(data / "b_rgba.png", np.concatenate([rgb, rgb[..., :1]], -1))
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 200).save(data / "c_deep.png")
+    Image.fromarray(rgb).save(data / "d_truncated.jpg")
+    blob = (data / "d_truncated.jpg").read_bytes()
+    (data / "d_truncated.jpg").write_bytes(blob[: len(blob) // 3])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records, _ = run(tmp_path, *TINY, "--model", "hivit_tiny", "--method", "mae", "--batch_size", "4",
+                         "--data_path", str(tmp_path / "data"), "--epochs", "1", "--warmup_epochs", "0")
+    assert records[0]["skipped_images"] == 1 and np.isfinite(records[0]["train_loss"])
+    assert any("d_truncated" in str(w.message) or "unreadable" in str(w.message) for w in caught)
+
+
+def test_unknown_or_incompatible_model_and_method_list_the_valid_ones(tmp_path, capsys):
+    for argv in (["--model", "nope"], ["--method", "nope"]):
+        with pytest.raises(SystemExit):
+            run(tmp_path, *argv)
+        assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--model", "hivit_tiny", "--method", "itpn")
+    err = capsys.readouterr().err
+    assert "does not run on --model hivit_tiny" in err and "mae" in err and "fastmim" in err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--model", "fast_itpn_tiny", "--method", "mae")
+    assert "fastmim" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--input_size", "40")
+    assert "not a multiple of itpn_tiny's 16-px unit" in capsys.readouterr().err
+
+
+def test_teacher_missing_or_of_the_wrong_shape(tmp_path):
+    assert re.search("teacher|no such file", error_of(["--method", "itpn_distill", "--teacher",
+                                                         str(tmp_path / "missing.pth")], tmp_path), re.I)
+    torch.save({"model": {"blocks.0.attn.qkv.weight": torch.zeros(5, 7)}}, tmp_path / "wrong.pth")
+    assert "teacher" in error_of(["--method", "itpn_distill", "--teacher", str(tmp_path / "wrong.pth")],
+                                 tmp_path).lower()
+
+
+def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
+    argv = [*TINY, "--num_images", "4", "--epochs", "1", "--warmup_epochs", "0", "--max_steps", "1"]
+    run(tmp_path, *argv, "--model", "hivit_tiny", "--method", "mae")
+    msg = error_of([*argv, "--model", "vit_tiny", "--method", "mae", "--resume", "auto"], tmp_path)
+    assert "written by --model hivit_tiny" in msg
+
+
+def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn(nan_at_call=3))
+    with pytest.raises(SystemExit) as info:                               # 2 steps per epoch; NaN at step 2
+        run(tmp_path, *TINY, "--num_images", "4", "--epochs", "3", "--warmup_epochs", "0")
+    msg = str(info.value.code)
+    last = os.path.join(str(tmp_path / "out"), "checkpoint-last.pth")
+    assert "non-finite loss" in msg and "step 2" in msg and last in msg
+    assert train.load_checkpoint(last)["step"] == 2                       # the good state is still on disk
