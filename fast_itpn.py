@@ -1,0 +1,621 @@
+"""Fast-iTPN: the iTPN pyramid on a ConvMLP/SwiGLU HiViT, plus token migration and token gathering.
+
+Paper:
+    Fast-iTPN: Integrally Pre-Trained Transformer Pyramid Network with Token Migration
+    (Tian et al., TPAMI 2024, arXiv 2211.12735 v2; its Sec. 3 is iTPN, Sec. 4 Fast-iTPN, Sec. 5 experiments).
+
+Implements:
+    The Fast-iTPN backbone exactly as the released fine-tuning models build it (`load_official` loads them strictly),
+    with the iTPN feature pyramid from itpn.py for dense outputs, and the two acceleration methods of Sec. 4 that were
+    never released in any public code: token migration (Sec. 4.1) and token gathering (Sec. 4.2). Both are switches
+    on the same weights (`set_acceleration`); with both off the forward is the plain one.
+
+Sections:
+    1. Config and presets                   <-> Tab. 2 (architecture), Sec. 5.2 model sizes
+    2. Primitives: per-pixel LN, ConvMLP, SwiGLU <-> Tab. 2 "ConvMLP", "SwiGLU", "sub-LN"
+    3. Early stages: stem, ConvMLP blocks, conv merge <-> Tab. 2 rows 1-2, Sec. 4 "hierarchical"
+    4. Stage-3 attention (global, window, gathering) <-> Tab. 2 "q/v bias", Sec. 4.2, Fig. 4, Tab. 7
+    5. Token migration: schedule, selection, replenishing <-> Sec. 4.1, Fig. 3, Fig. 5
+    6. The stage-3 block                    <-> Tab. 2 "layer scale", Sec. 4.1 (where tokens leave)
+    7. The Fast-iTPN model (backbone, pyramid, dense outputs) <-> Fig. 2 (pyramid), Sec. 4
+    8. Loading official checkpoints         <-> released Fast-iTPN-T/S/B/L fine-tuning models
+    9. __main__ smoke demo
+
+Shapes:
+    B batch, C stage-3 width (stage 1 = C/4, stage 2 = C/2), H, W image size, Hp, Wp grid of 16x16 units,
+    N = Hp*Wp stage-3 tokens, F pyramid width, K classes. Early stages use the image layout (B, c, H/s, W/s).
+    Windows: nW windows of wh x ww tokens, n <= wh*ww tokens left per window (fewer after migration),
+    L = n (+1 with a gathering token at index 0), M = nW*n tokens left in the backbone, R tokens migrated.
+    pos: (B, nW, n) original row-major index (0..N-1) of every token still in the backbone.
+
+Design choices the paper leaves open (ours; no reference code exists, see reference Sec. 5.4):
+    - Window size: `window_size` = 8 tokens per side, so a 512-px image (32x32 tokens) has 4x4 windows of 64 tokens,
+      and a side that 8 does not divide uses its largest divisor <= 8 (14 -> 7 at 224 px). Why: 8 keeps >= 16 windows
+      at the paper's 512-px dense inputs and divisors avoid padding tokens that would need masking in every layer.
+    - Migration windows = attention windows, also with global attention. Why: equal drops per window keep every
+      window the same length, so window attention stays one batched matmul after migration.
+    - r per layer: `migration_ratio` rho is the fraction of each window's tokens that has left the backbone when
+      stage 3 ends; layer l (0-based, of D) drops r_l = round(rho*n*(l+1)/D) - round(rho*n*l/D) tokens per window
+      (ToMe's constant r, made to hit rho exactly). Why: "from the first stage-3 layer on, per layer" (Sec. 4.1).
+    - A/B split: tokens at even positions of each window's sequence (kept in raster order) are set A, odd are set B
+      (ToMe's alternation). Why: every A token has B neighbours in its row, and the split needs no parameters.
+    - Similarity: cosine of the head-averaged attention keys, score(a) = max_b cos(k_a, k_b); the r highest-scoring
+      A tokens leave. Why: the keys are what attention compares, so near-duplicate keys get near-duplicate
+      attention and a dropped token is one the others barely miss (ToMe's argument).
+    - Where tokens leave: between the attention and the MLP of the layer (as ToMe merges), so layer l's MLP already
+      runs on fewer tokens.
+    - Replenishing equation: a token i dropped at layer l with B partner p(i) is stored as its offset to the partner,
+      o_i = x_i^(l) - x_p^(l), and put back after stage 3 as  x_i = x_p(final) + o_i  =  x_i^(l) + (x_p(final) -
+      x_p^(l)), i.e. it receives the residual updates its most similar token received after it left. Partners that
+      left later are resolved first (store read backwards), so every position is written exactly once. Why: the
+      plain stale copy x_i^(l) would mix layer-l features into the last-layer map; the partner's update is the best
+      estimate of what the dropped token would have become. The pyramid then sees a full (B, N, C) map (Fig. 3).
+    - Gathering tokens: one per window, initialised as the mean of the window's tokens at the first stage-3 layer,
+      then carried through every block like a CLS token (same LN, attention weights, MLP, layer scale; no new
+      parameters, so gathering is a switch on the released weights). Per layer, one attention with this pattern:
+      a token attends to the tokens of its window and to its window's gathering token (window attention +
+      broadcast), a gathering token attends to itself and to every token of the image (global gathering; q.k only
+      between gathering tokens and tokens, never token-token across windows). Gathering tokens are dropped at the
+      end. Why: a joint softmax keeps every token's attention weights summing to 1, as in the weights it was
+      trained with; the window's global context arrives one layer after it is gathered.
+    - Limiting case (tested): with one window covering the map, the gathering path equals the plain block applied
+      to [mean token; tokens], i.e. a ViT with a mean-initialised CLS token; without gathering tokens, one window
+      equals plain global attention.
+    - HRPE (`hrpe=True`): a zero-initialised relative position bias table ((2*window_size-1)^2, heads) per block,
+      indexed by the original 2-D offsets of the tokens left in a window, on window attention only (0 bias for the
+      gathering token). Zero init keeps the released weights' outputs until fine-tuning moves it.
+
+Differences from the paper / official code:
+    - Module names: `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) instead of one flat `blocks.{i}`
+      list; early blocks call their norm `norm` (official `norm2`). `load_official` renames; outputs are identical.
+    - The official file's RPE option (off in every released model), the undefined `xops.SwiGLU` path and the
+      `stop_grad_conv1` trick are left out. The position table is interpolated (DINO-style, as hivit.py) when the
+      input grid differs from the one it was built for; official Fast-iTPN builds the model at the target size.
+    - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v, fused on CPU and GPU);
+      the official code computes the logits explicitly in fp32. Outputs agree to float rounding.
+    - Token migration and token gathering follow the paper's description (Sec. 4.1-4.2); every equation above is
+      ours. The paper applies them only when fine-tuning on dense tasks; here they also work for classification
+      (the head averages the replenished map).
+
+Run:
+    python fast_itpn.py                                 # CPU smoke demo, a few seconds
+    python bench.py --suite fast_itpn --batch 1 --reps 3   # Fig. 5 / Tab. 7 speed studies at 512 px
+    torchrun --nproc_per_node 8 finetune.py --model fast_itpn_b   # fine-tuning (finetune.py)
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hivit import (DropPath, check_image_size, drop_path_rates, init_weights, load_official as hivit_load_official,
+                   resize_pos_embed)
+from itpn import FeaturePyramid, pyramid_maps
+
+__all__ = [
+    "FastiTPNConfig", "PRESETS", "ATTENTION_MODES",
+    "LayerNorm2d", "ConvMLP", "SwiGLU", "ConvPatchEmbed", "ConvMLPBlock", "ConvPatchMerge",
+    "FastAttention", "FastBlock", "FastiTPN",
+    "window_shape", "map_to_units", "migration_schedule", "select_migrants", "replenish",
+    "load_official", "count_params",
+]
+
+LN_EPS = 1e-6                     # official LayerNorm eps in every Fast-iTPN module
+ATTENTION_MODES = ("global", "window", "gathering")   # Tab. 7 rows: global MSA, WMSA, WMSA + gathering tokens
+
+
+# ---- 1. Config and presets ----------------------------------------------------------------------------------------
+
+@dataclass
+class FastiTPNConfig:
+    img_size: int = 224           # side the position table is built for (px); other sizes are interpolated
+    embed_dim: int = 512          # C, stage-3 width; stage 1 is C/4, stage 2 is C/2 (Tab. 2)
+    mlp_depth1: int = 3           # ConvMLP blocks in stage 1 (literal count)
+    mlp_depth2: int = 3           # ConvMLP blocks in stage 2
+    depth: int = 24               # D, attention blocks in stage 3
+    num_heads: int = 8            # stage-3 heads, head_dim 64 in every paper config
+    mlp_ratio: float = 3.0        # hidden ratio of ConvMLP and SwiGLU alike (Tab. 2; SwiGLU NOT 2/3-scaled)
+    layer_scale: float = 0.1      # gamma init of stage-3 blocks (official init_values); early blocks have none
+    drop_path_rate: float = 0.0   # stochastic depth, linear 0 -> rate over ConvMLP + attention blocks
+    num_classes: int = 1000       # K; 0 = no head but the itpn.py feature pyramid (as itpn.py: dense/pre-training)
+    fpn_dim: int = 256            # F, pyramid width (iTPN's; Fast-iTPN gives none)
+    fpn_depth: int = 1            # C-MLP fusion blocks per top-down step (iTPN det/CLIP recipes use 1)
+    window_size: int = 8          # tokens per window side for window attention and migration groups (ours)
+    migration_ratio: float = 0.0  # rho, fraction of each window's tokens migrated by the end of stage 3 (Fig. 5)
+    attention: str = "global"     # one of ATTENTION_MODES (Tab. 7); a run-time switch on the same weights
+    hrpe: bool = False            # relative position bias on window attention only (Tab. 7 "HRPE"); adds tables
+
+
+# Released builders (reference Sec. 5.3): 24.220M / 39.903M / 84.825M / 312.017M parameters at 224 px.
+PRESETS: dict[str, FastiTPNConfig] = {
+    "tiny": FastiTPNConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2,
+                           num_classes=10, fpn_dim=32, window_size=2),
+    "fast_itpn_t": FastiTPNConfig(embed_dim=384, mlp_depth1=1, mlp_depth2=1, depth=12, num_heads=6),
+    "fast_itpn_s": FastiTPNConfig(embed_dim=384, mlp_depth1=2, mlp_depth2=2, depth=20, num_heads=6),
+    "fast_itpn_b": FastiTPNConfig(embed_dim=512, mlp_depth1=3, mlp_depth2=3, depth=24, num_heads=8),
+    "fast_itpn_l": FastiTPNConfig(embed_dim=768, mlp_depth1=2, mlp_depth2=2, depth=40, num_heads=12),
+}
+
+
+# ---- 2. Primitives: per-pixel LayerNorm, ConvMLP, SwiGLU ----------------------------------------------------------
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of every pixel of a (B, c, h, w) map (what the official early stages do)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)                                         # (B, h, w, c)
+        return super().forward(x).permute(0, 3, 1, 2)                     # (B, c, h, w)
+
+
+class ConvMLP(nn.Module):
+    """Per-pixel MLP written with 1x1 convs: fc1 -> GELU -> LN (sub-LN) -> fc2 (Tab. 2 "ConvMLP").
+
+    Kernel 1 means no spatial mixing: it is exactly a Linear on every pixel (tested), kept as convs so the official
+    weights (out, in, 1, 1) load unchanged and the maps stay in image layout.
+    """
+
+    def __init__(self, dim: int, *, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, kernel_size=1)
+        self.act = nn.GELU()
+        self.ffn_ln = LayerNorm2d(hidden_dim, eps=LN_EPS)                 # sub-LN on the hidden layer
+        self.fc2 = nn.Conv2d(hidden_dim, dim, kernel_size=1)
+
+    def forward(self, x):
+        return self.fc2(self.ffn_ln(self.act(self.fc1(x))))
+
+
+class SwiGLU(nn.Module):
+    """Stage-3 MLP: w3(LN(SiLU(w1 x) * w2 x)), hidden = mlp_ratio * d (not the usual 2/3 scaling; Tab. 2)."""
+
+    def __init__(self, dim: int, *, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim)                              # gate
+        self.w2 = nn.Linear(dim, hidden_dim)                              # value
+        self.ffn_ln = nn.LayerNorm(hidden_dim, eps=LN_EPS)                # sub-LN
+        self.w3 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
+
+
+def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
+    """Image-layout map (B, c, Hp*inner, Wp*inner) -> nested units (B, N, inner, inner, c); inverse of units_to_map."""
+    b, c, hh, ww = x.shape
+    hp, wp = hh // inner, ww // inner
+    x = x.reshape(b, c, hp, inner, wp, inner)                             # (B, c, Hp, h, Wp, w)
+    x = x.permute(0, 2, 4, 3, 5, 1)                                       # (B, Hp, Wp, h, w, c)
+    return x.reshape(b, hp * wp, inner, inner, c)                         # (B, N, h, w, c), unit n = Wp*row + col
+
+
+# ---- 3. Early stages: stem, ConvMLP blocks, conv merge ------------------------------------------------------------
+
+class ConvPatchEmbed(nn.Module):
+    """4x4/4 stem conv to (B, C/4, H/4, W/4); no LayerNorm (official patch_norm=False). SimMIM-style stem masking.
+
+    mask (B, N), 1 = masked: every masked 16-px unit (a 4x4 block of stem pixels) is replaced by `mask_token`
+    (the hint in the released ConvPatchEmbed, reference Sec. 5.1). Pre-training only; the token exists only then.
+    """
+
+    def __init__(self, dim: int, *, mask_token: bool = False):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, kernel_size=4, stride=4)
+        self.mask_token = nn.Parameter(torch.zeros(1, dim, 4, 4)) if mask_token else None   # one 16-px unit
+
+    def forward(self, x, *, mask: torch.Tensor | None = None):
+        x = self.proj(x)                                                  # (B, C/4, 4Hp, 4Wp)
+        if mask is None:
+            return x
+        b, _, hh, ww = x.shape
+        m = mask.reshape(b, 1, hh // 4, ww // 4).to(x.dtype)              # (B, 1, Hp, Wp)
+        m = F.interpolate(m, scale_factor=4, mode="nearest")              # (B, 1, 4Hp, 4Wp): unit -> its 4x4 pixels
+        token = self.mask_token.repeat(1, 1, hh // 4, ww // 4)            # (1, C/4, 4Hp, 4Wp)
+        return x * (1 - m) + token * m
+
+
+class ConvMLPBlock(nn.Module):
+    """x <- x + DropPath(ConvMLP(LN(x))) on a (B, c, h, w) map: HiViT's MLP-only block in image layout, no gamma."""
+
+    def __init__(self, dim: int, *, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__()
+        self.norm = LayerNorm2d(dim, eps=LN_EPS)
+        self.mlp = ConvMLP(dim, hidden_dim=int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        return x + self.drop_path(self.mlp(self.norm(x)))
+
+
+class ConvPatchMerge(nn.Module):
+    """LN per pixel, then a 2x2/2 conv with bias: (B, c, h, w) -> (B, 2c, h/2, w/2) (Tab. 2 "conv merge").
+
+    A 2x2 stride-2 conv never crosses a 16-px unit boundary (units are 4x4 and 2x2 pixels at strides 4 and 8), so
+    units stay independent before stage 3, as in HiViT. Equal to concat(2x2 pixels) -> Linear (tested).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = LayerNorm2d(dim, eps=LN_EPS)
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=2, stride=2)
+
+    def forward(self, x):
+        return self.reduction(self.norm(x))
+
+
+# ---- 4. Stage-3 attention: global, window, window + gathering tokens ----------------------------------------------
+
+def window_shape(grid_hw: tuple[int, int], window_size: int) -> tuple[int, int]:
+    """(wh, ww): per side, the largest divisor of the grid side that is <= window_size (ours; 14 -> 7, 32 -> 8)."""
+    return tuple(max(d for d in range(1, min(window_size, s) + 1) if s % d == 0) for s in grid_hw)
+
+
+def window_partition(x: torch.Tensor, grid_hw, win) -> torch.Tensor:
+    """(B, N, ...) row-major tokens -> (B, nW, wh*ww, ...) windows in raster order, tokens raster-ordered inside."""
+    (hp, wp), (wh, ww) = grid_hw, win
+    b, rest = x.shape[0], x.shape[2:]
+    x = x.reshape(b, hp // wh, wh, wp // ww, ww, *rest)                  # (B, nWh, wh, nWw, ww, ...)
+    x = x.transpose(2, 3)                                                 # (B, nWh, nWw, wh, ww, ...)
+    return x.reshape(b, (hp // wh) * (wp // ww), wh * ww, *rest)          # (B, nW, wh*ww, ...)
+
+
+class FastAttention(nn.Module):
+    """Multi-head attention with separate q/k/v projections, learnable q and v biases and no k bias (Tab. 2).
+
+    forward(x) is plain global attention on (B, N, C). forward_windows(x) works on windowed tokens (B, nW, L, C) in
+    one of three modes (Tab. 7): "global" (every token sees every token; windows only group tokens for migration),
+    "window" (attention inside each window) and "gathering" (index 0 of every window is a gathering token, Sec. 4.2).
+    It also returns the head-averaged keys that token migration scores (Sec. 4.1).
+    """
+
+    def __init__(self, dim: int, *, num_heads: int, hrpe_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))                      # k has no bias: it would cancel in softmax
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+        self.hrpe_window = hrpe_window
+        if hrpe_window is not None:                                       # Tab. 7 HRPE, zero init (ours)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * hrpe_window - 1) ** 2, num_heads))
+
+    def split_heads(self, x):
+        """(..., T, C) -> q, k, v each (..., heads, T, hd)."""
+        *lead, t, c = x.shape
+        q = F.linear(x, self.q_proj.weight, self.q_bias)
+        k = self.k_proj(x)
+        v = F.linear(x, self.v_proj.weight, self.v_bias)
+        return [y.reshape(*lead, t, self.num_heads, c // self.num_heads).transpose(-3, -2)   # (..., heads, T, hd)
+                for y in (q, k, v)]
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.split_heads(x)                                     # 3 x (B, heads, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, N, hd)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))              # (B, N, C)
+
+    def window_bias(self, pos: torch.Tensor, grid_w: int, *, gathering: bool) -> torch.Tensor:
+        """HRPE for the tokens left in each window: (B*nW, heads, L, L), 0 on the gathering token's row/column."""
+        s = self.hrpe_window
+        rows, cols = pos // grid_w, pos % grid_w                          # (B, nW, n) each
+        d_row = rows[..., :, None] - rows[..., None, :] + s - 1           # (B, nW, n, n), in [0, 2s-2]
+        d_col = cols[..., :, None] - cols[..., None, :] + s - 1
+        bias = self.relative_position_bias_table[d_row * (2 * s - 1) + d_col]   # (B, nW, n, n, heads)
+        bias = bias.flatten(0, 1).permute(0, 3, 1, 2)                     # (B*nW, heads, n, n)
+        return F.pad(bias, (1, 0, 1, 0)) if gathering else bias          # (B*nW, heads, L, L)
+
+    def forward_windows(self, x, *, mode: str, pos=None, grid_w=None):
+        """x (B, nW, L, C) -> (out (B, nW, L, C), keys (B, nW, L, hd) averaged over heads for migration)."""
+        b, nw, t, c = x.shape
+        q, k, v = self.split_heads(x)                                     # 3 x (B, nW, heads, L, hd)
+        if mode == "global":                                              # windows are only migration groups
+            def flat(y):
+                return y.transpose(1, 2).reshape(b, self.num_heads, nw * t, -1)   # (B, heads, nW*L, hd)
+            out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v))        # (B, heads, nW*L, hd)
+            out = out.reshape(b, self.num_heads, nw, t, -1).transpose(1, 2)       # (B, nW, heads, L, hd)
+        else:                                                             # Sec. 4.2: batched window attention
+            bias = None
+            if self.hrpe_window is not None:
+                bias = self.window_bias(pos, grid_w, gathering=mode == "gathering").to(q.dtype)
+            out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
+                                                 attn_mask=bias)          # (B*nW, heads, L, hd)
+            out = out.reshape(b, nw, self.num_heads, t, -1)               # (B, nW, heads, L, hd)
+        if mode == "gathering":
+            out = torch.cat([self.gather_globally(q, k, v), out[..., 1:, :]], dim=3)   # (B, nW, heads, L, hd)
+        keys = k.mean(dim=2)                                              # (B, nW, L, hd), ToMe's head average
+        return self.proj(out.transpose(2, 3).reshape(b, nw, t, c)), keys  # (B, nW, L, C)
+
+    @staticmethod
+    def gather_globally(q, k, v):
+        """Gathering tokens (index 0 of each window) attend to every token and to themselves (Sec. 4.2, Fig. 4).
+
+        q, k, v: (B, nW, heads, L, hd). Returns (B, nW, heads, 1, hd). The other gathering tokens are masked out,
+        so q.k is computed only between a gathering token and tokens (plus its own key, as a CLS token has).
+        """
+        b, nw, h, t, d = k.shape
+        q_g = q[:, :, :, 0].transpose(1, 2)                               # (B, heads, nW, hd)
+        k_all = k.transpose(1, 2).reshape(b, h, nw * t, d)                # (B, heads, nW*L, hd)
+        v_all = v.transpose(1, 2).reshape(b, h, nw * t, d)
+        is_g = torch.zeros(nw, t, dtype=torch.bool, device=q.device)
+        is_g[:, 0] = True                                                 # (nW, L): gathering-token keys
+        own = torch.eye(nw, dtype=torch.bool, device=q.device)[:, :, None]   # (nW, nW, 1): my own window
+        allowed = (~is_g[None] | own).reshape(nw, nw * t)                 # (nW, nW*L): tokens + own gathering token
+        out = F.scaled_dot_product_attention(q_g, k_all, v_all, attn_mask=allowed)  # (B, heads, nW, hd)
+        return out.transpose(1, 2)[:, :, :, None]                         # (B, nW, heads, 1, hd)
+
+
+# ---- 5. Token migration: schedule, selection, replenishing --------------------------------------------------------
+
+def migration_schedule(n: int, depth: int, ratio: float) -> list[int]:
+    """r_l, tokens migrated per window by each of the D layers: cumulative round(rho*n*(l+1)/D) (ours, Sec. 4.1)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"migration_ratio must be in [0, 1), got {ratio}")
+    done = [round(ratio * n * (l + 1) / depth) for l in range(depth)]    # tokens gone after layer l
+    r = [d - prev for d, prev in zip(done, [0] + done[:-1])]
+    left = [n - d for d in [0] + done[:-1]]                               # tokens entering layer l
+    if any(r_l > (m + 1) // 2 for r_l, m in zip(r, left)):                # at most all of set A per layer
+        raise ValueError(f"migration_ratio {ratio} drops more than set A holds in one layer (n={n}, D={depth})")
+    return r
+
+
+def select_migrants(keys: torch.Tensor, r: int):
+    """Pick the r set-A tokens per window most similar to set B (Sec. 4.1, Fig. 3; formulas ours).
+
+    keys (B, nW, n, hd) head-averaged keys of the tokens, in window raster order. A = even positions, B = odd.
+    Returns drop (B, nW, r), partner (B, nW, r) (the most similar B token of each dropped one) and keep
+    (B, nW, n - r), all positions in 0..n-1; keep is ascending, so the survivors stay in raster order.
+    """
+    k = F.normalize(keys.float(), dim=-1)
+    sim = k[..., 0::2, :] @ k[..., 1::2, :].transpose(-1, -2)             # (B, nW, nA, nB) cosine A-to-B
+    score, best_b = sim.max(dim=-1)                                       # (B, nW, nA)
+    drop_a = score.argsort(dim=-1, descending=True)[..., :r]              # (B, nW, r) indices into A
+    drop = 2 * drop_a                                                     # (B, nW, r) positions in the window
+    partner = 2 * best_b.gather(-1, drop_a) + 1                           # (B, nW, r) positions of B partners
+    gone = torch.zeros(keys.shape[:-1], device=keys.device).scatter(-1, drop, 1.0)   # (B, nW, n)
+    keep = gone.argsort(dim=-1, stable=True)[..., :keys.shape[-2] - r]    # (B, nW, n-r), ascending
+    return drop, partner, keep
+
+
+def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, nW, n, ...) gathered at idx (B, nW, m) along the token dim -> (B, nW, m, ...)."""
+    idx = idx.reshape(*idx.shape, *[1] * (x.ndim - 3)).expand(*idx.shape, *x.shape[3:])   # (B, nW, m, ...)
+    return torch.gather(x, 2, idx)
+
+
+def replenish(tokens: torch.Tensor, pos: torch.Tensor, store: list, num_tokens: int) -> torch.Tensor:
+    """Put every migrated token back at its original position: (B, M, C) survivors -> full (B, N, C) map (Fig. 3).
+
+    store: one (pos_drop (B, R), pos_partner (B, R), offset (B, R, C)) per layer that migrated tokens. Read
+    backwards so a partner that migrated later is already in place: x_i = x_partner(final) + offset_i (ours).
+    """
+    b, _, c = tokens.shape
+    full = tokens.new_zeros(b, num_tokens, c).scatter(1, pos[..., None].expand(-1, -1, c), tokens)   # (B, N, C)
+    for pos_drop, pos_partner, offset in reversed(store):
+        src = torch.gather(full, 1, pos_partner[..., None].expand(-1, -1, c)) + offset          # (B, R, C)
+        full = full.scatter(1, pos_drop[..., None].expand(-1, -1, c), src)                      # (B, N, C)
+    return full
+
+
+# ---- 6. The stage-3 block -----------------------------------------------------------------------------------------
+
+class FastBlock(nn.Module):
+    """Pre-norm block: x + DropPath(g1 * Attn(LN x)), then x + DropPath(g2 * SwiGLU(LN x)) (Tab. 2).
+
+    forward(x) is the plain path on (B, N, C). forward_windows(x, ...) is the accelerated path on (B, nW, L, C):
+    the chosen attention mode, then (if r > 0) token migration between attention and MLP (Sec. 4.1).
+    """
+
+    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
+                 layer_scale: float = 0.1, hrpe_window: int | None = None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = FastAttention(dim, num_heads=num_heads, hrpe_window=hrpe_window)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = SwiGLU(dim, hidden_dim=int(dim * mlp_ratio))
+        self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim))
+        self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+    def forward_windows(self, x, *, pos, grid_w: int, mode: str, r: int = 0):
+        """x (B, nW, L, C), pos (B, nW, n) -> (x (B, nW, L - r, C), pos (B, nW, n - r), record or None).
+
+        record = (pos_drop (B, nW*r), pos_partner (B, nW*r), offset (B, nW*r, C)) for `replenish`.
+        """
+        y, keys = self.attn.forward_windows(self.norm1(x), mode=mode, pos=pos, grid_w=grid_w)
+        x = x + self.drop_path(self.gamma_1 * y)                          # (B, nW, L, C)
+        record = None
+        if r > 0:                                                         # Sec. 4.1: migrate before the MLP
+            g = 1 if mode == "gathering" else 0                           # gathering tokens never migrate
+            tokens = x[:, :, g:]                                          # (B, nW, n, C)
+            with torch.no_grad():                                         # a discrete choice: no gradient
+                drop, partner, keep = select_migrants(keys[:, :, g:], r)
+            offset = take(tokens, drop) - take(tokens, partner)           # (B, nW, r, C)
+            record = (take(pos, drop).flatten(1), take(pos, partner).flatten(1), offset.flatten(1, 2))
+            x = torch.cat([x[:, :, :g], take(tokens, keep)], dim=2)      # (B, nW, L - r, C)
+            pos = take(pos, keep)                                         # (B, nW, n - r)
+        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        return x, pos, record
+
+
+# ---- 7. The Fast-iTPN model ---------------------------------------------------------------------------------------
+
+class FastiTPN(nn.Module):
+    """Fast-iTPN classifier / backbone. forward(x) -> (B, K); forward_features(x) -> [f4, f8, f16] stage outputs."""
+
+    def __init__(self, cfg: FastiTPNConfig, *, mask_token: bool = False):
+        super().__init__()
+        if cfg.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {cfg.attention!r}")
+        self.cfg = cfg
+        c, n1, n2, n3 = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth
+        self.grid = (cfg.img_size // 16, cfg.img_size // 16)              # (Hp, Wp) the position table is built for
+        dpr = drop_path_rates(cfg.drop_path_rate, n1 + n2 + n3)          # merges get no drop path (official)
+        self.patch_embed = ConvPatchEmbed(c // 4, mask_token=mask_token)
+        self.stage1 = nn.ModuleList(ConvMLPBlock(c // 4, mlp_ratio=cfg.mlp_ratio, drop_path=p) for p in dpr[:n1])
+        self.merge1 = ConvPatchMerge(c // 4)
+        self.stage2 = nn.ModuleList(ConvMLPBlock(c // 2, mlp_ratio=cfg.mlp_ratio, drop_path=p)
+                                    for p in dpr[n1:n1 + n2])
+        self.merge2 = ConvPatchMerge(c // 2)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], c))   # APE only, no RPE
+        self.blocks = nn.ModuleList(
+            FastBlock(c, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=p, layer_scale=cfg.layer_scale,
+                      hrpe_window=cfg.window_size if cfg.hrpe else None) for p in dpr[n1 + n2:])
+        self.fc_norm = nn.LayerNorm(c, eps=LN_EPS) if cfg.num_classes > 0 else None
+        self.head = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
+        self.pyramid = None                                               # as itpn.py: a backbone carries the pyramid
+        if cfg.num_classes == 0:
+            self.pyramid = FeaturePyramid(c, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth, ln_eps=LN_EPS)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.head is not None:                                         # official init_scale 0.01 on the head
+            self.head.weight.data.mul_(0.01)
+
+    def set_acceleration(self, *, migration_ratio: float | None = None, attention: str | None = None) -> None:
+        """Switch token migration / window attention / gathering on the same weights (Sec. 4: fine-tuning time)."""
+        cfg = replace(self.cfg, migration_ratio=self.cfg.migration_ratio if migration_ratio is None else migration_ratio,
+                      attention=self.cfg.attention if attention is None else attention)
+        if cfg.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {cfg.attention!r}")
+        migration_schedule(16, cfg.depth, cfg.migration_ratio)           # validate the ratio early
+        self.cfg = cfg
+
+    def no_weight_decay(self) -> set[str]:
+        """Official Fast-iTPN recipe: no decay on pos_embed (plus biases and norms, handled by the optimizer)."""
+        return {"pos_embed"} | {n for n, _ in self.named_parameters() if "relative_position_bias" in n}
+
+    # -- stage by stage --
+
+    def forward_early(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
+        """Stem, stages 1-2 and both merges: f4 (B, C/4, H/4, W/4), f8 (B, C/2, H/8, W/8), tokens (B, N, C)."""
+        check_image_size(x)
+        x = self.patch_embed(x, mask=mask)                                # (B, C/4, H/4, W/4)
+        for blk in self.stage1:
+            x = blk(x)
+        f4 = x
+        x = self.merge1(x)                                                # (B, C/2, H/8, W/8)
+        for blk in self.stage2:
+            x = blk(x)
+        f8 = x
+        tokens = self.merge2(x).flatten(2).transpose(1, 2)                # (B, N, C), row-major
+        return f4, f8, tokens
+
+    def pos_embed_for(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """The APE for this grid, (1, N, C), interpolated when the grid differs from the table's (reference 1.5)."""
+        return resize_pos_embed(self.pos_embed, grid_hw)
+
+    def forward_stage3(self, tokens: torch.Tensor, *, grid_hw: tuple[int, int]):
+        """Stage 3 on (B, N, C) tokens that carry the APE -> (tokens (B, M, C), pos (B, M), store) for `replenish`.
+
+        Plain path (no migration, global attention): M = N, pos = arange(N), empty store. Otherwise tokens are
+        windowed, gathering tokens (if any) are prepended per window, and each layer may migrate tokens.
+        """
+        cfg = self.cfg
+        b, n, c = tokens.shape
+        if cfg.migration_ratio == 0 and cfg.attention == "global":        # the released model's forward
+            for blk in self.blocks:
+                tokens = blk(tokens)
+            return tokens, torch.arange(n, device=tokens.device).expand(b, n), []
+        win = window_shape(grid_hw, cfg.window_size)
+        x = window_partition(tokens, grid_hw, win)                        # (B, nW, n, C)
+        pos = window_partition(torch.arange(n, device=tokens.device).expand(b, n), grid_hw, win)   # (B, nW, n)
+        if cfg.attention == "gathering":                                  # Sec. 4.2: one gathering token per window
+            x = torch.cat([x.mean(dim=2, keepdim=True), x], dim=2)        # (B, nW, 1 + n, C)
+        store = []
+        schedule = migration_schedule(win[0] * win[1], cfg.depth, cfg.migration_ratio)
+        for blk, r in zip(self.blocks, schedule):
+            x, pos, record = blk.forward_windows(x, pos=pos, grid_w=grid_hw[1], mode=cfg.attention, r=r)
+            if record is not None:
+                store.append(record)
+        if cfg.attention == "gathering":
+            x = x[:, :, 1:]                                               # (B, nW, n, C): gathering tokens retire
+        return x.flatten(1, 2), pos.flatten(1), store                     # (B, M, C), (B, M)
+
+    def forward_features(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
+        """[f4 (B, C/4, H/4, W/4), f8 (B, C/2, H/8, W/8), f16 (B, N, C)]; f16 is the replenished full map.
+
+        mask (B, N), 1 = masked: SimMIM-style stem masking (needs a model built with mask_token=True).
+        """
+        grid_hw = check_image_size(x)
+        f4, f8, tokens = self.forward_early(x, mask=mask)
+        tokens = tokens + self.pos_embed_for(grid_hw)                     # (B, N, C)
+        kept, pos, store = self.forward_stage3(tokens, grid_hw=grid_hw)
+        f16 = kept if not store and self.cfg.attention == "global" and self.cfg.migration_ratio == 0 \
+            else replenish(kept, pos, store, tokens.shape[1])             # (B, N, C), Fig. 3
+        return [f4, f8, f16]
+
+    def forward_levels(self, x: torch.Tensor):
+        """itpn.py's pyramid on the full (replenished) map: ([p16 (B, N, 1, 1, F), p8 (.., 2, 2, F), p4 (.., 4, 4,
+        F)], backbone units [f4 (B, N, 4, 4, C/4), f8 (B, N, 2, 2, C/2), f16 (B, N, 1, 1, C)]).
+
+        The pyramid is C-MLPs and per-unit up-sampling only (no attention), so migrated tokens can be put back
+        before it and every level comes out at full resolution (Sec. 4.1, Fig. 3).
+        """
+        if self.pyramid is None:
+            raise ValueError("this Fast-iTPN is a classifier (num_classes > 0) and has no pyramid: build it with "
+                             "num_classes=0 for detection, segmentation or pre-training")
+        f4, f8, f16 = self.forward_features(x)
+        units = [map_to_units(f4, 4), map_to_units(f8, 2), f16[:, :, None, None, :]]   # (B, N, h, w, c) each
+        return self.pyramid(units[0], units[1], f16), units
+
+    def forward_pyramid(self, x: torch.Tensor, *, mode: str = "det") -> dict[str, torch.Tensor]:
+        """Dense maps like itpn.py: "det" {"p4".."p64"} (B, F, H/s, W/s); "seg" {"p4".."p32"} + backbone features."""
+        grid_hw = check_image_size(x)
+        levels, units = self.forward_levels(x)
+        return pyramid_maps(levels, grid_hw, mode=mode, backbone=units if mode == "seg" else None)
+
+    def forward(self, x):
+        if self.head is None:
+            raise ValueError("this Fast-iTPN has num_classes=0 (backbone + pyramid): call forward_features, "
+                             "forward_levels or forward_pyramid instead")
+        f16 = self.forward_features(x)[-1]                                # (B, N, C)
+        return self.head(self.fc_norm(f16.mean(dim=1)))                   # (B, K): mean pooling, no CLS token
+
+
+# ---- 8. Loading official checkpoints ------------------------------------------------------------------------------
+
+def load_official(model: FastiTPN, state_dict: dict) -> list[str]:
+    """Strictly load a released Fast-iTPN fine-tuning checkpoint (reference Sec. 1.9, official_keys/fast_itpn_*).
+
+    The official flat `blocks.{i}` list maps onto stage1 / merge1 / stage2 / merge2 / blocks with hivit.py's key
+    mapping (the same flat indexing; early blocks norm2 -> norm). Every official key must be used and every
+    backbone key of ours filled; only the parts the release does not have (the pyramid, HRPE tables, the stem mask
+    token) may stay at their init. Returns the ignored keys.
+    """
+    ours = [k for k in model.state_dict() if k.startswith(("pyramid.", "patch_embed.mask_token"))
+            or "relative_position_bias_table" in k]
+    return hivit_load_official(model, state_dict, allow_missing=tuple(ours))
+
+
+# ---- 9. Smoke demo ------------------------------------------------------------------------------------------------
+
+def count_params(cfg: FastiTPNConfig) -> int:
+    """Parameter count of a preset without allocating memory (meta device)."""
+    with torch.device("meta"):
+        model = FastiTPN(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = FastiTPN(PRESETS["tiny"])
+    x = torch.randn(2, 3, 64, 64)
+    f4, f8, f16 = model.forward_features(x)
+    print(f"tiny Fast-iTPN on {tuple(x.shape)}: stage 1 {tuple(f4.shape)}, stage 2 {tuple(f8.shape)}, "
+          f"stage 3 {tuple(f16.shape)}")
+    for mode in ATTENTION_MODES:
+        model.set_acceleration(migration_ratio=0.5, attention=mode)
+        kept, pos, store = model.forward_stage3(f16, grid_hw=(4, 4))
+        print(f"  attention={mode:9s} migration 0.5: {kept.shape[1]} of 16 tokens left, "
+              f"{sum(s[0].shape[1] for s in store)} migrated and replenished")
+    loss = model(x).logsumexp(dim=1).mean()
+    loss.backward()
+    print(f"forward + backward with both switches on ok, loss {loss.item():.4f}")
+    for name, cfg in PRESETS.items():
+        print(f"{name:12s} {count_params(cfg) / 1e6:9.3f}M parameters at {cfg.img_size} px")

@@ -1,0 +1,311 @@
+"""Oracles for fast_itpn.py: official sizes and key layout, token-wise forms of the conv ops, an independent official
+forward, token migration bookkeeping, the gathering limiting case, gradients, input sizes."""
+import json
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fast_itpn
+from fast_itpn import (PRESETS, FastiTPN, FastiTPNConfig, count_params, load_official, map_to_units,
+                       migration_schedule, replenish, select_migrants, window_shape)
+
+KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+TINY = PRESETS["tiny"]
+
+
+def official_layout(name):
+    path = os.path.join(KEYS_DIR, f"{name}.json")
+    if not os.path.exists(path):
+        pytest.fail(f"reference key listing {path} not found: the repo expects ../shared/reference beside it")
+    with open(path) as f:
+        return json.load(f)
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    return FastiTPN(replace(TINY, **overrides)).eval()
+
+
+# ---- 1. sizes: released models and the paper's counts ----
+
+@pytest.mark.parametrize("name, layout, img_size", [
+    ("fast_itpn_t", "fast_itpn_tiny", 224), ("fast_itpn_s", "fast_itpn_small", 224),
+    ("fast_itpn_b", "fast_itpn_base", 224), ("fast_itpn_l", "fast_itpn_large", 224),
+    ("fast_itpn_b", "fast_itpn_base_512", 512), ("fast_itpn_l", "fast_itpn_large_640", 640),
+])
+def test_parameter_counts_match_official(name, layout, img_size):
+    assert count_params(replace(PRESETS[name], img_size=img_size)) == official_layout(layout)["n_params"]
+
+
+@pytest.mark.parametrize("name, img_size, paper_m", [
+    ("fast_itpn_t", 224, 24.2), ("fast_itpn_s", 384, 40.0), ("fast_itpn_b", 512, 85.2), ("fast_itpn_l", 384, 312.3),
+])
+def test_paper_counts_include_the_larger_position_table(name, img_size, paper_m):
+    # The paper's 40.0/85.2/312.3M are not the 224-px counts (39.903/84.825/312.017M): they match only when the
+    # position embedding is counted at 384/512/384 px (reference 5.3). The paper rounds to 0.1M.
+    assert round(count_params(replace(PRESETS[name], img_size=img_size)) / 1e6, 1) == paper_m
+
+
+# ---- 2. token-wise forms of the conv ops (paper: ConvMLP = per-pixel MLP; conv merge = concat + linear) ----
+
+def test_conv_mlp_block_equals_tokenwise_linear_form():
+    torch.manual_seed(0)
+    blk = fast_itpn.ConvMLPBlock(16, mlp_ratio=3.0)
+    for p in blk.parameters():                                            # non-trivial norms too
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 16, 8, 8)
+    t = x.permute(0, 2, 3, 1)                                             # (B, h, w, c): one token per pixel
+    mlp = blk.mlp
+    h = F.layer_norm(t, (16,), blk.norm.weight, blk.norm.bias, eps=1e-6)
+    h = F.gelu(F.linear(h, mlp.fc1.weight[:, :, 0, 0], mlp.fc1.bias))   # 1x1 conv weight (out, in, 1, 1) = Linear
+    h = F.layer_norm(h, (48,), mlp.ffn_ln.weight, mlp.ffn_ln.bias, eps=1e-6)
+    ref = t + F.linear(h, mlp.fc2.weight[:, :, 0, 0], mlp.fc2.bias)
+    torch.testing.assert_close(blk(x).permute(0, 2, 3, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_merge_equals_concat_then_linear():
+    torch.manual_seed(0)
+    merge = fast_itpn.ConvPatchMerge(8)
+    torch.nn.init.normal_(merge.norm.weight, mean=1.0, std=0.3)
+    x = torch.randn(2, 8, 8, 8)
+    t = F.layer_norm(x.permute(0, 2, 3, 1), (8,), merge.norm.weight, merge.norm.bias, eps=1e-6)   # (B, H, W, c)
+    t = t.reshape(2, 4, 2, 4, 2, 8).permute(0, 1, 3, 5, 2, 4)            # (B, H/2, W/2, c, 2, 2)
+    w = merge.reduction.weight.reshape(16, 8 * 2 * 2)                     # (2c, c*2*2) matches (c, dy, dx) order
+    ref = F.linear(t.reshape(2, 4, 4, 32), w, merge.reduction.bias)       # (B, H/2, W/2, 2c)
+    torch.testing.assert_close(merge(x).permute(0, 2, 3, 1), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_units_stay_independent_before_stage3():
+    # HiViT's property survives the conv rewrite: a pixel change in one 16-px unit changes only that unit's f4/f8.
+    model = tiny()
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[:, :, 16:32, 32:48] += 1.0                                          # unit (row 1, col 2) = index 6
+    with torch.no_grad():
+        (a4, a8, a16), (b4, b8, b16) = model.forward_early(x), model.forward_early(y)
+    changed4 = (map_to_units(a4, 4) - map_to_units(b4, 4)).abs().flatten(2).amax(-1)[0]   # (N,)
+    changed16 = (a16 - b16).abs().amax(-1)[0]
+    assert changed4.nonzero().flatten().tolist() == [6] and changed16.nonzero().flatten().tolist() == [6]
+
+
+# ---- 3. loading the released layout ----
+
+def official_forward(sd, x, *, n1, n2, heads):
+    """Independent forward from the official key names and the reference description (reference 5.1-5.2)."""
+    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)   # noqa: E731
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4).permute(0, 2, 3, 1)
+    i = 0
+    for stage_depth in (n1, n2):
+        for _ in range(stage_depth):                                      # ConvMLP block as a per-pixel MLP
+            p = f"blocks.{i}."
+            h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"][:, :, 0, 0], sd[p + "mlp.fc1.bias"]))
+            x = x + F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.fc2.weight"][:, :, 0, 0], sd[p + "mlp.fc2.bias"])
+            i += 1
+        p = f"blocks.{i}."                                                # LN per pixel, then the 2x2/2 conv
+        x = F.conv2d(ln(x, p + "norm").permute(0, 3, 1, 2), sd[p + "reduction.weight"], sd[p + "reduction.bias"],
+                     stride=2).permute(0, 2, 3, 1)
+        i += 1
+    x = x.flatten(1, 2) + sd["pos_embed"]                                 # (B, N, C)
+    b, n, c = x.shape
+    while f"blocks.{i}.norm1.weight" in sd:
+        p = f"blocks.{i}."
+        h = ln(x, p + "norm1")
+        q = F.linear(h, sd[p + "attn.q_proj.weight"], sd[p + "attn.q_bias"]).reshape(b, n, heads, -1).transpose(1, 2)
+        k = F.linear(h, sd[p + "attn.k_proj.weight"]).reshape(b, n, heads, -1).transpose(1, 2)
+        v = F.linear(h, sd[p + "attn.v_proj.weight"], sd[p + "attn.v_bias"]).reshape(b, n, heads, -1).transpose(1, 2)
+        a = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1)
+        h = F.linear((a @ v).transpose(1, 2).reshape(b, n, c), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        x = x + sd[p + "gamma_1"] * h
+        h = ln(x, p + "norm2")
+        h = F.silu(F.linear(h, sd[p + "mlp.w1.weight"], sd[p + "mlp.w1.bias"])) * \
+            F.linear(h, sd[p + "mlp.w2.weight"], sd[p + "mlp.w2.bias"])
+        x = x + sd[p + "gamma_2"] * F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.w3.weight"], sd[p + "mlp.w3.bias"])
+        i += 1
+    return F.linear(ln(x.mean(1), "fc_norm"), sd["head.weight"], sd["head.bias"])
+
+
+def random_official_state_dict(layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape, _ in layout["keys"]:
+        t = torch.randn(shape, generator=g) * 0.05
+        if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ffn_ln.weight")):
+            t = t + 1.0
+        sd[key] = t
+    return sd
+
+
+def test_load_official_round_trip_and_independent_forward():
+    layout = official_layout("fast_itpn_tiny")
+    sd = random_official_state_dict(layout)
+    with torch.device("meta"):                                            # skip the init: every value is loaded
+        model = FastiTPN(PRESETS["fast_itpn_t"])
+    model = model.to_empty(device="cpu").eval()
+    assert load_official(model, {"model": sd}) == []                     # nothing ignored, nothing missing
+    ours = model.state_dict()
+    assert torch.equal(ours["stage1.0.norm.weight"], sd["blocks.0.norm2.weight"])
+    assert torch.equal(ours["merge2.reduction.weight"], sd["blocks.3.reduction.weight"])
+    assert torch.equal(ours["blocks.11.mlp.w3.bias"], sd["blocks.15.mlp.w3.bias"])
+    assert sum(v.numel() for v in ours.values()) == layout["n_params"]   # every value came from the file
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official_forward(sd, x, n1=1, n2=1, heads=6), rtol=1e-4, atol=1e-4)
+
+
+def test_load_official_names_missing_and_wrong_shapes():
+    layout = official_layout("fast_itpn_tiny")
+    sd = random_official_state_dict(layout)
+    with torch.device("meta"):
+        model = FastiTPN(PRESETS["fast_itpn_t"])
+    missing = {k: v for k, v in sd.items() if k != "blocks.7.attn.q_bias"}
+    with pytest.raises(KeyError, match="blocks.3.attn.q_bias"):          # official blocks.7 = our stage-3 block 3
+        load_official(model, missing)
+    with torch.device("meta"):
+        small = FastiTPN(replace(PRESETS["fast_itpn_t"], img_size=64))
+    with pytest.raises(ValueError, match="pos_embed"):                    # built at 64 px, checkpoint at 224
+        load_official(small, sd)
+
+
+# ---- 4. token migration (Sec. 4.1) ----
+
+def test_migration_schedule_hits_the_ratio():
+    for ratio in (0.1, 0.2, 0.3, 0.4):
+        r = migration_schedule(64, 24, ratio)
+        assert len(r) == 24 and sum(r) == round(ratio * 64) and min(r) >= 0
+    assert migration_schedule(64, 24, 0.0) == [0] * 24
+    with pytest.raises(ValueError):
+        migration_schedule(4, 1, 0.9)                                     # more than set A in one layer
+
+
+def test_select_migrants_drops_the_most_redundant_a_token():
+    keys = torch.randn(1, 1, 6, 8)
+    keys[0, 0, 4] = keys[0, 0, 1] * 3.0                                   # A token 4 duplicates B token 1 (cosine 1)
+    drop, partner, keep = select_migrants(keys, 1)
+    assert drop.tolist() == [[[4]]] and partner.tolist() == [[[1]]]
+    assert keep.tolist() == [[[0, 1, 2, 3, 5]]]                           # survivors keep raster order
+
+
+def test_replenish_equation():
+    tokens = torch.tensor([[[1.0], [2.0]]])                               # survivors at positions 0 and 3
+    pos = torch.tensor([[0, 3]])
+    store = [(torch.tensor([[1]]), torch.tensor([[2]]), torch.tensor([[[10.0]]])),   # layer 0: 1 left, partner 2
+             (torch.tensor([[2]]), torch.tensor([[3]]), torch.tensor([[[100.0]]]))]  # layer 1: 2 left, partner 3
+    full = replenish(tokens, pos, store, 4)
+    assert full.flatten().tolist() == [1.0, 112.0, 102.0, 2.0]            # x_i = x_partner(final) + offset_i
+
+
+def test_migration_zero_and_global_attention_is_the_plain_forward():
+    model = tiny()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f4, f8, tokens = model.forward_early(x)
+        ref = tokens + model.pos_embed
+        for blk in model.blocks:                                          # the plain forward, block by block
+            ref = blk(ref)
+        assert torch.equal(model.forward_features(x)[-1], ref)
+        model.set_acceleration(migration_ratio=0.01)                      # windowed bookkeeping, r = 0 every layer
+        torch.testing.assert_close(model.forward_features(x)[-1], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", fast_itpn.ATTENTION_MODES)
+def test_migration_fills_every_position_exactly_once(mode):
+    model = tiny(num_classes=0, attention=mode, migration_ratio=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, _, tokens = model.forward_early(x)
+        kept, pos, store = model.forward_stage3(tokens + model.pos_embed, grid_hw=(4, 4))
+        n_windows = 4                                                     # 4x4 grid, 2x2 windows
+        assert [s[0].shape[1] for s in store] == [r * n_windows for r in migration_schedule(4, 2, 0.5) if r]
+        assert kept.shape == (2, 16 - sum(s[0].shape[1] for s in store), 64)
+        every = torch.cat([pos] + [s[0] for s in store], dim=1)           # (B, N): survivors + migrated
+        assert torch.equal(every.sort(dim=1).values, torch.arange(16).expand(2, 16))
+        maps = model.forward_pyramid(x)                                   # full resolution despite migration
+    assert {k: tuple(v.shape[-2:]) for k, v in maps.items()} == {"p4": (16, 16), "p8": (8, 8), "p16": (4, 4),
+                                                                 "p32": (2, 2), "p64": (1, 1)}
+    assert all(torch.isfinite(v).all() for v in maps.values())
+
+
+# ---- 5. window attention and token gathering (Sec. 4.2) ----
+
+def test_one_window_is_global_attention_and_gathering_is_a_mean_cls_token():
+    model = tiny(window_size=4)                                           # 4x4 grid: one window covers the map
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, _, tokens = model.forward_early(x)
+        tokens = tokens + model.pos_embed
+        plain = tokens
+        for blk in model.blocks:
+            plain = blk(plain)
+        model.set_acceleration(attention="window")
+        torch.testing.assert_close(model.forward_stage3(tokens, grid_hw=(4, 4))[0], plain, rtol=1e-5, atol=1e-5)
+        # documented limiting case: gathering == plain blocks on [mean token; tokens], first token dropped
+        with_cls = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)   # (B, 1 + N, C)
+        for blk in model.blocks:
+            with_cls = blk(with_cls)
+        model.set_acceleration(attention="gathering")
+        torch.testing.assert_close(model.forward_stage3(tokens, grid_hw=(4, 4))[0], with_cls[:, 1:],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_gathering_tokens_carry_global_context_one_layer_later():
+    model = tiny()
+    blk = model.blocks[0]
+    x = torch.randn(1, 4, 5, 64)                                          # 4 windows: gathering token + 4 tokens
+    pos = torch.arange(16).reshape(1, 4, 4)
+    y = x.clone()
+    y[0, 0, 3] += torch.randn(64)                                         # perturb one token of window 0 (not a
+                                                                          # constant: LayerNorm would remove it)
+    with torch.no_grad():
+        for mode in ("window", "gathering", "global"):
+            a, _, _ = blk.forward_windows(x, pos=pos, grid_w=4, mode=mode)
+            b, _, _ = blk.forward_windows(y, pos=pos, grid_w=4, mode=mode)
+            assert (a - b)[0, 0, 3].abs().amax() > 0                      # the perturbed token itself moved
+            tokens_changed = bool((a - b)[0, 1:, 1:].abs().amax() > 0)    # tokens of windows 1-3
+            assert tokens_changed == (mode == "global")                   # windows: never token-token across
+        a, b = (blk.forward_windows(t, pos=pos, grid_w=4, mode="gathering")[0] for t in (x, y))
+        assert ((a - b)[0, 1:, 0].abs().amax(-1) > 0).all()               # every gathering token saw window 0
+        a2, b2 = (blk.forward_windows(t, pos=pos, grid_w=4, mode="gathering")[0] for t in (a, b))
+        assert ((a2 - b2)[0, 1:, 1:].abs().amax(-1) > 0).all()            # ... and told its tokens one layer later
+
+
+def test_hrpe_starts_at_zero_and_biases_window_attention_only():
+    plain = tiny(attention="window")
+    hrpe = tiny(attention="window", hrpe=True)
+    hrpe.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hrpe(x), plain(x))                     # zero init: the released weights' outputs
+        for blk in hrpe.blocks:
+            blk.attn.relative_position_bias_table.normal_()
+        assert not torch.allclose(hrpe(x), plain(x))
+        hrpe.set_acceleration(attention="global")                         # global attention ignores the tables
+        plain.set_acceleration(attention="global")
+        torch.testing.assert_close(hrpe(x), plain(x))
+
+
+# ---- 6. gradients, sizes ----
+
+def test_gradients_reach_every_parameter_with_both_switches_on():
+    model = tiny(num_classes=0, attention="gathering", migration_ratio=0.5, hrpe=True).train()
+    maps = model.forward_pyramid(torch.randn(2, 3, 64, 64))
+    sum(m.square().mean() for m in maps.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def test_window_shape_rule():
+    assert window_shape((14, 14), 8) == (7, 7) and window_shape((32, 40), 8) == (8, 8)
+    assert window_shape((4, 6), 8) == (4, 6) and window_shape((13, 16), 8) == (1, 8)
+
+
+@pytest.mark.parametrize("size", [224, 512, 640])
+def test_input_sizes_with_both_switches(size):
+    model = tiny(num_classes=0, attention="gathering", migration_ratio=0.4)
+    with torch.no_grad():
+        maps = model.forward_pyramid(torch.randn(1, 3, size, size))
+    assert maps["p4"].shape == (1, 32, size // 4, size // 4) and maps["p64"].shape[-1] == size // 64
+    with pytest.raises(ValueError, match="divisible"):
+        model.forward_features(torch.randn(1, 3, size + 8, size))
