@@ -18,8 +18,9 @@ Sections:
     5. Token migration: schedule, selection, replenishing <-> Sec. 4.1, Fig. 3, Fig. 5
     6. The stage-3 block                    <-> Tab. 2 "layer scale", Sec. 4.1 (where tokens leave)
     7. The Fast-iTPN model (backbone, pyramid, dense outputs) <-> Fig. 2 (pyramid), Sec. 4
-    8. Loading official checkpoints         <-> released Fast-iTPN-T/S/B/L fine-tuning models
-    9. __main__ smoke demo
+    8. Pre-training: frozen-teacher distillation, stem masking <-> Sec. 4.3, 5.1 (never released)
+    9. Loading official checkpoints         <-> released Fast-iTPN-T/S/B/L fine-tuning models
+    10. __main__ smoke demo
 
 Shapes:
     B batch, C stage-3 width (stage 1 = C/4, stage 2 = C/2), H, W image size, Hp, Wp grid of 16x16 units,
@@ -92,14 +93,15 @@ import torch.nn.functional as F
 
 from hivit import (DropPath, check_image_size, drop_path_rates, init_weights, load_official as hivit_load_official,
                    resize_pos_embed)
-from itpn import FeaturePyramid, pyramid_maps
+from itpn import FeaturePyramid, LevelEmbed, load_teacher, pyramid_maps
+from mim import block_masking, cosine_loss
 
 __all__ = [
     "FastiTPNConfig", "PRESETS", "ATTENTION_MODES",
     "LayerNorm2d", "ConvMLP", "SwiGLU", "ConvPatchEmbed", "ConvMLPBlock", "ConvPatchMerge",
     "FastAttention", "FastBlock", "FastiTPN",
-    "window_shape", "map_to_units", "migration_schedule", "select_migrants", "replenish",
-    "load_official", "count_params",
+    "window_shape", "map_to_units", "select_units", "migration_schedule", "select_migrants", "replenish",
+    "FastiTPNDistillPretrainer", "METHODS", "load_official", "count_params",
 ]
 
 LN_EPS = 1e-6                     # official LayerNorm eps in every Fast-iTPN module
@@ -188,6 +190,12 @@ def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
     x = x.reshape(b, c, hp, inner, wp, inner)                             # (B, c, Hp, h, Wp, w)
     x = x.permute(0, 2, 4, 3, 5, 1)                                       # (B, Hp, Wp, h, w, c)
     return x.reshape(b, hp * wp, inner, inner, c)                         # (B, N, h, w, c), unit n = Wp*row + col
+
+
+def select_units(t: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """Keep the units ids_keep (B, N_vis) of a (B, N, ...) tensor -> (B, N_vis, ...)."""
+    idx = ids_keep.reshape(*ids_keep.shape, *[1] * (t.ndim - 2)).expand(*ids_keep.shape, *t.shape[2:])
+    return torch.gather(t, 1, idx)                                        # (B, N_vis, ...)
 
 
 # ---- 3. Early stages: stem, ConvMLP blocks, conv merge ------------------------------------------------------------
@@ -310,23 +318,22 @@ class FastAttention(nn.Module):
     def forward_windows(self, x, *, mode: str, pos=None, grid_w=None):
         """x (B, nW, L, C) -> (out (B, nW, L, C), keys (B, nW, L, hd) averaged over heads for migration)."""
         b, nw, t, c = x.shape
-        q, k, v = self.split_heads(x)                                     # 3 x (B, nW, heads, L, hd)
         if mode == "global":                                              # windows are only migration groups
-            def flat(y):
-                return y.transpose(1, 2).reshape(b, self.num_heads, nw * t, -1)   # (B, heads, nW*L, hd)
-            out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v))        # (B, heads, nW*L, hd)
-            out = out.reshape(b, self.num_heads, nw, t, -1).transpose(1, 2)       # (B, nW, heads, L, hd)
+            groups = x.reshape(b, nw * t, c)                              # (B, nW*L, C): one sequence per image
         else:                                                             # Sec. 4.2: batched window attention
-            bias = None
-            if self.hrpe_window is not None:
-                bias = self.window_bias(pos, grid_w, gathering=mode == "gathering").to(q.dtype)
-            out = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),
-                                                 attn_mask=bias)          # (B*nW, heads, L, hd)
-            out = out.reshape(b, nw, self.num_heads, t, -1)               # (B, nW, heads, L, hd)
-        if mode == "gathering":
-            out = torch.cat([self.gather_globally(q, k, v), out[..., 1:, :]], dim=3)   # (B, nW, heads, L, hd)
-        keys = k.mean(dim=2)                                              # (B, nW, L, hd), ToMe's head average
-        return self.proj(out.transpose(2, 3).reshape(b, nw, t, c)), keys  # (B, nW, L, C)
+            groups = x.reshape(b * nw, t, c)                              # (B*nW, L, C): one sequence per window
+        q, k, v = self.split_heads(groups)                                # 3 x (B | B*nW, heads, nW*L | L, hd)
+        bias = None
+        if mode != "global" and self.hrpe_window is not None:
+            bias = self.window_bias(pos, grid_w, gathering=mode == "gathering").to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)    # (B | B*nW, heads, nW*L | L, hd)
+        if mode == "gathering":                                           # index 0: attend globally instead
+            q, k, v, out = (y.reshape(b, nw, *y.shape[1:]) for y in (q, k, v, out))   # (B, nW, heads, L, hd)
+            out = torch.cat([self.gather_globally(q, k, v), out[..., 1:, :]], dim=3)  # (B, nW, heads, L, hd)
+            out = out.flatten(0, 1)                                       # (B*nW, heads, L, hd)
+        keys = k.mean(dim=-3).reshape(b, nw, t, -1)                       # (B, nW, L, hd), ToMe's head average
+        out = out.transpose(1, 2).reshape(b, nw, t, c)                    # (B, nW, L, C)
+        return self.proj(out), keys
 
     @staticmethod
     def gather_globally(q, k, v):
@@ -537,20 +544,30 @@ class FastiTPN(nn.Module):
             x = x[:, :, 1:]                                               # (B, nW, n, C): gathering tokens retire
         return x.flatten(1, 2), pos.flatten(1), store                     # (B, M, C), (B, M)
 
-    def forward_features(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
-        """[f4 (B, C/4, H/4, W/4), f8 (B, C/2, H/8, W/8), f16 (B, N, C)]; f16 is the replenished full map.
+    def accelerated(self) -> bool:
+        return self.cfg.migration_ratio > 0 or self.cfg.attention != "global"
 
-        mask (B, N), 1 = masked: SimMIM-style stem masking (needs a model built with mask_token=True).
+    def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The HiViT seam: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)] unit tensors.
+
+        f16 is the replenished full map when token migration is on (Sec. 4.1). ids_keep (B, N_vis): MAE-style
+        dropping of units; exact even though units are selected after stage 2, because no early op crosses a unit
+        (only stage 3 is saved). mask (B, N), 1 = masked: SimMIM-style stem masking (model built with mask_token).
         """
         grid_hw = check_image_size(x)
         f4, f8, tokens = self.forward_early(x, mask=mask)
+        f4, f8 = map_to_units(f4, 4), map_to_units(f8, 2)                 # (B, N, 4, 4, C/4), (B, N, 2, 2, C/2)
         tokens = tokens + self.pos_embed_for(grid_hw)                     # (B, N, C)
+        if ids_keep is not None:
+            if self.accelerated():
+                raise ValueError("token migration and window attention need the full grid: pre-training with "
+                                 "ids_keep runs with migration_ratio=0 and attention='global'")
+            f4, f8, tokens = (select_units(t, ids_keep) for t in (f4, f8, tokens))   # (B, N_vis, ...)
         kept, pos, store = self.forward_stage3(tokens, grid_hw=grid_hw)
-        f16 = kept if not store and self.cfg.attention == "global" and self.cfg.migration_ratio == 0 \
-            else replenish(kept, pos, store, tokens.shape[1])             # (B, N, C), Fig. 3
-        return [f4, f8, f16]
+        return [f4, f8, replenish(kept, pos, store, tokens.shape[1])]    # Fig. 3: full (B, N, C) map
 
-    def forward_levels(self, x: torch.Tensor):
+    def forward_levels(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
         """itpn.py's pyramid on the full (replenished) map: ([p16 (B, N, 1, 1, F), p8 (.., 2, 2, F), p4 (.., 4, 4,
         F)], backbone units [f4 (B, N, 4, 4, C/4), f8 (B, N, 2, 2, C/2), f16 (B, N, 1, 1, C)]).
 
@@ -560,9 +577,8 @@ class FastiTPN(nn.Module):
         if self.pyramid is None:
             raise ValueError("this Fast-iTPN is a classifier (num_classes > 0) and has no pyramid: build it with "
                              "num_classes=0 for detection, segmentation or pre-training")
-        f4, f8, f16 = self.forward_features(x)
-        units = [map_to_units(f4, 4), map_to_units(f8, 2), f16[:, :, None, None, :]]   # (B, N, h, w, c) each
-        return self.pyramid(units[0], units[1], f16), units
+        f4, f8, f16 = self.forward_features(x, mask=mask)
+        return self.pyramid(f4, f8, f16), [f4, f8, f16[:, :, None, None, :]]
 
     def forward_pyramid(self, x: torch.Tensor, *, mode: str = "det") -> dict[str, torch.Tensor]:
         """Dense maps like itpn.py: "det" {"p4".."p64"} (B, F, H/s, W/s); "seg" {"p4".."p32"} + backbone features."""
@@ -578,7 +594,54 @@ class FastiTPN(nn.Module):
         return self.head(self.fc_norm(f16.mean(dim=1)))                   # (B, K): mean pooling, no CLS token
 
 
-# ---- 8. Loading official checkpoints ------------------------------------------------------------------------------
+# ---- 8. Pre-training: frozen-teacher distillation with SimMIM-style stem masking ---------------------------------
+
+DISTILL_MASK_RATIO = 75 / 196       # BEiT block masking of iTPN's CLIP recipe, 75 of 196 units (reference 3.5)
+
+
+class FastiTPNDistillPretrainer(nn.Module):
+    """Fast-iTPN pre-training (Sec. 4.3, 5.1; never released): a frozen teacher supervises the pyramid, cosine loss.
+
+    imgs (B, 3, H, W), normalised -> block mask (B, N) -> masked units become a learned token at the stem
+    (SimMIM-style, the hint in the released ConvPatchEmbed; every unit is encoded) -> backbone + pyramid -> the
+    three levels space-to-depth'ed to C per unit and summed (itpn.py's LevelEmbed, as its distillation) -> LN ->
+    Linear(C, T) -> 1 - cos against the teacher's (B, N, T) target on all units (itpn.py's FrozenTeacher).
+    Runs without migration or gathering. Because the mask acts before any op, no pyramid level sees a masked
+    unit's pixels (unlike iTPN's stage-3 mask token, reference 3.7; tested).
+    out = {"loss", "mask" (B, N), "pred" (B, N, T), "logs": {"loss_cos"}}. The PRETRAINER CONTRACT of contracts.md.
+    """
+
+    num_views = 1
+
+    def __init__(self, cfg: FastiTPNConfig, *, teacher_path: str):
+        super().__init__()
+        self.cfg = cfg = replace(cfg, num_classes=0, migration_ratio=0.0, attention="global")
+        self.teacher = load_teacher(teacher_path)                         # frozen, requires_grad=False, eval
+        self.encoder = FastiTPN(cfg, mask_token=True)
+        c = cfg.embed_dim
+        self.decoder_embed = nn.ModuleList(LevelEmbed(cfg.fpn_dim, out_dim=c // (s * s)) for s in (1, 2, 4))
+        self.norm = nn.LayerNorm(c, eps=LN_EPS)
+        self.lm_head = nn.Linear(c, self.teacher.out_dim)
+        for part in (self.decoder_embed, self.norm, self.lm_head):
+            part.apply(init_weights)
+        nn.init.trunc_normal_(self.encoder.patch_embed.mask_token, std=0.02)
+
+    def forward(self, imgs):
+        grid_hw = check_image_size(imgs)
+        n = grid_hw[0] * grid_hw[1]
+        mask = block_masking(imgs.shape[0], grid_hw, round(DISTILL_MASK_RATIO * n),
+                             min_block=max(1, round(16 * n / 196))).to(imgs.device)   # (B, N), BEiT's 16 at 14x14
+        levels, _ = self.encoder.forward_levels(imgs, mask=mask)         # [p16, p8, p4] (B, N, h, w, F)
+        merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # (B, N, C)
+        pred = self.lm_head(self.norm(merged))                            # (B, N, T)
+        loss = cosine_loss(pred, self.teacher(imgs)).mean()               # Sec. 4.3: cosine, all units
+        return {"loss": loss, "mask": mask, "pred": pred, "logs": {"loss_cos": loss.detach()}}
+
+
+METHODS = {"fast_itpn_distill": FastiTPNDistillPretrainer}
+
+
+# ---- 9. Loading official checkpoints ------------------------------------------------------------------------------
 
 def load_official(model: FastiTPN, state_dict: dict) -> list[str]:
     """Strictly load a released Fast-iTPN fine-tuning checkpoint (reference Sec. 1.9, official_keys/fast_itpn_*).
@@ -593,7 +656,7 @@ def load_official(model: FastiTPN, state_dict: dict) -> list[str]:
     return hivit_load_official(model, state_dict, allow_missing=tuple(ours))
 
 
-# ---- 9. Smoke demo ------------------------------------------------------------------------------------------------
+# ---- 10. Smoke demo ------------------------------------------------------------------------------------------------
 
 def count_params(cfg: FastiTPNConfig) -> int:
     """Parameter count of a preset without allocating memory (meta device)."""

@@ -309,3 +309,61 @@ def test_input_sizes_with_both_switches(size):
     assert maps["p4"].shape == (1, 32, size // 4, size // 4) and maps["p64"].shape[-1] == size // 64
     with pytest.raises(ValueError, match="divisible"):
         model.forward_features(torch.randn(1, 3, size + 8, size))
+
+
+# ---- 7. the MIM seam and pre-training (Sec. 4.3) ----
+
+def test_ids_keep_equals_full_encoding_then_select():
+    # Early stages never cross a 16-px unit, so dropping after stage 2 is MAE-style dropping at the input: the
+    # visible units' stage-1/2 features equal the full image's, and stage 3 sees only the visible tokens.
+    model = tiny()
+    x = torch.randn(2, 3, 64, 64)
+    ids_keep = torch.rand(2, 16).argsort(dim=1)[:, :5]                    # (B, N_vis)
+    with torch.no_grad():
+        f4, f8, f16 = model.forward_features(x, ids_keep=ids_keep)
+        full4, full8, _ = model.forward_features(x)
+        tokens = fast_itpn.select_units(model.forward_early(x)[2] + model.pos_embed, ids_keep)
+        for blk in model.blocks:
+            tokens = blk(tokens)
+    assert torch.equal(f4, fast_itpn.select_units(full4, ids_keep)) and f16.shape == (2, 5, 64)
+    assert torch.equal(f8, fast_itpn.select_units(full8, ids_keep))
+    torch.testing.assert_close(f16, tokens)
+    model.set_acceleration(migration_ratio=0.5)
+    with pytest.raises(ValueError, match="full grid"):
+        model.forward_features(x, ids_keep=ids_keep)
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    import hivit
+    torch.manual_seed(1)
+    vit = hivit.VisionTransformer(hivit.VIT_PRESETS["vit_tiny"])          # 16-px patches: the student's unit grid
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": vit.state_dict()}, path)
+    return str(path)
+
+
+def test_distillation_pretrainer_contract(teacher_file):
+    torch.manual_seed(0)
+    pre = fast_itpn.FastiTPNDistillPretrainer(replace(TINY, attention="gathering", migration_ratio=0.5),
+                                              teacher_path=teacher_file)
+    assert pre.cfg.attention == "global" and pre.cfg.migration_ratio == 0  # pre-training runs without both
+    out = pre(torch.randn(2, 3, 64, 64))
+    assert out["mask"].shape == (2, 16) and out["mask"].sum(1).tolist() == [6.0, 6.0]   # round(75/196 * 16)
+    assert out["pred"].shape == (2, 16, 64) and 0 <= out["loss"].item() <= 2
+    out["loss"].backward()
+    trainable = {n: p for n, p in pre.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("teacher.") for n in trainable)          # the teacher stays frozen
+    assert [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_stem_masking_hides_masked_pixels_from_every_level(teacher_file):
+    pre = fast_itpn.FastiTPNDistillPretrainer(TINY, teacher_path=teacher_file).eval()
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[:, :, 16:32, 32:48] = torch.randn(3, 16, 16)                       # new pixels in unit 6 only
+    mask = torch.zeros(1, 16)
+    mask[0, 6] = 1.0
+    with torch.no_grad():
+        (a, _), (b, _) = (pre.encoder.forward_levels(t, mask=mask) for t in (x, y))
+    assert all(torch.equal(p, q) for p, q in zip(a, b))                   # no leak, unlike reference 3.7
