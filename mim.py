@@ -124,7 +124,7 @@ class MIMConfig:
     mix_ratio: float = 0.0            # M3I Sec. 3.4: fraction of units taken from image j; 0 = no mixing
     num_classes: int = 0              # M3I category target over K classes (needs labels); 0 = off
     text_target: bool = False         # M3I text target (needs captions as byte tokens); off by default
-    momentum: float = 0.995           # EMA teacher momentum m0 (SiameseIM: cosine from 0.995 to 1)
+    momentum: float = 0.995           # EMA teacher momentum m0 (SiameseIM: cosine to 1); 1.0 = frozen teacher
     temperature: float = 0.2          # tau of InfoNCE (MoCo v3-like, reference Tab. 2 row i)
     img_sizes: tuple = ((0.0, 224),)  # (fraction of training, side in px) schedule; FastMIM 128, FastMIM-P 3 steps
 
@@ -298,7 +298,7 @@ def unpatchify(x: torch.Tensor, grid_hw: tuple[int, int], patch: int = 16) -> to
 
 
 def norm_pix(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """MAE's norm_pix_loss target: each unit minus its mean, over sqrt(unbiased var + eps), on the last dim."""
+    """MAE's norm_pix_loss target (Sec. 3, Tab. 1c): each unit minus its mean, over sqrt(unbiased var + eps)."""
     mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)                                # unbiased, as torch's default in MAE
     return (target - mean) / (var + eps) ** 0.5
@@ -307,6 +307,19 @@ def norm_pix(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def masked_mean(per_unit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of a (B, N) loss over the units where mask == 1 (MAE: loss on removed units only)."""
     return (per_unit * mask).sum() / mask.sum().clamp(min=1)              # clamp: an all-visible batch gives 0
+
+
+def pixel_recon(pred: torch.Tensor, imgs: torch.Tensor, *, patch: int, norm_pix_loss: bool) -> torch.Tensor:
+    """Predicted pixels back in the normalised input space, (B, 3, H, W), for the reconstruction pictures.
+
+    With norm_pix_loss the prediction is de-normalised with the ORIGINAL unit's mean and std: the picture then
+    borrows each unit's true colour statistics (label it so; the loss never sees them).
+    """
+    target = patchify(imgs, patch)                                        # (B, N, P)
+    if norm_pix_loss:
+        std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5          # norm_pix's eps
+        pred = pred * std + target.mean(dim=-1, keepdim=True)
+    return unpatchify(pred.detach().float(), check_image_size(imgs, patch), patch)   # (B, 3, H, W)
 
 
 # ---- 4. HOG target (MaskFeat / FastMIM) ---------------------------------------------------------------------------
@@ -518,7 +531,8 @@ class AttentionPool(nn.Module):
         return self.proj(pooled[:, 0])                                    # (B, out)
 
 
-TEXT_PAD, TEXT_START = 0, 1      # token ids; a byte b is token b + 2, so the vocabulary is 258
+TEXT_PAD, TEXT_START = 0, 1      # special token ids; byte b is token b + 2
+TEXT_VOCAB = 256 + 2             # bytes + the two special tokens
 
 
 def tokenize_captions(captions: list[str], length: int = 32) -> torch.Tensor:
@@ -539,7 +553,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, *, dim: int, depth: int = 2, num_heads: int, out_dim: int, max_len: int = 32):
         super().__init__()
-        self.embed = nn.Embedding(256 + 2, dim)
+        self.embed = nn.Embedding(TEXT_VOCAB, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
         layer = nn.TransformerEncoderLayer(dim, num_heads, dim_feedforward=4 * dim, activation="gelu",
@@ -577,18 +591,6 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
 def cosine_momentum(base: float, progress: float) -> float:
     """SiameseIM's schedule: m(t) = 1 - (1 - m0) * (1 + cos(pi t)) / 2, from m0 at t = 0 to 1 at t = 1."""
     return 1 - (1 - base) * (1 + math.cos(math.pi * progress)) / 2
-
-
-def pixel_recon(pred: torch.Tensor, imgs: torch.Tensor, *, patch: int, norm_pix_loss: bool) -> torch.Tensor:
-    """Predicted pixels back in the normalised input space, (B, 3, H, W), for the reconstruction pictures.
-
-    With norm_pix_loss the prediction is de-normalised with the ORIGINAL unit's mean and std: the picture then
-    borrows each unit's true colour statistics (label it so; the loss never sees them).
-    """
-    target = patchify(imgs, patch)                                        # (B, N, P)
-    if norm_pix_loss:
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    return unpatchify(pred.detach().float(), check_image_size(imgs, patch), patch)   # (B, 3, H, W)
 
 
 # ---- 8. MAE -------------------------------------------------------------------------------------------------------
@@ -690,6 +692,8 @@ def random_resized_views(imgs: torch.Tensor, *, scale: tuple[float, float] = (0.
 
     Returns views (B, 3, H, W), boxes (B, 4) = (top, left, height, width) as fractions of the source image, and
     flip (B,) bool. Done with one affine grid_sample per batch, so the geometry is exact and known to the decoder.
+    The scale range is our choice: this view is a sub-crop of the target view (SiameseIM crops both views from the
+    full image with scale 0.08-1), so it always overlaps the target view.
     """
     b = imgs.shape[0]
     area = torch.empty(b).uniform_(*scale, generator=generator)          # fraction of the source area
