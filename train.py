@@ -332,22 +332,18 @@ MODELS: dict[str, tuple[str, object]] = {
     **{("itpn_tiny" if k == "tiny" else k): ("itpn", cfg) for k, cfg in itpn.PRESETS.items()},
     **{("fast_itpn_tiny" if k == "tiny" else k): ("fast_itpn", cfg) for k, cfg in fast_itpn.PRESETS.items()},
 }
-# --method name -> the file that defines it. itpn.py's methods build their own iTPN from a size preset; mim.py's
-# wrap any encoder that has the seam forward_features(x, ids_keep=None)[-1] -> (B, N_vis, C).
-METHODS: dict[str, str] = {**{name: "itpn" for name in itpn.METHODS}, **{name: "mim" for name in mim.METHODS}}
+# --method name -> the file that defines it. itpn.py's and fast_itpn.py's methods build their own model from a size
+# preset; mim.py's wrap any encoder with the seam forward_features(x, ids_keep=None)[-1] -> (B, N_vis, C).
+METHODS: dict[str, str] = {**{name: "itpn" for name in itpn.METHODS},
+                           **{name: "fast_itpn" for name in fast_itpn.METHODS},
+                           **{name: "mim" for name in mim.METHODS}}
 DEFAULT_METHOD = {"itpn": "itpn", "hivit": "mae", "vit": "mae", "fast_itpn": "fastmim"}   # iTPN: paper Eq. 4
+TEACHER_METHODS = ("itpn_distill", "fast_itpn_distill")                  # need --teacher PATH
 
 
 def compatible_methods(family: str) -> list[str]:
-    """Methods that run on a model family. iTPN's methods need the pyramid; Fast-iTPN's convolutional early
-    stages mix neighbouring units, so it cannot drop masked units: only methods that encode every unit."""
-    if family == "itpn":
-        return list(METHODS)
-    mim_methods = [m for m in METHODS if METHODS[m] == "mim"]
-    if family == "fast_itpn":                # FastMIM masks RGB pixels; full M3I encodes the whole mixed image
-        return [m for m in mim_methods if mim.METHODS[m] is mim.FastMIM
-                or (mim.METHODS[m] is mim.M3I and mim.PRESETS[m].mix_ratio > 0)]
-    return mim_methods
+    """Methods that run on a model family: every mim.py method, plus the family's own (which need its pyramid)."""
+    return [m for m in METHODS if METHODS[m] in ("mim", family)]
 
 
 def unit_size(family: str, preset) -> int:
@@ -360,18 +356,25 @@ def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_
     """The nn.Module train.py drives (PRETRAINER CONTRACT, contracts.md). None = the method's own default."""
     family, preset = MODELS[model]
     tiny = model.endswith("_tiny")
-    if METHODS[method] == "itpn":
+    if (method in TEACHER_METHODS) != (teacher is not None):
+        raise ValueError(f"--teacher PATH goes with --method {' or '.join(TEACHER_METHODS)}, and only with them")
+    if METHODS[method] != "mim":                                          # itpn.py / fast_itpn.py recipes
         if norm_pix_loss is not None:
-            raise ValueError(f"--norm_pix_loss is fixed by the iTPN recipes; it applies to {', '.join(mim.METHODS)}")
-        cfg = preset if mask_ratio is None else replace(preset, mask_ratio=mask_ratio)
-        return itpn.METHODS[method](cfg, **({"teacher_path": teacher} if method == "itpn_distill" else {}))
+            raise ValueError(f"--norm_pix_loss is fixed by the {method} recipe; it applies to mim.py's methods")
+        if mask_ratio is not None and METHODS[method] == "itpn":
+            preset = replace(preset, mask_ratio=mask_ratio)
+        elif mask_ratio is not None:
+            raise ValueError(f"--mask_ratio is fixed by the {method} recipe (block masking)")
+        module = itpn if METHODS[method] == "itpn" else fast_itpn
+        return module.METHODS[method](preset, **({"teacher_path": teacher} if method in TEACHER_METHODS else {}))
     cfg = mim.tiny_decoder(mim.PRESETS[method]) if tiny else mim.PRESETS[method]
     cfg = replace(cfg, **{k: v for k, v in (("mask_ratio", mask_ratio), ("norm_pix_loss", norm_pix_loss))
                           if v is not None})
     if family == "vit":
         encoder = hivit.VisionTransformer(replace(preset, num_classes=0))
-    elif family == "fast_itpn":
-        encoder = fast_itpn.FastiTPN(replace(preset, num_classes=0, fpn_dim=0))   # backbone only, no pyramid
+    elif family == "fast_itpn":                                           # a Fast-iTPN backbone always carries
+        encoder = fast_itpn.FastiTPN(replace(preset, num_classes=0))     # the pyramid; mim.py reads stage 3 only,
+        encoder.pyramid.requires_grad_(False)                             # so it stays out of AdamW and DDP's sync
     else:                                                                 # iTPN's backbone is a HiViT
         backbone_cfg = {f.name: getattr(preset, f.name) for f in fields(hivit.HiViTConfig)}   # drop iTPN's extras
         encoder = hivit.HiViT(hivit.HiViTConfig(**{**backbone_cfg, "num_classes": 0}))
