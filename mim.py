@@ -395,7 +395,7 @@ def hog_picture(per_unit: torch.Tensor, grid_hw: tuple[int, int], patch: int = 1
 # (masked units only, or all). Global losses map (B, d) vectors to a per-sample (B,) loss.
 
 def l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Gaussian P(z | z_hat) = N(z_hat, sigma^2 I) -> mean squared error over the last dim (M3I Eq. 2)."""
+    """Gaussian P(z | z_hat) = N(z_hat, sigma^2 I) -> mean squared error over the last dim (M3I Sec. 3.1)."""
     return ((pred - target) ** 2).mean(dim=-1)
 
 
@@ -811,7 +811,7 @@ class M3I(nn.Module):
             return feats.mean(dim=1)                                      # (B, C) global average pooling (Fig. 1)
         return F.layer_norm(feats, feats.shape[-1:])                      # (B, N, C) LN without affine (SiameseIM)
 
-    def image_loss(self, tokens, ids, query_coords, target, who, mask, grid_hw):
+    def image_loss(self, tokens, *, ids, query_coords, target, who, mask, grid_hw):
         """Loss of one image's prediction. tokens (B, L, C) at units ids (B, L); who (B,) = whose target it is."""
         if self.cfg.target == "global_feature":
             pred = self.global_head(tokens)                               # (B, C)
@@ -854,9 +854,10 @@ class M3I(nn.Module):
         text = self.text_encoder(captions) if cfg.text_target else None   # (B, C)
         logs, preds = {}, []
         for name, tok, ids, query_coords, who in images:
-            logs[f"loss_{name}"], pred = self.image_loss(tok, ids, query_coords, target, who, mask, grid_hw)
+            logs[f"loss_{name}"], pred = self.image_loss(tok, ids=ids, query_coords=query_coords, target=target,
+                                                           who=who, mask=mask, grid_hw=grid_hw)
             preds.append(pred)
-            if cfg.num_classes > 0:                                       # category target: softmax CE (Eq. 3)
+            if cfg.num_classes > 0:                                       # category target: softmax CE (Sec. 3.1)
                 logits = self.category_pool(tok) @ self.category_embed.t()   # (B, K)
                 logs[f"loss_cls_{name}"] = cross_entropy_loss(logits, labels[who]).mean()
             if cfg.text_target:                                           # text target: InfoNCE over the batch
@@ -880,14 +881,14 @@ if __name__ == "__main__":
     from hivit import HiViT, PRESETS as HIVIT_PRESETS
 
     torch.manual_seed(0)
-    imgs = torch.randn(4, 3, 64, 64)                                      # a normalised batch, 4 x 4 units
+    imgs = torch.randn(2, 3, 64, 64)                                      # a normalised batch, 4 x 4 units
     encoder_cfg = replace(HIVIT_PRESETS["tiny"], num_classes=0)           # no head: every parameter trains
     for name in ["mae", "simmim", "fastmim", "fastmim_p", "m3i", *M3I_PRESET_NAMES]:
         cfg = tiny_decoder(PRESETS[name])
         if name == "m3i":
             cfg = replace(cfg, num_classes=10, text_target=True)          # category + text targets on
         model = METHODS[name](HiViT(encoder_cfg), cfg=cfg)
-        extra = {"labels": torch.randint(10, (4,)), "captions": tokenize_captions(["a red disc"] * 4)} \
+        extra = {"labels": torch.tensor([3, 7]), "captions": tokenize_captions(["a red disc", "two squares"])} \
             if name == "m3i" else {}
         side = max(16, img_size_at(cfg, progress=0.9) * 64 // 224 // 16 * 16)   # schedule scaled 224 -> 64 px
         out = model(torch.nn.functional.interpolate(imgs, size=side) if side != 64 else imgs, **extra)
