@@ -12,6 +12,7 @@ Sections:
     1. Timing helpers        (warm-up, median of reps, peak memory)
     2. hivit.py suite        <-> HiViT Tab. 8 (dropping masked units), supplementary Tab. 12 (HiViT-B vs ViT-B)
     3+. one section per file, added by that file (itpn, mim, fast_itpn, train)
+    5. fast_itpn.py suite    <-> Fast-iTPN Fig. 5 (token migration), Tab. 7 (window attention, gathering, HRPE)
     last. CLI
 
 Shapes:
@@ -33,7 +34,9 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import fast_itpn
 import hivit
 import mim
 
@@ -136,11 +139,88 @@ def bench_mim(*, batch: int, reps: int, device: str) -> list[tuple[str, float, s
     ]
 
 
+# ---- 5. fast_itpn.py suite: token migration (Fig. 5) and token gathering (Tab. 7) at 512 px ----------------------
+
+# (row, migration_ratio, attention, hrpe, the paper's number). Every row runs the same Fast-iTPN-B weights.
+FAST_ITPN_ROWS = [
+    ("global attention, no migration", 0.0, "global", False, "baseline"),
+    ("token migration 10%", 0.1, "global", False, "Fig. 5: +15%"),
+    ("token migration 20%", 0.2, "global", False, "Fig. 5: +20%"),
+    ("token migration 30%", 0.3, "global", False, "Fig. 5: +23%"),
+    ("token migration 40%", 0.4, "global", False, "Fig. 5: +27%"),
+    ("window attention", 0.0, "window", False, "Tab. 7: ~+90%"),
+    ("window attention + HRPE", 0.0, "window", True, "Tab. 7"),
+    ("window + gathering tokens", 0.0, "gathering", False, "Tab. 7: ~+85%"),
+    ("window + gathering tokens + HRPE", 0.0, "gathering", True, "Tab. 7 / Fig. 5: ~+70%"),
+    ("window + gathering + migration 40%", 0.4, "gathering", False, "ours: both methods together"),
+]
+
+
+def fast_itpn_flops(cfg, side: int) -> list[float]:
+    """Forward FLOPs of backbone + pyramid for every FAST_ITPN_ROWS row at side x side (meta device: exact, free)."""
+    with torch.device("meta"):
+        models = {hrpe: fast_itpn.FastiTPN(replace(cfg, hrpe=hrpe)) for hrpe in (False, True)}
+    x = torch.empty(1, 3, side, side, device="meta")
+    flops = []
+    for _, ratio, attention, hrpe, _ in FAST_ITPN_ROWS:
+        models[hrpe].set_acceleration(migration_ratio=ratio, attention=attention)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            models[hrpe].forward_pyramid(x)
+        flops.append(counter.get_total_flops())
+    return flops
+
+
+def bench_fast_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+    """Fast-iTPN Fig. 5 and Tab. 7: forward of Fast-iTPN-B backbone + pyramid at 512x512 under each switch.
+
+    Rows are timed in interleaved rounds (one warm-up round, then `reps` rounds, median per row), so a load change
+    on a shared machine hits every row alike. Value = wall-clock speed-up over the baseline; the note adds the
+    speed-up in process CPU time (robust to other processes), in FLOPs at 512 and at 1024 px (exact, meta device),
+    and the paper's number. On CPU the rows run on one thread: on a shared 2-core machine a second thread spins at
+    every barrier while the other waits for a core, so both clocks would measure the neighbours. Run it with
+    --batch 1 on CPU: one round is about a minute.
+    """
+    cfg = replace(fast_itpn.PRESETS["fast_itpn_b"], img_size=512, num_classes=0)
+    torch.manual_seed(0)
+    plain = fast_itpn.FastiTPN(cfg).to(device).eval()
+    with_hrpe = fast_itpn.FastiTPN(replace(cfg, hrpe=True)).to(device).eval()
+    with_hrpe.load_state_dict(plain.state_dict(), strict=False)           # same weights + zero-initialised tables
+    x = torch.randn(batch, 3, 512, 512, device=device)
+    wall, cpu = [[] for _ in FAST_ITPN_ROWS], [[] for _ in FAST_ITPN_ROWS]
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    with torch.no_grad():
+        for round_ in range(1 + reps):                                    # round 0 is the warm-up
+            for i, (_, ratio, attention, hrpe, _) in enumerate(FAST_ITPN_ROWS):
+                model = with_hrpe if hrpe else plain
+                model.set_acceleration(migration_ratio=ratio, attention=attention)
+                sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                model.forward_pyramid(x)
+                sync(device)
+                if round_ > 0:
+                    wall[i].append(time.perf_counter() - t0)
+                    cpu[i].append(time.process_time() - c0)
+    torch.set_num_threads(threads)
+    wall, cpu = [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
+    f512, f1024 = fast_itpn_flops(cfg, 512), fast_itpn_flops(cfg, 1024)
+    rows = [(f"Fast-iTPN-B 512 px backbone+pyramid fwd, baseline (s)", wall[0],
+             f"batch {batch}, {'1 thread' if device == 'cpu' else device}; {f512[0] / 2e9:.0f} GMACs at 512, {f1024[0] / 2e9:.0f} at 1024")]
+    for i, (name, _, _, _, paper) in enumerate(FAST_ITPN_ROWS[1:], start=1):
+        rows.append((f"speed-up: {name}", wall[0] / wall[i],
+                     f"x  cpu {cpu[0] / cpu[i]:.2f}x, FLOPs {f512[0] / f512[i]:.2f}x "
+                     f"(1024 px {f1024[0] / f1024[i]:.2f}x)  {paper}"))
+    return rows
+
+
 # ---- last. CLI ----------------------------------------------------------------------------------------------------
 
 SUITES = {
     "hivit": bench_hivit,
     "mim": bench_mim,
+    "fast_itpn": bench_fast_itpn,
 }
 
 
