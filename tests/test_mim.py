@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mim
+from hivit import PRESETS as HIVIT_PRESETS, VIT_PRESETS, HiViT, VisionTransformer, sincos_pos_embed_2d, units_to_map
 from mim import block_masking, hog, hog_targets, mask_to_map, masked_mean, norm_pix, patchify, random_masking, \
     unpatchify
 
@@ -65,7 +66,6 @@ def test_block_masking_exact_count_and_contiguous():
 
 
 def test_mask_maps_are_aligned_across_levels():
-    from hivit import units_to_map
     mask = random_masking(2, 12, 0.5)[2]                                   # grid 3 x 4
     for scale in (1, 2, 4, 16):
         level = mask_to_map(mask, (3, 4), scale)                           # (B, 3s, 4s)
@@ -189,8 +189,6 @@ def test_losses_basic_values():
 
 # ---- methods on the tiny encoders ----
 
-from hivit import PRESETS as HIVIT_PRESETS, VIT_PRESETS, HiViT, VisionTransformer   # noqa: E402
-
 
 def tiny_encoder(kind: str = "hivit"):
     """The tiny HiViT (or ViT) without a classification head, so every parameter belongs to the pre-training."""
@@ -243,6 +241,37 @@ def test_mae_loss_zero_for_perfect_prediction_and_counts_only_masked_units():
     out = model(imgs)
     assert out["mask"].sum() == 2 * 12                                   # 16 units, 0.75 removed
     assert out["loss"].item() == pytest.approx(4.0 / 24, rel=1e-5)      # 2^2 on one unit, mean over 24 removed
+
+
+def test_mae_decoder_puts_each_token_back_at_its_unit():
+    """Oracle with a 0-block decoder: output at unit n = pred(norm(embed(token of n) + pos_n)), or the mask token."""
+    torch.manual_seed(0)
+    decoder = mim.MAEDecoder(8, dim=16, depth=0, num_heads=2, out_dim=4)
+    ids_keep, ids_restore, mask = random_masking(3, 12, 0.75)
+    tokens = torch.randn(3, 3, 8)                                         # (B, N_vis, C) in ids_keep order
+    out = decoder(tokens, ids_restore, (3, 4))                            # (B, N, 4)
+    pos = sincos_pos_embed_2d(16, 3, 4)                                   # (N, D), hivit.py
+    for b in range(3):
+        for n in range(12):
+            kept = (ids_keep[b] == n).nonzero()
+            x = decoder.embed(tokens[b, kept[0, 0]]) if len(kept) else decoder.mask_token[0, 0]
+            assert torch.allclose(out[b, n], decoder.pred(decoder.norm(x + pos[n])), atol=1e-6)
+            assert mask[b, n] == (0 if len(kept) else 1)
+
+
+def test_fastmim_overfits_one_batch():
+    torch.manual_seed(0)
+    model = build("fastmim")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    imgs = torch.nn.functional.interpolate(torch.randn(4, 3, 4, 4), size=32, mode="bilinear")   # smooth images
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = model(imgs)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize("kind", ["hivit", "vit"])
@@ -382,6 +411,16 @@ def test_m3i_presets_train_one_step(name):
     imgs = torch.randn(4, model.num_views, 3, 64, 64) if model.num_views == 2 else torch.randn(4, 3, 64, 64)
     out = check_step(model, imgs)
     assert out["mask"].shape == (4, 16)
+
+
+def test_m3i_is_deterministic_under_a_seed():
+    model = build("m3i")
+    imgs = torch.randn(2, 2, 3, 32, 32)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)                                              # views, sigma, mix all from torch's RNG
+        losses.append(model(imgs)["loss"].item())
+    assert losses[0] == losses[1]
 
 
 def test_m3i_with_category_and_text_targets_on_vit():
