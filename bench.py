@@ -13,6 +13,7 @@ Sections:
     2. hivit.py suite        <-> HiViT Tab. 8 (dropping masked units), supplementary Tab. 12 (HiViT-B vs ViT-B)
     3+. one section per file, added by that file (itpn, mim, fast_itpn, train)
     5. fast_itpn.py suite    <-> Fast-iTPN Fig. 5 (token migration), Tab. 7 (window attention, gathering, HRPE)
+    6. train.py suite        whole pre-training steps through the real CLI (data loading included), peak memory
     last. CLI
 
 Shapes:
@@ -29,7 +30,13 @@ Run:
 """
 
 import argparse
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -215,12 +222,38 @@ def bench_fast_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, fl
     return rows
 
 
+# ---- 6. train.py suite: the whole pre-training step, data loading included ---------------------------------------
+
+def bench_train(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+    """`python train.py` as a user runs it, for 2 epochs of `reps` steps; images/s of the second (steady) epoch, so
+    the first steps' allocations do not count. Peak memory: CUDA max allocated, or the child process's peak RSS."""
+    rows = []
+    for name, argv in (("demo: itpn_tiny + itpn, 64 px, batch 32", ["--batch_size", "32"]),
+                       (f"iTPN-B + itpn, 224 px, batch {batch}", ["--model", "itpn_b", "--batch_size", str(batch),
+                                                                 "--num_workers", "2"])):
+        per_step = int(argv[argv.index("--batch_size") + 1])
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "train.py", *argv, "--num_images", str(per_step * reps), "--epochs", "2",
+                   "--warmup_epochs", "1", "--device", "cuda" if device.startswith("cuda") else "cpu",
+                   "--save_every", "100", "--vis_every", "100", "--output_dir", out]
+            subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                           env={**os.environ, "TQDM_DISABLE": "1"})
+            with open(os.path.join(out, "log.txt")) as f:
+                last = [json.loads(line) for line in f][-1]
+        peak = last.get("max_mem_mb") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # KiB -> MiB
+        rows += [(f"train.py step, {name} (images/s)", last["images_per_sec"], "data loading included"),
+                 (f"train.py peak memory, {name} (MiB)", peak,
+                  "CUDA max allocated" if "max_mem_mb" in last else "peak RSS of the largest child so far")]
+    return rows
+
+
 # ---- last. CLI ----------------------------------------------------------------------------------------------------
 
 SUITES = {
     "hivit": bench_hivit,
     "mim": bench_mim,
     "fast_itpn": bench_fast_itpn,
+    "train": bench_train,
 }
 
 

@@ -78,26 +78,34 @@ import hivit
 import itpn
 import mim
 
-__all__ = ["ShapesDataset", "SHAPE_CLASSES", "ImageFiles", "PretrainViews", "MODELS", "METHODS", "get_lr",
-           "param_groups", "seed_for", "IMAGENET_MEAN", "IMAGENET_STD", "main"]
+# What finetune.py / detect_seg.py may import (the data, DDP setup, optimizer, schedule and checkpoint pieces).
+__all__ = ["setup_distributed", "seed_for", "print0", "SHAPE_CLASSES", "ShapesDataset", "to_rgb", "ImageFiles",
+           "PretrainViews", "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "METHODS", "param_groups", "get_lr",
+           "save_checkpoint", "load_checkpoint", "find_checkpoint", "rng_state", "set_rng_state", "main"]
 
 
 # ---- 1. Setup: DDP from torchrun's environment, seeds -------------------------------------------------------------
 
 def setup_distributed(device_name: str):
-    """(rank, local_rank, world_size, device) from torchrun's RANK/LOCAL_RANK/WORLD_SIZE; single process without.
+    """(rank, world_size, device) from torchrun's RANK / LOCAL_RANK / WORLD_SIZE; one process when they are unset.
 
     torchrun (or `torchrun --nnodes ...` on every node) exports these variables; nothing else launches DDP here.
     NCCL on GPUs, gloo on CPU.
     """
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device("cuda" if use_cuda else "cpu")
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, local_rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")   # one GPU per process
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (torchrun sets RANK; without it this is the only process)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
 
 
 def seed_for(*keys: int) -> int:
@@ -522,12 +530,6 @@ def save_pictures(path: str, pretrainer: nn.Module, imgs: torch.Tensor, *, seed:
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def print0(*args, **kwargs) -> None:
-    """print on rank 0 only (torchrun sets RANK; without it this is the only process)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs)
-
-
 def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, rank: int, world_size: int,
           output_dir: str, run_config: dict, checkpoint: dict | None, resume_path: str | None,
           epochs: int, warmup_epochs: float, batch_size: int, accum_iter: int, lr: float, min_lr: float,
@@ -628,6 +630,8 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
         record = {"epoch": epoch, "step": step, **{f"train_{k}": v / n_steps for k, v in sums.items()},
                   "skipped_images": int(skipped_all), "input_size": size,
                   "images_per_sec": n_steps * images_per_step / (time.perf_counter() - t_epoch)}
+        if device.type == "cuda":
+            record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         records.append(record)
         if not master_process:
             continue
@@ -762,7 +766,7 @@ def main(argv=None) -> list[dict]:
     if args.input_size is not None and args.input_size % unit:
         parser.error(f"--input_size {args.input_size} is not a multiple of {args.model}'s {unit}-px unit; "
                      f"try {max(unit, args.input_size // unit * unit)} or {(args.input_size // unit + 1) * unit}")
-    rank, _, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = setup_distributed(args.device)
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     eff_batch = args.batch_size * args.accum_iter * world_size
     lr = args.lr if args.lr is not None else args.blr * eff_batch / 256  # MAE's linear scaling rule

@@ -19,6 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--input_size", "32", "--batch_size", "2", "--num_workers", "0"]   # smallest real run
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound; on a busy 2-core machine 2 OpenMP threads ran these runs ~10x slower than 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class StandIn(nn.Module):
     """The smallest module that follows the PRETRAINER CONTRACT (contracts.md): 16-px units, 75% masked, a linear
     pixel predictor on masked-out input, an EMA teacher excluded from the optimizer, optional NaN at a set call."""
