@@ -90,10 +90,12 @@ from hivit import (
     check_image_size, drop_path_rates, init_weights, map_official_key, sincos_pos_embed_2d, units_to_map,
 )
 from hivit import load_official as load_official_hivit
+from mim import LOSSES, block_masking, l2_loss, masked_mean, norm_pix, patchify, random_masking, unpatchify
 
 __all__ = [
     "iTPNConfig", "PRESETS", "RECIPES", "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
-    "encode_backbone",
+    "encode_backbone", "LevelEmbed", "iTPNPixelPretrainer", "iTPNPaperPretrainer", "FrozenTeacher", "load_teacher",
+    "iTPNDistillPretrainer", "METHODS", "load_official", "count_params",
 ]
 
 LN_EPS = 1e-6                       # official LayerNorm eps of the classification / pre-training models
@@ -337,3 +339,455 @@ def pyramid_maps(levels, grid_hw, *, mode: str = "det", backbone=None) -> dict[s
     else:
         maps["p32"] = F.max_pool2d(maps["p16"], kernel_size=2, stride=2)          # (B, F+C, H/32, W/32)
     return maps
+
+
+# ---- 6. Official pixel recipe: one decoder on the summed pyramid levels -------------------------------------------
+
+class LevelEmbed(nn.Module):
+    """One pyramid level -> one vector per unit: LN(F) -> Linear(F, D/(h*w)) per sub-token, then space-to-depth.
+
+    A (2, 2, F) level becomes 4 sub-tokens of D/4 channels flattened row-major into D, so every level lands in the
+    same (B, N, D) space and the three levels can be summed (official `decoder_embed`, reference 2.3 and 3.2).
+    """
+
+    def __init__(self, fpn_dim: int, *, out_dim: int, ln_eps: float = LN_EPS):
+        super().__init__()
+        self.norm = nn.LayerNorm(fpn_dim, eps=ln_eps)
+        self.proj = nn.Linear(fpn_dim, out_dim)
+
+    def forward(self, level):
+        b, n = level.shape[:2]
+        return self.proj(self.norm(level)).reshape(b, n, -1)              # (B, N, D): (h, w, D/hw) row-major
+
+
+def sincos_init_ape(encoder: iTPN) -> None:
+    """Pixel pre-training starts the (trainable) APE from MAE's 2-D sin-cos table (reference 2.1)."""
+    table = encoder.backbone.vit.pos_embed if encoder.cfg.plain_vit else encoder.backbone.absolute_pos_embed
+    with torch.no_grad():
+        table.copy_(sincos_pos_embed_2d(table.shape[-1], *encoder.grid)[None])   # (1, N, C)
+
+
+class iTPNPixelPretrainer(nn.Module):
+    """Official pixel recipe (reference 2): masked units dropped, pyramid -> summed levels -> decoder -> pixels.
+
+    out = self(imgs): "loss" norm-pix L2 on masked units, "mask" (B, N), "pred" (B, N, 16*16*3) normalised
+    pixels per unit (mim.patchify order), "recon" (B, 3, H, W) de-normalised with each unit's own mean/std (so it
+    shows the *original* statistics of masked units: for pictures only), "logs".
+    """
+
+    RECIPE = "pixel"
+    num_views = 1
+
+    def __init__(self, cfg: iTPNConfig):
+        super().__init__()
+        self.cfg = cfg = replace(cfg, **RECIPES[self.RECIPE])
+        self.encoder = iTPN(cfg)
+        sincos_init_ape(self.encoder)
+        f, d = cfg.fpn_dim, cfg.decoder_dim
+        self.decoder_embed = nn.ModuleList(LevelEmbed(f, out_dim=d // (s * s)) for s in (1, 2, 4))   # p16, p8, p4
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        # Fixed sin-cos table, stored as a frozen parameter as in the official checkpoints (other grids: recomputed).
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(d, *self.encoder.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(AttentionBlock(d, num_heads=cfg.decoder_heads, mlp_ratio=4.0)
+                                            for _ in range(cfg.decoder_depth))
+        self.decoder_norm = nn.LayerNorm(d, eps=LN_EPS)
+        self.decoder_pred = nn.Linear(d, UNIT * UNIT * 3)                 # P = 768 pixels per unit
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def decode(self, levels, ids_restore, grid_hw):
+        """Visible-unit levels [p16, p8, p4] -> decoder states of all N units (B, N, D)."""
+        x = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # Sec. 3.3: summed (B, N_vis, D)
+        b, n_vis, d = x.shape
+        n = ids_restore.shape[1]
+        # Official: each level gets the same mask token before the sum, so a masked unit's input is 3 * mask_token.
+        fill = (self.mask_token * len(levels)).expand(b, n - n_vis, -1)  # (B, N - N_vis, D)
+        x = torch.cat([x, fill], dim=1)                                   # (B, N, D), shuffled order
+        x = torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, d))   # (B, N, D), original unit order
+        pos = self.decoder_pos_embed if tuple(grid_hw) == self.encoder.grid else \
+            sincos_pos_embed_2d(d, *grid_hw)[None].to(x)                  # (1, N, D)
+        x = x + pos
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_norm(x)
+
+    def forward_mim(self, imgs):
+        """The MIM half shared with the paper method: (output dict, decoder states (B, N, D), ids_restore)."""
+        grid_hw = check_image_size(imgs)
+        ids_keep, ids_restore, mask = random_masking(imgs.shape[0], grid_hw[0] * grid_hw[1], self.cfg.mask_ratio,
+                                                     device=imgs.device)
+        f4, f8, outs = self.encoder.encode(imgs, ids_keep=ids_keep)      # visible units only, in every stage
+        levels = self.encoder.pyramid(f4, f8, outs[-1])                  # masks aligned: same N_vis units per level
+        hidden = self.decode(levels, ids_restore, grid_hw)               # (B, N, D)
+        pred = self.decoder_pred(hidden)                                  # (B, N, P)
+        target = patchify(imgs)                                           # (B, N, P)
+        loss = masked_mean(l2_loss(pred, norm_pix(target)), mask)        # norm_pix_loss (official: always on)
+        with torch.no_grad():                                             # picture only: undo norm_pix per unit
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            recon = unpatchify(pred * (var + 1e-6) ** 0.5 + mean, grid_hw)   # (B, 3, H, W)
+        out = {"loss": loss, "mask": mask, "pred": pred, "recon": recon, "logs": {"loss_mim": loss.detach()}}
+        return out, hidden, ids_restore
+
+    def forward(self, imgs):
+        return self.forward_mim(imgs)[0]
+
+
+# ---- 7. Paper method (Eq. 4): MIM + multi-stage masked feature modeling with an EMA teacher -----------------------
+
+class iTPNPaperPretrainer(iTPNPixelPretrainer):
+    """Eq. 4: L = L_MIM + lambda * sum_s L_MFM^s, lambda = 0.3 (not in the released code; our reading of Sec. 3.3).
+
+    The teacher is an EMA copy of the backbone (`ema_update`: t = m t + (1 - m) s, m = 0.996) that sees only the
+    masked units and gives the last-layer features of each stage. A linear head per stage maps each masked unit's
+    decoder state to that stage's sub-token grid: (4, 4, C/4), (2, 2, C/2), (1, 1, C). out["logs"] has loss_mim
+    and loss_mfm; out["pred"] / "recon" are the pixel prediction as in the pixel recipe.
+    """
+
+    RECIPE = "paper"
+
+    def __init__(self, cfg: iTPNConfig):
+        super().__init__(cfg)
+        c, d = self.cfg.embed_dim, self.cfg.decoder_dim
+        self.stage_shapes = ((4, 4, c // 4), (2, 2, c // 2), (1, 1, c))   # stride 4, 8, 16 target grids
+        self.mfm_heads = nn.ModuleList(nn.Linear(d, h * w * ch) for h, w, ch in self.stage_shapes)   # h^{pt,s}
+        self.mfm_heads.apply(init_weights)
+        self.teacher = copy.deepcopy(self.encoder.backbone).requires_grad_(False).eval()   # no optimizer, no grad
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()                                               # the teacher never drops paths
+        return self
+
+    @torch.no_grad()
+    def ema_update(self) -> None:
+        """Paper Sec. 3.3: teacher <- m * teacher + (1 - m) * student, parameter by parameter."""
+        m = self.cfg.ema_momentum
+        for t, s in zip(self.teacher.parameters(), self.encoder.backbone.parameters()):
+            t.copy_(m * t + (1 - m) * s.detach())
+
+    def forward(self, imgs):
+        out, hidden, ids_restore = self.forward_mim(imgs)
+        n_vis = int(round(ids_restore.shape[1] * (1 - self.cfg.mask_ratio)))   # same count as random_masking
+        ids_masked = ids_restore.argsort(dim=1)[:, n_vis:]               # (B, N_m): ids_shuffle after the kept ones
+        with torch.no_grad():                                             # Sec. 3.3: the teacher sees masked units only
+            t4, t8, t_outs = encode_backbone(self.teacher, imgs, ids_keep=ids_masked)
+        targets = (t4, t8, t_outs[-1][:, :, None, None, :])              # (B, N_m, h, w, c) per stage
+        d = hidden.shape[-1]
+        h_masked = torch.gather(hidden, 1, ids_masked[:, :, None].expand(-1, -1, d))   # (B, N_m, D)
+        loss_mfm = 0.0
+        for head, target in zip(self.mfm_heads, targets):
+            pred = head(h_masked).reshape(target.shape)                   # (B, N_m, h, w, c)
+            target = F.layer_norm(target, target.shape[-1:])             # per sub-token, no affine (our choice)
+            loss_mfm = loss_mfm + l2_loss(pred.flatten(2), target.flatten(2)).mean()   # all units here are masked
+        loss_mim = out["loss"]
+        out["loss"] = loss_mim + self.cfg.mfm_weight * loss_mfm           # Eq. 4
+        out["logs"] = {"loss_mim": loss_mim.detach(), "loss_mfm": loss_mfm.detach()}
+        return out
+
+
+# ---- 8. Frozen-teacher distillation (the paper's CLIP variant) ----------------------------------------------------
+
+class FrozenTeacher(nn.Module):
+    """A frozen ViT that maps the student's batch to per-unit targets (B, N, T) (reference 3.3).
+
+    imgs (ImageNet-normalised, as train.py feeds the student) -> raw pixels -> the teacher's own normalisation ->
+    resized so the teacher's token grid equals the student's unit grid -> last layer (+ CLIP projection) ->
+    LayerNorm without affine (eps 1e-5, official).
+    """
+
+    def __init__(self, vit: VisionTransformer, *, proj: torch.Tensor | None, pixel_mean, pixel_std):
+        super().__init__()
+        self.vit = vit.requires_grad_(False).eval()
+        self.register_buffer("proj", proj)                                # (C_t, T) or None (no projection)
+        self.out_dim = proj.shape[1] if proj is not None else vit.cfg.embed_dim   # T
+        shift = torch.tensor(IMAGENET_MEAN) - torch.tensor(pixel_mean)
+        self.register_buffer("in_scale", (torch.tensor(IMAGENET_STD) / torch.tensor(pixel_std))[:, None, None],
+                             persistent=False)                            # (3, 1, 1)
+        self.register_buffer("in_shift", (shift / torch.tensor(pixel_std))[:, None, None], persistent=False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)                                       # always eval: frozen
+
+    @torch.no_grad()
+    def forward(self, imgs):
+        x = imgs * self.in_scale + self.in_shift                          # ImageNet-normalised -> teacher-normalised
+        p = self.vit.cfg.patch_size
+        hp, wp = check_image_size(imgs)
+        if p != UNIT:                                                     # e.g. CLIP-L/14: 14 px per token
+            x = F.interpolate(x, size=(hp * p, wp * p), mode="bicubic", align_corners=False)   # (B, 3, Hp*p, Wp*p)
+        tokens = self.vit.forward_features(x)[-1]                         # (B, N, C_t), after the final LN
+        if self.proj is not None:
+            tokens = tokens @ self.proj                                   # (B, N, T)
+        return F.layer_norm(tokens, tokens.shape[-1:], eps=1e-5)
+
+
+def clip_to_vit_state_dict(sd: dict) -> tuple[ViTConfig, dict, torch.Tensor]:
+    """OpenAI-CLIP visual state_dict -> (ViTConfig, hivit.VisionTransformer state_dict, projection (C, T)).
+
+    Accepted layout (keys optionally prefixed `visual.`; text-tower keys are ignored): conv1.weight (C, 3, p, p)
+    (no bias), class_embedding (C,), positional_embedding (1 + G*G, C), ln_pre, transformer.resblocks.{i}.{ln_1,
+    attn.in_proj_weight (3C, C), attn.in_proj_bias, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_post, proj (C, T).
+    Heads = C / 64 (every OpenAI CLIP ViT); QuickGELU, LayerNorm eps 1e-5.
+    """
+    sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")} or sd
+    c, _, p, _ = sd["conv1.weight"].shape
+    g = math.isqrt(sd["positional_embedding"].shape[0] - 1)
+    depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
+    cfg = ViTConfig(img_size=g * p, patch_size=p, embed_dim=c, depth=depth, num_heads=max(1, c // 64),
+                    mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / c, class_token=True,
+                    pre_norm=True, quick_gelu=True, ln_eps=1e-5, num_classes=0)
+    pos = sd["positional_embedding"]
+    out = {"patch_embed.weight": sd["conv1.weight"], "patch_embed.bias": torch.zeros(c),   # CLIP's conv has no bias
+           "cls_token": sd["class_embedding"].reshape(1, 1, c),          # (1, 1, C)
+           "cls_pos_embed": pos[:1][None], "pos_embed": pos[1:][None]}   # (1, 1, C), (1, G*G, C)
+    renames = {"ln_pre.": "norm_pre.", "ln_post.": "norm.", "ln_1.": "norm1.", "ln_2.": "norm2.",
+               "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+               "attn.out_proj.": "attn.proj.", "mlp.c_fc.": "mlp.fc1.", "mlp.c_proj.": "mlp.fc2."}
+    for key, value in sd.items():
+        if key.startswith(("ln_pre.", "ln_post.", "transformer.resblocks.")):
+            new = key.replace("transformer.resblocks.", "blocks.")
+            for old, ours in renames.items():
+                new = new.replace(old, ours)
+            out[new] = value
+    return cfg, out, sd["proj"]
+
+
+def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
+    """A checkpoint written by this project: a hivit.VisionTransformer state_dict, bare or under 'model', keys
+    optionally prefixed (e.g. `encoder.` from a pre-trainer). Sizes are read from the shapes; num_heads,
+    quick_gelu and ln_eps from a saved 'config' dict if present (else C / 64 heads, GELU, eps 1e-6)."""
+    sd = ckpt.get("model", ckpt)
+    anchor = next((k for k in sd if k.endswith("patch_embed.weight")), None)
+    if anchor is None:
+        raise ValueError("teacher checkpoint is neither an OpenAI-CLIP visual state_dict (conv1.weight) nor a "
+                         "hivit.VisionTransformer state_dict (patch_embed.weight)")
+    prefix = anchor[: -len("patch_embed.weight")]
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    saved = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
+    c, _, p, _ = sd["patch_embed.weight"].shape
+    cfg = ViTConfig(img_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p, embed_dim=c,
+                    depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
+                    num_heads=saved.get("num_heads", max(1, c // 64)),
+                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / c, class_token="cls_token" in sd,
+                    pre_norm="norm_pre.weight" in sd, quick_gelu=saved.get("quick_gelu", False),
+                    ln_eps=saved.get("ln_eps", LN_EPS), num_classes=0)
+    return cfg, {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}   # classifier head unused
+
+
+def load_teacher(path: str) -> FrozenTeacher:
+    """Build a FrozenTeacher from a local file: an OpenAI-CLIP image encoder or a project ViT (see the two mappers).
+
+    Never downloads. Raises FileNotFoundError for a missing file, KeyError for missing/unexpected keys and
+    ValueError naming every tensor whose shape disagrees with the architecture read from the file.
+    """
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher checkpoint {path!r} not found: pass a local file (an OpenAI-CLIP visual "
+                                f"state_dict or a ViT checkpoint written by this project); nothing is downloaded")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    flat = ckpt.get("model", ckpt)
+    if any(k.endswith("conv1.weight") for k in flat):
+        cfg, sd, proj = clip_to_vit_state_dict(flat)
+        mean, std = CLIP_MEAN, CLIP_STD
+    else:
+        (cfg, sd), proj = project_to_vit_state_dict(ckpt), None
+        mean, std = IMAGENET_MEAN, IMAGENET_STD                           # trained on the student's normalisation
+    vit = VisionTransformer(cfg)
+    ours = vit.state_dict()
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    if missing or unexpected:
+        raise KeyError(f"teacher {path}: missing keys {missing}, unexpected keys {unexpected}")
+    wrong = [f"{k}: expected {tuple(ours[k].shape)}, got {tuple(v.shape)}" for k, v in sd.items()
+             if v.shape != ours[k].shape]
+    if proj is not None and proj.shape[0] != cfg.embed_dim:
+        wrong.append(f"proj: expected ({cfg.embed_dim}, T), got {tuple(proj.shape)}")
+    if wrong:
+        raise ValueError(f"teacher {path} does not match a ViT of width {cfg.embed_dim}, depth {cfg.depth}, patch "
+                         f"{cfg.patch_size} (read from the file): " + "; ".join(wrong))
+    vit.load_state_dict(sd)
+    return FrozenTeacher(vit, proj=proj, pixel_mean=mean, pixel_std=std)
+
+
+class iTPNDistillPretrainer(nn.Module):
+    """Frozen-teacher distillation (reference 3): block masking, mask tokens at stage 3, two heads on all units.
+
+    main = lm_head(norm(sum of the three levels, each space-to-depth'ed to C per unit)) and
+    aux  = aux_head(aux_norm(2 attention blocks on the stage-3 output after block int(0.75 * depth))),
+    both (B, N, T), compared with the teacher's target by smooth-L1 (iTPN) or cosine (Fast-iTPN), equal weights.
+    out = {"loss", "mask" (B, N), "pred" main (B, N, T), "logs": {loss_main, loss_aux}}.
+    """
+
+    RECIPE = "distill"
+    num_views = 1
+
+    def __init__(self, cfg: iTPNConfig, *, teacher_path: str):
+        super().__init__()
+        self.cfg = cfg = replace(cfg, **RECIPES[self.RECIPE])
+        if cfg.distill_loss not in ("smooth_l1", "cosine"):
+            raise ValueError(f"distill_loss must be 'smooth_l1' or 'cosine', got {cfg.distill_loss!r}")
+        self.teacher = load_teacher(teacher_path)
+        self.encoder = iTPN(cfg)
+        c, t = cfg.embed_dim, self.teacher.out_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c))             # replaces masked units at the stage-3 input
+        self.decoder_embed = nn.ModuleList(LevelEmbed(cfg.fpn_dim, out_dim=c // (s * s)) for s in (1, 2, 4))
+        self.norm = nn.LayerNorm(c, eps=LN_EPS)
+        self.lm_head = nn.Linear(c, t)
+        # Early supervision (reference 3.1): tap after block int(0.75 * depth), 0-based, + 2 fresh attention blocks
+        # with the next two drop-path rates of the main schedule and torch's default LayerNorm eps 1e-5 (official).
+        self.aux_index = int(0.75 * cfg.depth)
+        first = cfg.mlp_depth1 + cfg.mlp_depth2 + self.aux_index
+        dpr = drop_path_rates(cfg.drop_path_rate, cfg.mlp_depth1 + cfg.mlp_depth2 + cfg.depth)[first:first + 2]
+        rpe_grid = self.encoder.grid if cfg.rpe and not cfg.plain_vit else None
+        self.aux_blocks = nn.ModuleList(
+            AttentionBlock(c, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=p,
+                           layer_scale=cfg.layer_scale, rpe_grid=rpe_grid, ln_eps=1e-5) for p in dpr)
+        self.aux_norm = nn.LayerNorm(c, eps=LN_EPS)
+        self.aux_head = nn.Linear(c, t)
+        for part in (self.decoder_embed, self.norm, self.lm_head, self.aux_blocks, self.aux_norm, self.aux_head):
+            part.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, imgs):
+        grid_hw = check_image_size(imgs)
+        n = grid_hw[0] * grid_hw[1]
+        num_masked = int(round(self.cfg.distill_mask_ratio * n))         # 75 of 196 at 224 px
+        min_block = max(1, round(16 * n / 196))                          # BEiT's 16 units at 14x14, scaled
+        mask = block_masking(imgs.shape[0], grid_hw, num_masked, min_block=min_block).to(imgs.device)   # (B, N)
+        f4, f8, outs = self.encoder.encode(imgs, mask=mask, mask_token=self.mask_token)   # all N units
+        levels = self.encoder.pyramid(f4, f8, outs[-1])                  # [p16, p8, p4], (B, N, h, w, F)
+        merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # to the teacher grid (B, N, C)
+        main = self.lm_head(self.norm(merged))                            # (B, N, T)
+        aux = outs[self.aux_index]                                        # (B, N, C)
+        rpe_index = self.encoder.rpe_index(grid_hw)
+        for blk in self.aux_blocks:
+            aux = blk(aux, rpe_index=rpe_index, grid_hw=grid_hw)
+        aux = self.aux_head(self.aux_norm(aux))                           # (B, N, T)
+        target = self.teacher(imgs)                                       # (B, N, T), no grad
+        loss_fn = LOSSES[self.cfg.distill_loss]
+        loss_main, loss_aux = loss_fn(main, target).mean(), loss_fn(aux, target).mean()   # all units (official)
+        return {"loss": loss_main + loss_aux, "mask": mask, "pred": main,
+                "logs": {"loss_main": loss_main.detach(), "loss_aux": loss_aux.detach()}}
+
+
+METHODS = {"itpn": iTPNPaperPretrainer, "itpn_pixel": iTPNPixelPretrainer, "itpn_distill": iTPNDistillPretrainer}
+
+
+# ---- 9. Loading official checkpoints ------------------------------------------------------------------------------
+
+# Official prefix -> ours, for everything outside the backbone (the backbone goes through hivit.map_official_key).
+# Names are in a pre-trainer's namespace; an iTPN backbone uses the "encoder." ones without that prefix.
+OFFICIAL_NAMES = {
+    "align_dim_16tofpn.": "encoder.pyramid.proj16.", "split_16to8.": "encoder.pyramid.split16.",
+    "align_dim_16to8.": "encoder.pyramid.lateral8.", "block_16to8.": "encoder.pyramid.fuse8.",
+    "split_8to4.": "encoder.pyramid.split8.", "align_dim_8to4.": "encoder.pyramid.lateral4.",
+    "block_8to4.": "encoder.pyramid.fuse4.", "fpn_modules.0.": "encoder.pyramid.out16.",
+    "fpn_modules.1.": "encoder.pyramid.out8.", "fpn_modules.2.": "encoder.pyramid.out4.",
+    "cls_pt_layers.": "aux_blocks.", "norm_cls.": "aux_norm.", "lm_cls_head.": "aux_head.",
+}
+BACKBONE_PREFIXES = ("absolute_pos_embed", "patch_embed.", "blocks.", "fc_norm.", "head.")
+
+
+def map_itpn_key(key: str, cfg: iTPNConfig) -> str | None:
+    """Official iTPN key -> our pre-trainer key (None for derived buffers); unknown keys pass through unchanged."""
+    if key.endswith("relative_position_index"):                          # derived, recomputed here
+        return None
+    if key.startswith(BACKBONE_PREFIXES):
+        return "encoder.backbone." + map_official_key(key, mlp_depth1=cfg.mlp_depth1, mlp_depth2=cfg.mlp_depth2)
+    for old, new in OFFICIAL_NAMES.items():
+        if key.startswith(old):
+            rest = key[len(old):]
+            if new.startswith("encoder.pyramid."):                       # C-MLP blocks: norm2 -> norm (as hivit)
+                rest = rest.replace("norm2.", "norm.")
+            return new + rest
+    if key.startswith("decoder_embed."):                                  # decoder_embed.{i}.{0: LN, 1: Linear}
+        _, i, j, rest = key.split(".", 3)
+        return f"decoder_embed.{i}.{('norm', 'proj')[int(j)]}.{rest}"
+    return key                                                            # mask_token, decoder_*, norm, lm_head
+
+
+def load_official(model: nn.Module, state_dict: dict) -> list[str]:
+    """Strictly load a released iTPN checkpoint; returns the official keys that were ignored.
+
+    - iTPN classifier (num_classes > 0) <- `itpn_*_finetune` / `itpn_*_clip_finetune` (via hivit.load_official);
+    - iTPN backbone (num_classes = 0)   <- any pre-training layout: backbone + pyramid, the heads are ignored;
+    - iTPNPixelPretrainer               <- `itpn_*_pixel_pretrain` (build with ape_quirk=True for output parity);
+    - iTPNDistillPretrainer             <- `itpn_*_clip_pretrain` (our teacher is not in the file, it stays).
+    Raises KeyError naming missing/unexpected keys and ValueError naming every shape mismatch (both shapes).
+    The paper pre-trainer has no official layout (the released code has no MFM) and raises TypeError.
+    """
+    if isinstance(model, iTPN) and model.cfg.num_classes > 0:
+        return load_official_hivit(model.backbone, state_dict)
+    if isinstance(model, iTPNPaperPretrainer) or not isinstance(model, (iTPN, iTPNPixelPretrainer,
+                                                                        iTPNDistillPretrainer)):
+        raise TypeError(f"no official checkpoint layout for {type(model).__name__}: the released code has a "
+                        f"classifier, a pixel pre-trainer and a CLIP pre-trainer only")
+    sd = state_dict
+    for k in ("model", "module", "state_dict"):                           # where official scripts keep the weights
+        if isinstance(sd.get(k), dict):
+            sd = sd[k]
+            break
+    is_backbone = isinstance(model, iTPN)
+    ours = model.state_dict()
+    mapped, ignored = {}, []
+    for key, value in sd.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        new = map_itpn_key(key, model.cfg)
+        if new is not None and is_backbone:
+            new = new[len("encoder."):] if new.startswith("encoder.") else None   # heads: not part of a backbone
+        if new is None:
+            ignored.append(key)
+            continue
+        mapped[new] = value
+    expected = {k for k in ours if not k.startswith("teacher.")}          # the frozen teacher comes from its own file
+    unexpected, missing = sorted(set(mapped) - expected), sorted(expected - set(mapped))
+    if unexpected or missing:
+        raise KeyError(f"official checkpoint does not match {type(model).__name__}: missing keys {missing}, "
+                       f"unexpected keys {unexpected} (check the preset: depths, fpn_depth, rpe, layer_scale)")
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}" for k, v in mapped.items()
+             if v.shape != ours[k].shape]
+    if wrong:
+        raise ValueError("shape mismatch (img_size, widths or teacher dim differ): " + "; ".join(wrong))
+    model.load_state_dict(mapped, strict=not isinstance(model, iTPNDistillPretrainer))
+    return ignored
+
+
+# ---- 10. Smoke demo -----------------------------------------------------------------------------------------------
+
+def count_params(cfg: iTPNConfig) -> int:
+    """Parameter count of an iTPN preset without allocating memory (meta device)."""
+    with torch.device("meta"):
+        model = iTPN(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    x = torch.randn(2, 3, 64, 64)
+    backbone = iTPN(replace(cfg, num_classes=0))
+    levels = backbone.forward_levels(x)
+    print("pyramid levels (p16, p8, p4):", [tuple(p.shape) for p in levels])
+    print("dense maps:", {k: tuple(v.shape) for k, v in backbone.forward_pyramid(x).items()})
+    with tempfile.TemporaryDirectory() as tmp:                            # a tiny random "CLIP-like" teacher
+        teacher_path = os.path.join(tmp, "teacher.pth")
+        torch.save(VisionTransformer(ViTConfig(img_size=64, embed_dim=32, depth=1, num_heads=2,
+                                               num_classes=0)).state_dict(), teacher_path)
+        pretrainers = {"itpn_pixel": iTPNPixelPretrainer(cfg), "itpn": iTPNPaperPretrainer(cfg),
+                       "itpn_distill": iTPNDistillPretrainer(cfg, teacher_path=teacher_path)}
+    for name, model in pretrainers.items():
+        out = model(x)
+        out["loss"].backward()
+        logs = ", ".join(f"{k} {v.item():.3f}" for k, v in out["logs"].items())
+        print(f"{name:13s} loss {out['loss'].item():.4f} ({logs}), pred {tuple(out['pred'].shape)}, "
+              f"mask {tuple(out['mask'].shape)}")
+    pretrainers["itpn"].ema_update()
+    for name in ("itpn_b", "itpn_l"):
+        print(f"{name}: classifier {count_params(PRESETS[name]) / 1e6:.3f}M, backbone + pyramid "
+              f"{count_params(replace(PRESETS[name], num_classes=0)) / 1e6:.3f}M parameters")

@@ -1,0 +1,412 @@
+"""Oracles for itpn.py: official sizes, pyramid strides, leak-free masking, EMA rule, teachers, official layouts."""
+import json
+import os
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import itpn
+from hivit import ViTConfig, VisionTransformer
+from itpn import (
+    PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPaperPretrainer, iTPNPixelPretrainer,
+    load_official, load_teacher,
+)
+from mim import mask_to_map
+
+KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+TINY = PRESETS["tiny"]
+META_COPY = "ignore:for .*copying from a non-meta parameter"   # teacher weights copied into a meta model: a no-op
+
+
+def official_layout(name):
+    path = os.path.join(KEYS_DIR, f"{name}.json")
+    if not os.path.exists(path):
+        pytest.fail(f"reference key listing {path} not found: the repo expects ../shared/reference beside it")
+    with open(path) as f:
+        return json.load(f)
+
+
+def layout_tensors(name, *, device="meta"):
+    """Official keys with the listed shapes: empty on meta, random on CPU."""
+    make = (lambda s, d: torch.empty(s, dtype=d, device="meta")) if device == "meta" else \
+        (lambda s, d: torch.randn(s).to(d) if d.is_floating_point else torch.randint(0, 9, s, dtype=d))
+    return {k: make(shape, getattr(torch, dtype)) for k, shape, dtype in official_layout(name)["keys"]}
+
+
+def clip_state_dict(*, width=32, depth=1, patch=16, grid=4, out_dim=24, prefix=""):
+    """A random OpenAI-CLIP visual state_dict in the documented layout."""
+    c = width
+    sd = {"conv1.weight": torch.randn(c, 3, patch, patch) * 0.02, "class_embedding": torch.randn(c),
+          "positional_embedding": torch.randn(1 + grid * grid, c) * 0.1, "ln_pre.weight": torch.rand(c) + 0.5,
+          "ln_pre.bias": torch.randn(c) * 0.1, "ln_post.weight": torch.rand(c) + 0.5,
+          "ln_post.bias": torch.randn(c) * 0.1, "proj": torch.randn(c, out_dim) * c ** -0.5}
+    for i in range(depth):
+        p = f"transformer.resblocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            sd[p + ln + ".weight"], sd[p + ln + ".bias"] = torch.rand(c) + 0.5, torch.randn(c) * 0.1
+        sd[p + "attn.in_proj_weight"], sd[p + "attn.in_proj_bias"] = torch.randn(3 * c, c) * 0.1, torch.randn(3 * c)
+        sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = torch.randn(c, c) * 0.1, torch.randn(c)
+        sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"] = torch.randn(4 * c, c) * 0.1, torch.randn(4 * c)
+        sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"] = torch.randn(c, 4 * c) * 0.1, torch.randn(c)
+    return {prefix + k: v for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    """A tiny random project ViT saved as train.py would: {'model': state_dict, 'config': plain dict}."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=64, embed_dim=32, depth=1, num_heads=2, num_classes=0)
+    path = str(tmp_path_factory.mktemp("teacher") / "vit_teacher.pth")
+    torch.save({"model": VisionTransformer(cfg).state_dict(), "config": asdict(cfg)}, path)
+    return path
+
+
+def smooth_batch(b=2, side=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(b, 3, 8, 8, generator=g), size=(side, side), mode="bilinear")
+
+
+def build(method, teacher_path, cfg=TINY):
+    torch.manual_seed(0)
+    if method == "itpn_distill":
+        return iTPNDistillPretrainer(cfg, teacher_path=teacher_path)
+    return itpn.METHODS[method](cfg)
+
+
+# ---- sizes: paper / official models ----
+
+@pytest.mark.parametrize("name, params_m, gmacs, layout", [
+    ("itpn_b", 78.558, 17.82, "itpn_base_finetune"), ("itpn_l", 288.494, 61.12, "itpn_large_finetune"),
+])
+def test_parameter_counts_and_gmacs(name, params_m, gmacs, layout):
+    with torch.device("meta"):
+        model = iTPN(PRESETS[name])
+    n = sum(p.numel() for p in model.parameters())
+    assert n == official_layout(layout)["n_params"]                     # exact, against the official model
+    assert abs(n / 1e6 - params_m) / params_m < 1e-3
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.empty(1, 3, 224, 224, device="meta"))
+    assert abs(counter.get_total_flops() / 2e9 - gmacs) / gmacs < 1e-2    # MACs = FLOPs / 2
+
+
+@pytest.mark.filterwarnings(META_COPY)
+@pytest.mark.parametrize("size", ["base", "large"])
+def test_pretrainer_sizes_match_official(size, tmp_path):
+    preset = PRESETS["itpn_b" if size == "base" else "itpn_l"]
+    teacher_dim = 512 if size == "base" else 768                        # CLIP-B/16 vs CLIP-L/14 (reference 3)
+    path = str(tmp_path / "clip.pth")
+    torch.save(clip_state_dict(out_dim=teacher_dim), path)
+    with torch.device("meta"):
+        pixel = iTPNPixelPretrainer(preset)
+        distill = iTPNDistillPretrainer(preset, teacher_path=path)
+    assert sum(p.numel() for p in pixel.parameters()) == official_layout(f"itpn_{size}_pixel_pretrain")["n_params"]
+    n = sum(p.numel() for k, p in distill.named_parameters() if not k.startswith("teacher."))
+    assert n == official_layout(f"itpn_{size}_clip_pretrain")["n_params"]
+    assert itpn.count_params(replace(PRESETS["itpn_t"], num_classes=1000)) == 19_181_668   # = HiViT-T
+
+
+# ---- pyramid ----
+
+def test_pyramid_strides_and_channels():
+    torch.manual_seed(0)
+    model = iTPN(replace(TINY, num_classes=0)).eval()
+    c, f = TINY.embed_dim, TINY.fpn_dim
+    x = torch.randn(2, 3, 64, 96)                                         # non-square: 4 x 6 units
+    with torch.no_grad():
+        det, seg = model.forward_pyramid(x), model.forward_pyramid(x, mode="seg")
+    for s in (4, 8, 16, 32, 64):
+        assert det[f"p{s}"].shape == (2, f, 64 // s, 96 // s)
+    for s, ch in ((4, f + c // 4), (8, f + c // 2), (16, f + c), (32, f + c)):
+        assert seg[f"p{s}"].shape == (2, ch, 64 // s, 96 // s)
+    torch.testing.assert_close(det["p32"], F.avg_pool2d(det["p16"], 2))  # det: avg-pool, seg: max-pool (ref 6)
+    torch.testing.assert_close(seg["p32"], F.max_pool2d(seg["p16"], 2))
+    torch.testing.assert_close(seg["p4"][:, :f], det["p4"])              # seg = pyramid level ++ backbone feature
+    levels = model.forward_levels(x)
+    assert [tuple(p.shape) for p in levels] == [(2, 24, 1, 1, f), (2, 24, 2, 2, f), (2, 24, 4, 4, f)]
+
+
+def test_patch_split_puts_channel_group_k_at_row_k_div_2_col_k_mod_2():
+    torch.manual_seed(0)
+    split = PatchSplit(8, out_dim=3)
+    x = torch.randn(2, 5, 2, 2, 8)                                        # (B, N, h, w, c)
+    y = split(x)                                                          # (B, N, 4, 4, 3)
+    z = split.reduction(split.norm(x))                                    # (B, N, 2, 2, 12) before the shuffle
+    for i in range(2):
+        for j in range(2):
+            for k in range(4):
+                torch.testing.assert_close(y[:, :, 2 * i + k // 2, 2 * j + k % 2], z[:, :, i, j, 3 * k:3 * k + 3])
+
+
+def test_pyramid_has_no_spatial_mixing():
+    """Eq. 3 with C-MLPs only: a unit's pyramid outputs depend on that unit's backbone features alone."""
+    torch.manual_seed(0)
+    pyr = FeaturePyramid(16, fpn_dim=8, fpn_depth=2)
+    f4, f8, f16 = torch.randn(1, 6, 4, 4, 4), torch.randn(1, 6, 2, 2, 8), torch.randn(1, 6, 16)
+    before = pyr(f4, f8, f16)
+    f4[:, 2] += 1.0
+    f8[:, 2] += 1.0
+    f16[:, 2] += 1.0
+    for a, b in zip(before, pyr(f4, f8, f16)):
+        changed = (a - b).flatten(2).abs().amax(dim=2)[0] > 0             # (N,)
+        assert changed.tolist() == [False, False, True, False, False, False]
+
+
+def test_classifier_has_no_pyramid():
+    model = iTPN(TINY)
+    assert model.pyramid is None and model(torch.randn(1, 3, 64, 64)).shape == (1, TINY.num_classes)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model.forward_pyramid(torch.randn(1, 3, 64, 64))
+
+
+# ---- pre-training: gradients, EMA, masking invariants, leak-freedom, overfitting ----
+
+@pytest.mark.parametrize("method", ["itpn_pixel", "itpn", "itpn_distill"])
+def test_every_trainable_parameter_gets_a_gradient(method, teacher_path):
+    model = build(method, teacher_path)
+    out = model(smooth_batch())
+    assert set(out) >= {"loss", "mask", "pred", "logs"} and torch.isfinite(out["loss"])
+    assert out["mask"].shape == (2, 16)
+    out["loss"].backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("encoder.pyramid.") for n, _ in trainable)
+    no_grad = [n for n, p in trainable if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(n.startswith(("teacher.", "decoder_pos_embed")) for n in frozen)
+    if method != "itpn_pixel":                                           # teachers: frozen, no gradient, eval
+        teacher = [p for n, p in model.named_parameters() if n.startswith("teacher.")]
+        assert teacher and all(p.grad is None and not p.requires_grad for p in teacher)
+        model.train()
+        assert not model.teacher.training
+
+
+def test_plain_vit_variant_trains_every_parameter():
+    torch.manual_seed(0)
+    model = iTPNPixelPretrainer(replace(TINY, plain_vit=True))
+    model(smooth_batch())["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    levels = model.encoder.forward_levels(torch.randn(1, 3, 64, 64))
+    assert [tuple(p.shape[2:4]) for p in levels] == [(1, 1), (2, 2), (4, 4)]
+
+
+def test_ema_update_is_exactly_m_t_plus_one_minus_m_s():
+    model = build("itpn", None)
+    with torch.no_grad():
+        for p in model.encoder.backbone.parameters():                    # student moves away from the teacher
+            p.add_(torch.randn_like(p))
+    teacher0 = [t.clone() for t in model.teacher.parameters()]
+    student = [s.detach().clone() for s in model.encoder.backbone.parameters()]
+    m = model.cfg.ema_momentum
+    assert m == 0.996
+    model.ema_update()
+    for t, t0, s in zip(model.teacher.parameters(), teacher0, student):
+        assert torch.equal(t, m * t0 + (1 - m) * s)
+
+
+def test_teacher_targets_at_stages_1_2_equal_full_image_then_select():
+    """The EMA teacher sees only the masked units; for the MLP-only stages this is exactly 'full image, then select'."""
+    model = build("itpn", None)
+    x = smooth_batch()
+    ids_masked = torch.rand(2, 16).argsort(dim=1)[:, :12]                 # (B, N_m)
+    with torch.no_grad():
+        m4, m8, _ = itpn.encode_backbone(model.teacher, x, ids_keep=ids_masked)
+        a4, a8, _ = itpn.encode_backbone(model.teacher, x)
+    idx = ids_masked[:, :, None, None, None]
+    torch.testing.assert_close(m4, torch.gather(a4, 1, idx.expand(-1, -1, *a4.shape[2:])), rtol=0, atol=1e-6)
+    torch.testing.assert_close(m8, torch.gather(a8, 1, idx.expand(-1, -1, *a8.shape[2:])), rtol=0, atol=1e-6)
+
+
+def perturb_masked_units(x, mask, unit=16):
+    """Add noise to the pixels of the masked units only (mask (B, N), 1 = masked)."""
+    hp, wp = x.shape[-2] // unit, x.shape[-1] // unit
+    pix = mask_to_map(mask, (hp, wp), unit)[:, None]                      # (B, 1, H, W)
+    return x + pix * torch.randn_like(x)
+
+
+@pytest.mark.parametrize("method", ["itpn_pixel", "itpn"])
+def test_masked_pixels_change_no_prediction_in_the_mim_path(method):
+    """Dropping masked units: their pixels reach nothing, not even their own prediction (supplementary Sec. 2)."""
+    model = build(method, None).eval()
+    x = smooth_batch()
+    torch.manual_seed(3)
+    out = model(x)
+    x2 = perturb_masked_units(x, out["mask"])
+    torch.manual_seed(3)                                                  # same mask again
+    out2 = model(x2)
+    assert out["mask"].sum() > 0 and torch.equal(out["mask"], out2["mask"])
+    assert torch.equal(out["pred"], out2["pred"])
+
+
+def test_mask_alignment_and_leak_in_the_distillation_path(teacher_path):
+    """Mask tokens at stage 3: a masked unit's pixels change only that unit, at every pyramid level and in the
+    main prediction (its own, via the stage-1/2 laterals, reference 3.7), never any other unit or the aux head."""
+    model = build("itpn_distill", teacher_path).eval()
+    x = smooth_batch()
+    torch.manual_seed(5)
+    mask = model(x)["mask"]
+    x2 = perturb_masked_units(x, mask)
+    with torch.no_grad():
+        levels = [model.encoder.encode(xi, mask=mask, mask_token=model.mask_token) for xi in (x, x2)]
+        maps = [itpn.pyramid_maps(model.encoder.pyramid(f4, f8, outs[-1]), (4, 4)) for f4, f8, outs in levels]
+    for name, scale in (("p4", 4), ("p8", 2), ("p16", 1)):
+        changed = (maps[0][name] - maps[1][name]).abs().amax(dim=1) > 0   # (B, 4*scale, 4*scale)
+        assert not (changed & (mask_to_map(mask, (4, 4), scale) == 0)).any(), name   # aligned: inside masked units
+    assert not ((maps[0]["p16"] - maps[1]["p16"]).abs() > 0).any()      # stage 3 sees mask tokens only
+    torch.manual_seed(5)
+    main1 = model(x)["pred"]
+    torch.manual_seed(5)
+    main2 = model(x2)["pred"]
+    changed = (main1 - main2).abs().amax(dim=-1) > 0                      # (B, N)
+    assert not (changed & (mask == 0)).any() and changed.any()
+
+
+@pytest.mark.parametrize("method, steps", [("itpn_pixel", 20), ("itpn", 20), ("itpn_distill", 8)])
+def test_overfits_one_batch(method, steps, teacher_path):
+    model = build(method, teacher_path)
+    x = smooth_batch(b=1, side=32)                                       # 2 x 2 units: 1 visible, 3 masked
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        torch.manual_seed(1)                                              # one batch: same images, same mask
+        loss = model(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if hasattr(model, "ema_update"):
+            model.ema_update()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < 0.5 * losses[0], losses
+
+
+# ---- teachers ----
+
+def test_project_teacher_gives_layer_normed_last_layer(teacher_path):
+    teacher = load_teacher(teacher_path)
+    vit = VisionTransformer(ViTConfig(img_size=64, embed_dim=32, depth=1, num_heads=2, num_classes=0))
+    vit.load_state_dict(torch.load(teacher_path, weights_only=True)["model"])
+    x = smooth_batch()
+    ref = vit.forward_features(x)[-1]                                     # same normalisation as the student
+    torch.testing.assert_close(teacher(x), F.layer_norm(ref, (32,), eps=1e-5), rtol=1e-5, atol=1e-5)
+    assert teacher.out_dim == 32 and not any(p.requires_grad for p in teacher.parameters())
+
+
+def clip_reference_forward(sd, x, heads):
+    """OpenAI CLIP's visual forward written independently: conv, CLS, pos, ln_pre, resblocks (QuickGELU), ln_post."""
+    c = sd["conv1.weight"].shape[0]
+    tok = F.conv2d(x, sd["conv1.weight"], stride=sd["conv1.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    tok = torch.cat([sd["class_embedding"].expand(x.shape[0], 1, c), tok], dim=1) + sd["positional_embedding"]
+    tok = F.layer_norm(tok, (c,), sd["ln_pre.weight"], sd["ln_pre.bias"], eps=1e-5)
+    i = 0
+    while f"transformer.resblocks.{i}.ln_1.weight" in sd:
+        p = f"transformer.resblocks.{i}."
+        h = F.layer_norm(tok, (c,), sd[p + "ln_1.weight"], sd[p + "ln_1.bias"], eps=1e-5).transpose(0, 1)
+        attn = torch.nn.MultiheadAttention(c, heads)
+        attn.load_state_dict({"in_proj_weight": sd[p + "attn.in_proj_weight"],
+                              "in_proj_bias": sd[p + "attn.in_proj_bias"],
+                              "out_proj.weight": sd[p + "attn.out_proj.weight"],
+                              "out_proj.bias": sd[p + "attn.out_proj.bias"]})
+        tok = tok + attn(h, h, h, need_weights=False)[0].transpose(0, 1)
+        h = F.layer_norm(tok, (c,), sd[p + "ln_2.weight"], sd[p + "ln_2.bias"], eps=1e-5)
+        h = F.linear(h, sd[p + "mlp.c_fc.weight"], sd[p + "mlp.c_fc.bias"])
+        tok = tok + F.linear(h * torch.sigmoid(1.702 * h), sd[p + "mlp.c_proj.weight"], sd[p + "mlp.c_proj.bias"])
+        i += 1
+    out = F.layer_norm(tok[:, 1:], (c,), sd["ln_post.weight"], sd["ln_post.bias"], eps=1e-5)
+    return out @ sd["proj"]                                               # (B, N, T)
+
+
+def test_openai_clip_teacher_matches_an_independent_clip_forward(tmp_path):
+    torch.manual_seed(0)
+    sd = clip_state_dict(width=64, depth=2, out_dim=24)
+    path = str(tmp_path / "clip_visual.pth")
+    torch.save({"visual." + k: v for k, v in sd.items()} | {"token_embedding.weight": torch.zeros(3, 2)}, path)
+    teacher = load_teacher(path)
+    imgs = smooth_batch()
+    clip_input = imgs * teacher.in_scale + teacher.in_shift               # the documented re-normalisation
+    raw = imgs * torch.tensor(itpn.IMAGENET_STD)[:, None, None] + torch.tensor(itpn.IMAGENET_MEAN)[:, None, None]
+    clip_mean, clip_std = torch.tensor(itpn.CLIP_MEAN)[:, None, None], torch.tensor(itpn.CLIP_STD)[:, None, None]
+    torch.testing.assert_close(clip_input, (raw - clip_mean) / clip_std, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = F.layer_norm(clip_reference_forward(sd, clip_input, heads=1), (24,), eps=1e-5)
+    torch.testing.assert_close(teacher(imgs), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        load_teacher(str(tmp_path / "missing.pth"))
+    sd = clip_state_dict(width=32)
+    sd["transformer.resblocks.0.mlp.c_proj.weight"] = torch.zeros(48, 128)   # wrong width in one block
+    path = str(tmp_path / "bad.pth")
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc2\.weight: expected \(32, 128\), got \(48, 128\)"):
+        load_teacher(path)
+    with pytest.raises(ValueError, match="neither an OpenAI-CLIP"):
+        torch.save({"foo": torch.zeros(1)}, path)
+        load_teacher(path)
+
+
+# ---- official checkpoint layouts ----
+
+@pytest.mark.filterwarnings(META_COPY)
+@pytest.mark.parametrize("layout, kind", [
+    ("itpn_base_finetune", "classifier"), ("itpn_base_pixel_pretrain", "pixel"),
+    ("itpn_base_clip_pretrain", "distill"),
+])
+def test_load_official_round_trip(layout, kind, tmp_path):
+    """Random tensors of the listed shapes load strictly and land, value for value, in our model."""
+    path = str(tmp_path / "clip.pth")
+    torch.save(clip_state_dict(out_dim=512), path)
+    preset = PRESETS["itpn_b"]
+    with torch.device("meta"):
+        model = {"classifier": lambda: iTPN(preset),
+                 "pixel": lambda: iTPNPixelPretrainer(preset),
+                 "distill": lambda: iTPNDistillPretrainer(preset, teacher_path=path)}[kind]()
+    model = model.to_empty(device="cpu")                                  # skip the (slow) random init
+    sd = layout_tensors(layout, device="cpu")
+    ignored = load_official(model, {"model": sd})
+    assert set(ignored) <= {"relative_position_index"}
+    ours = model.state_dict()
+    prefix = "backbone." if kind == "classifier" else ""
+    for key, value in sd.items():
+        if key.endswith("relative_position_index"):
+            continue
+        new = itpn.map_itpn_key(key, model.cfg)
+        new = prefix + new[len("encoder.backbone."):] if prefix else new
+        assert torch.equal(ours[new], value), key
+
+
+@pytest.mark.filterwarnings(META_COPY)
+def test_other_layouts_load_strictly_and_backbone_takes_pretraining_weights(tmp_path):
+    """Every other released layout maps key for key with the listed shapes (meta tensors: no memory)."""
+    path = str(tmp_path / "clip_l.pth")
+    torch.save(clip_state_dict(out_dim=768), path)
+    large = PRESETS["itpn_l"]
+    with torch.device("meta"):
+        models = [(iTPN(large), "itpn_large_finetune"),
+                  (iTPN(replace(large, layer_scale=0.1)), "itpn_large_clip_finetune"),
+                  (iTPN(replace(PRESETS["itpn_b"], layer_scale=0.1)), "itpn_base_clip_finetune"),
+                  (iTPNPixelPretrainer(large), "itpn_large_pixel_pretrain"),
+                  (iTPNDistillPretrainer(large, teacher_path=path), "itpn_large_clip_pretrain"),
+                  (iTPN(replace(large, num_classes=0, rpe=False)), "itpn_large_pixel_pretrain")]
+    for model, layout in models:
+        ignored = load_official(model, layout_tensors(layout))
+        assert all(not k.startswith(("blocks.", "align_dim", "split_", "fpn_modules")) for k in ignored)
+
+
+@pytest.mark.filterwarnings(META_COPY)
+def test_load_official_errors_name_keys_and_dims(tmp_path):
+    path = str(tmp_path / "clip_l.pth")
+    torch.save(clip_state_dict(out_dim=768), path)                        # teacher width 768 vs the base file's 512
+    with torch.device("meta"):
+        model = iTPNDistillPretrainer(PRESETS["itpn_b"], teacher_path=path)
+    with pytest.raises(ValueError, match=r"lm_head\.weight: checkpoint \(512, 512\) vs model \(768, 512\)"):
+        load_official(model, layout_tensors("itpn_base_clip_pretrain"))
+    with torch.device("meta"):
+        pixel = iTPNPixelPretrainer(replace(PRESETS["itpn_b"], fpn_depth=1))
+    with pytest.raises(KeyError, match=r"unexpected keys \['encoder\.pyramid\.fuse4\.1\.mlp\.fc1\.bias'"):
+        load_official(pixel, layout_tensors("itpn_base_pixel_pretrain"))
+    with pytest.raises(TypeError, match="no official checkpoint layout"):
+        load_official(build("itpn", None), {})
