@@ -237,7 +237,7 @@ def block_masking(batch_size: int, grid_hw: tuple[int, int], num_masked: int, *,
                 stalls += 1
         free = (m.flatten() == 0).nonzero().flatten().tolist()            # top-up to the exact count
         for idx in rng.sample(free, num_masked - count):
-            m.view(-1)[idx] = 1
+            m.view(-1)[idx] = 1                                           # flat (N,) view of the grid
         masks.append(m.flatten())                                         # (N,)
     return torch.stack(masks)                                             # (B, N)
 
@@ -388,7 +388,8 @@ def hog_picture(per_unit: torch.Tensor, grid_hw: tuple[int, int], patch: int = 1
     glyphs = (1 - dist).clamp(min=0)                                      # (9, 8, 8)
     img = torch.einsum("bhwckst,kij->bchsiwtj", x, glyphs)               # (B, 3, Hp, s, 8, Wp, s, 8)
     img = img.reshape(b, 3, hp * patch, wp * patch)                       # (B, 3, H, W)
-    return img / img.flatten(1).amax(dim=1).clamp(min=1e-6)[:, None, None, None]
+    peak = img.flatten(1).amax(dim=1).clamp(min=1e-6)                    # (B,) brightest pixel per image
+    return img / peak[:, None, None, None]                                # (B, 3, H, W) in [0, 1]
 
 # ---- 5. Losses (M3I Sec. 3.1: Gaussian P -> L2, Boltzmann P -> softmax cross-entropy) ------------------------------
 # Dense losses map (B, N, d) predictions and targets to a per-unit (B, N) loss; the method decides where to average
@@ -729,10 +730,10 @@ def view_coords(grid_hw: tuple[int, int], boxes: torch.Tensor | None = None, fli
     rows, cols = rows.to(boxes.device), cols.to(boxes.device)
     top, left, height, width = boxes.float().unbind(dim=1)               # (B,) each
     y = ((rows + 0.5) / hp - top[:, None]) / height[:, None]             # (B, N) in input-view fractions
-    x = ((cols + 0.5) / wp - left[:, None]) / width[:, None]
+    x = ((cols + 0.5) / wp - left[:, None]) / width[:, None]             # (B, N)
     x = torch.where(flip[:, None], 1 - x, x)                              # mirrored input view
     scale_h = (LOG_SCALE * torch.log(1 / height))[:, None].expand_as(y)  # (B, N)
-    scale_w = (LOG_SCALE * torch.log(1 / width))[:, None].expand_as(y)
+    scale_w = (LOG_SCALE * torch.log(1 / width))[:, None].expand_as(y)  # (B, N)
     return torch.stack([y * hp - 0.5, x * wp - 0.5, scale_h, scale_w], dim=-1)   # (B, N, 4)
 
 
@@ -816,7 +817,8 @@ class M3I(nn.Module):
         if self.cfg.target == "global_feature":
             pred = self.global_head(tokens)                               # (B, C)
             return info_nce_loss(pred, target, positive=who, temperature=self.cfg.temperature).mean(), pred
-        token_coords = gather_units(view_coords(grid_hw).to(tokens.device).expand(ids.shape[0], -1, -1), ids)
+        grid = view_coords(grid_hw).to(tokens.device).expand(ids.shape[0], -1, -1)   # (B, N, 4) input-view grid
+        token_coords = gather_units(grid, ids)                            # (B, L, 4) where the tokens sit
         pred = self.decoder(tokens, token_coords, query_coords)           # (B, N, out) one per target unit
         per_unit = LOSSES[self.cfg.loss](pred.float(), target[who])       # (B, N)
         return (masked_mean(per_unit, mask) if self.cfg.loss_on_masked else per_unit.mean()), pred
