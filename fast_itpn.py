@@ -11,15 +11,15 @@ Implements:
     on the same weights (`set_acceleration`); with both off the forward is the plain one.
 
 Sections:
-    1. Config and presets                   <-> Tab. 2 (architecture), Sec. 5.2 model sizes
-    2. Primitives: per-pixel LN, ConvMLP, SwiGLU <-> Tab. 2 "ConvMLP", "SwiGLU", "sub-LN"
-    3. Early stages: stem, ConvMLP blocks, conv merge <-> Tab. 2 rows 1-2, Sec. 4 "hierarchical"
-    4. Stage-3 attention (global, window, gathering) <-> Tab. 2 "q/v bias", Sec. 4.2, Fig. 4, Tab. 7
+    1. Config and presets                 <-> Tab. 2 (architecture); released builders (reference 5.3)
+    2. Primitives: per-pixel LN, ConvMLP, SwiGLU <-> Tab. 2 "ConvMLP", "SwiGLU", sub-LN
+    3. Early stages: stem, ConvMLP blocks, conv merge <-> Tab. 2 (MLP-only stages 1-2, LN + 2x2 conv merge)
+    4. Stage-3 attention: global, window, gathering <-> Tab. 2 (q/v bias), Sec. 4.2, Fig. 4, Tab. 7 (HRPE)
     5. Token migration: schedule, selection, replenishing <-> Sec. 4.1, Fig. 3, Fig. 5
-    6. The stage-3 block                    <-> Tab. 2 "layer scale", Sec. 4.1 (where tokens leave)
-    7. The Fast-iTPN model (backbone, pyramid, dense outputs) <-> Fig. 2 (pyramid), Sec. 4
+    6. The stage-3 block                  <-> Tab. 2 (SwiGLU, layer scale), Sec. 4.1 (where tokens leave)
+    7. The Fast-iTPN model: backbone, pyramid, dense outputs <-> Sec. 4, Fig. 3 (replenish into the pyramid)
     8. Pre-training: frozen-teacher distillation, stem masking <-> Sec. 4.3, 5.1 (never released)
-    9. Loading official checkpoints         <-> released Fast-iTPN-T/S/B/L fine-tuning models
+    9. Loading official checkpoints       <-> released Fast-iTPN-T/S/B/L fine-tuning models
     10. __main__ smoke demo
 
 Shapes:
@@ -69,22 +69,34 @@ Design choices the paper leaves open (ours; no reference code exists, see refere
 Differences from the paper / official code:
     - Module names: `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) instead of one flat `blocks.{i}`
       list; early blocks call their norm `norm` (official `norm2`). `load_official` renames; outputs are identical.
+    - The early stages run in image layout (official), but `forward_features` returns HiViT's unit tensors
+      [f4 (B, N, 4, 4, C/4), f8, f16 (B, N, C)] so itpn.py's pyramid and mim.py's seam apply unchanged; `ids_keep`
+      drops units after stage 2, which is exact because no 1x1 conv or 2x2/2 merge crosses a 16-px unit.
     - The official file's RPE option (off in every released model), the undefined `xops.SwiGLU` path and the
       `stop_grad_conv1` trick are left out. The position table is interpolated (DINO-style, as hivit.py) when the
-      input grid differs from the one it was built for; official Fast-iTPN builds the model at the target size.
+      input grid differs from the one it was built for: build the model at the checkpoint's img_size and feed
+      384/512/640-px images; the official scripts instead rebuild the model at the target size.
     - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v, fused on CPU and GPU);
-      the official code computes the logits explicitly in fp32. Outputs agree to float rounding.
+      the official code computes the logits explicitly in fp32. Outputs agree to float rounding (tested, 1e-4).
+    - Pyramid: itpn.py's FeaturePyramid with F = 256 and fpn_depth = 1 (iTPN's det/CLIP setting); Fast-iTPN's
+      dense code is unreleased. As in itpn.py, a model with num_classes = 0 carries the pyramid instead of a head.
     - Token migration and token gathering follow the paper's description (Sec. 4.1-4.2); every equation above is
       ours. The paper applies them only when fine-tuning on dense tasks; here they also work for classification
-      (the head averages the replenished map).
+      (the head averages the replenished map). HRPE is a build-time flag because it adds parameters.
+    - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units applied at the stem with
+      one learned mask unit (SimMIM-style, the hint in the released stem), itpn.py's frozen teacher and level
+      embedding, one head on the summed pyramid and 1 - cos on all units; iTPN's auxiliary 3/4-depth head is left
+      out (the paper does not mention it for Fast-iTPN).
+    - Speed (bench.py, 512 px, Fast-iTPN-B backbone + pyramid): attention is ~24% of stage-3 FLOPs at 1024 tokens
+      and the pyramid's stride-4 level is ~17% of the total, so window attention saves 1.20x in FLOPs at 512 px and
+      1.84x at 1024 px; the paper's +70-90% (Tab. 7) matches the larger inputs of detection.
 
 Run:
     python fast_itpn.py                                 # CPU smoke demo, a few seconds
     python bench.py --suite fast_itpn --batch 1 --reps 3   # Fig. 5 / Tab. 7 speed studies at 512 px
-    torchrun --nproc_per_node 8 finetune.py --model fast_itpn_b   # fine-tuning (finetune.py)
+    torchrun --nproc_per_node 8 train.py --model fast_itpn_b --method fastmim   # MIM pre-training (train.py)
 """
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -130,7 +142,8 @@ class FastiTPNConfig:
     hrpe: bool = False            # relative position bias on window attention only (Tab. 7 "HRPE"); adds tables
 
 
-# Released builders (reference Sec. 5.3): 24.220M / 39.903M / 84.825M / 312.017M parameters at 224 px.
+# Tab. 2 sizes as the released builders (reference 5.3): 24.220M / 39.903M / 84.825M / 312.017M parameters at 224 px;
+# the paper's 40.0 / 85.2 / 312.3M count the position table at 384 / 512 / 384 px (tested).
 PRESETS: dict[str, FastiTPNConfig] = {
     "tiny": FastiTPNConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2,
                            num_classes=10, fpn_dim=32, window_size=2),
@@ -453,14 +466,21 @@ class FastBlock(nn.Module):
 
 # ---- 7. The Fast-iTPN model ---------------------------------------------------------------------------------------
 
+def check_acceleration(cfg: FastiTPNConfig) -> FastiTPNConfig:
+    """Validate the two run-time switches (Sec. 4.1 ratio, Tab. 7 attention mode); returns cfg unchanged."""
+    if cfg.attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {cfg.attention!r}")
+    if not 0.0 <= cfg.migration_ratio < 1.0:
+        raise ValueError(f"migration_ratio must be in [0, 1), got {cfg.migration_ratio}")
+    return cfg
+
+
 class FastiTPN(nn.Module):
     """Fast-iTPN classifier / backbone. forward(x) -> (B, K); forward_features(x) -> [f4, f8, f16] stage outputs."""
 
     def __init__(self, cfg: FastiTPNConfig, *, mask_token: bool = False):
         super().__init__()
-        if cfg.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {cfg.attention!r}")
-        self.cfg = cfg
+        self.cfg = check_acceleration(cfg)
         c, n1, n2, n3 = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth
         self.grid = (cfg.img_size // 16, cfg.img_size // 16)              # (Hp, Wp) the position table is built for
         dpr = drop_path_rates(cfg.drop_path_rate, n1 + n2 + n3)          # merges get no drop path (official)
@@ -472,8 +492,9 @@ class FastiTPN(nn.Module):
         self.merge2 = ConvPatchMerge(c // 2)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], c))   # APE only, no RPE
         self.blocks = nn.ModuleList(
-            FastBlock(c, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=p, layer_scale=cfg.layer_scale,
-                      hrpe_window=cfg.window_size if cfg.hrpe else None) for p in dpr[n1 + n2:])
+            FastBlock(c, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=p,
+                      layer_scale=cfg.layer_scale, hrpe_window=cfg.window_size if cfg.hrpe else None)
+            for p in dpr[n1 + n2:])
         self.fc_norm = nn.LayerNorm(c, eps=LN_EPS) if cfg.num_classes > 0 else None
         self.head = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
         self.pyramid = None                                               # as itpn.py: a backbone carries the pyramid
@@ -485,13 +506,16 @@ class FastiTPN(nn.Module):
             self.head.weight.data.mul_(0.01)
 
     def set_acceleration(self, *, migration_ratio: float | None = None, attention: str | None = None) -> None:
-        """Switch token migration / window attention / gathering on the same weights (Sec. 4: fine-tuning time)."""
-        cfg = replace(self.cfg, migration_ratio=self.cfg.migration_ratio if migration_ratio is None else migration_ratio,
-                      attention=self.cfg.attention if attention is None else attention)
-        if cfg.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {cfg.attention!r}")
-        migration_schedule(16, cfg.depth, cfg.migration_ratio)           # validate the ratio early
-        self.cfg = cfg
+        """Switch token migration / window attention / gathering on the same weights (Sec. 4: fine-tuning time).
+
+        Only the two run-time fields of `cfg` change; HRPE adds parameters and is therefore chosen at build time.
+        """
+        changes = {k: v for k, v in (("migration_ratio", migration_ratio), ("attention", attention)) if v is not None}
+        self.cfg = check_acceleration(replace(self.cfg, **changes))
+
+    def accelerated(self) -> bool:
+        """True when stage 3 leaves the released model's path (any migration, or window attention)."""
+        return self.cfg.migration_ratio > 0 or self.cfg.attention != "global"
 
     def no_weight_decay(self) -> set[str]:
         """Official Fast-iTPN recipe: no decay on pos_embed (plus biases and norms, handled by the optimizer)."""
@@ -525,7 +549,7 @@ class FastiTPN(nn.Module):
         """
         cfg = self.cfg
         b, n, c = tokens.shape
-        if cfg.migration_ratio == 0 and cfg.attention == "global":        # the released model's forward
+        if not self.accelerated():                                        # the released model's forward
             for blk in self.blocks:
                 tokens = blk(tokens)
             return tokens, torch.arange(n, device=tokens.device).expand(b, n), []
@@ -543,9 +567,6 @@ class FastiTPN(nn.Module):
         if cfg.attention == "gathering":
             x = x[:, :, 1:]                                               # (B, nW, n, C): gathering tokens retire
         return x.flatten(1, 2), pos.flatten(1), store                     # (B, M, C), (B, M)
-
-    def accelerated(self) -> bool:
-        return self.cfg.migration_ratio > 0 or self.cfg.attention != "global"
 
     def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
                          mask: torch.Tensor | None = None) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fast_itpn
-from fast_itpn import (PRESETS, FastiTPN, FastiTPNConfig, count_params, load_official, map_to_units,
+from fast_itpn import (PRESETS, FastiTPN, count_params, load_official, map_to_units,
                        migration_schedule, replenish, select_migrants, window_shape)
 
 KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
@@ -178,6 +178,11 @@ def test_migration_schedule_hits_the_ratio():
     assert migration_schedule(64, 24, 0.0) == [0] * 24
     with pytest.raises(ValueError):
         migration_schedule(4, 1, 0.9)                                     # more than set A in one layer
+    model = tiny()
+    for bad in (dict(migration_ratio=1.0), dict(migration_ratio=-0.1), dict(attention="swin")):
+        with pytest.raises(ValueError):
+            model.set_acceleration(**bad)
+    assert model.cfg.migration_ratio == 0 and model.cfg.attention == "global"   # unchanged after a refusal
 
 
 def test_select_migrants_drops_the_most_redundant_a_token():
