@@ -323,7 +323,7 @@ class FastAttention(nn.Module):
         s = self.hrpe_window
         rows, cols = pos // grid_w, pos % grid_w                          # (B, nW, n) each
         d_row = rows[..., :, None] - rows[..., None, :] + s - 1           # (B, nW, n, n), in [0, 2s-2]
-        d_col = cols[..., :, None] - cols[..., None, :] + s - 1
+        d_col = cols[..., :, None] - cols[..., None, :] + s - 1           # (B, nW, n, n), in [0, 2s-2]
         bias = self.relative_position_bias_table[d_row * (2 * s - 1) + d_col]   # (B, nW, n, n, heads)
         bias = bias.flatten(0, 1).permute(0, 3, 1, 2)                     # (B*nW, heads, n, n)
         return F.pad(bias, (1, 0, 1, 0)) if gathering else bias          # (B*nW, heads, L, L)
@@ -358,7 +358,7 @@ class FastAttention(nn.Module):
         b, nw, h, t, d = k.shape
         q_g = q[:, :, :, 0].transpose(1, 2)                               # (B, heads, nW, hd)
         k_all = k.transpose(1, 2).reshape(b, h, nw * t, d)                # (B, heads, nW*L, hd)
-        v_all = v.transpose(1, 2).reshape(b, h, nw * t, d)
+        v_all = v.transpose(1, 2).reshape(b, h, nw * t, d)                # (B, heads, nW*L, hd)
         is_g = torch.zeros(nw, t, dtype=torch.bool, device=q.device)
         is_g[:, 0] = True                                                 # (nW, L): gathering-token keys
         own = torch.eye(nw, dtype=torch.bool, device=q.device)[:, :, None]   # (nW, nW, 1): my own window
@@ -402,7 +402,7 @@ def select_migrants(keys: torch.Tensor, r: int):
 def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x (B, nW, n, ...) gathered at idx (B, nW, m) along the token dim -> (B, nW, m, ...)."""
     idx = idx.reshape(*idx.shape, *[1] * (x.ndim - 3)).expand(*idx.shape, *x.shape[3:])   # (B, nW, m, ...)
-    return torch.gather(x, 2, idx)
+    return torch.gather(x, 2, idx)                                        # (B, nW, m, ...)
 
 
 def replenish(tokens: torch.Tensor, pos: torch.Tensor, store: list, num_tokens: int) -> torch.Tensor:
