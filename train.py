@@ -1,9 +1,10 @@
-"""train.py: masked image pre-training of HiViT / iTPN / Fast-iTPN / ViT, from a laptop CPU to 8 GPUs x N nodes.
+r"""train.py: masked image pre-training of HiViT / iTPN / Fast-iTPN / ViT, from a laptop CPU to 8 GPUs x N nodes.
 
 Paper:
     Integrally Pre-Trained Transformer Pyramid Networks (iTPN; Tian et al., CVPR 2023, arXiv 2211.12735), whose
     recipe is MAE's (Masked Autoencoders Are Scalable Vision Learners; He et al., CVPR 2022, arXiv 2111.06377).
-    Methods come from mim.py (MAE, SimMIM, FastMIM, M3I) and itpn.py (the iTPN paper method and its variants).
+    Methods come from mim.py (MAE, SimMIM, FastMIM, M3I), itpn.py (the iTPN paper method, the official pixel
+    recipe, frozen-teacher distillation) and fast_itpn.py (Fast-iTPN distillation, TPAMI 2024).
 
 Implements:
     The pre-training driver: one loop that runs any --method on any --model, single process or under torchrun
@@ -39,13 +40,18 @@ Differences from the paper / official code:
       `checkpoint-<epoch>.pth` files are kept every --save_every epochs.
     - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (CPU bf16 is ~35x slower without bf16 units);
       the official code used fp16 + GradScaler (still available: --amp fp16).
+    - One optimisation recipe (iTPN's = MAE's) for every --method; FastMIM's and M3I's own lr/epochs are flags away.
+      EMA teachers are updated with a constant momentum (ema_update() after each step, as contracts.md fixes it).
+    - M3I (2 views): both views handed over are the same crop; mim.py cuts the second view from it itself, so it
+      knows the geometry between the two (there is no colour augmentation here).
 
 Run:
     python train.py                                         # CPU demo: tiny iTPN, built-in shapes, ~3 min, output/
+    OMP_NUM_THREADS=1 python train.py                       # the same on a busy machine (tiny models: often faster)
     python train.py --model itpn_b --data_path /imagenet --batch_size 8 --max_steps 20      # one-GPU/CPU smoke test
     torchrun --nproc_per_node 8 train.py --model itpn_b --data_path /imagenet --accum_iter 8  # paper: eff. batch 4096
-    torchrun --nnodes 8 --nproc_per_node 8 --node_rank $NODE --rdzv_backend c10d \\
-        --rdzv_endpoint $MASTER_HOST:29500 train.py --model itpn_b --data_path /imagenet   # 64 GPUs, run on each node
+    torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+        train.py --model itpn_b --data_path /imagenet     # the same on each of 8 nodes (HOST: one of them): 64 GPUs
     python train.py --resume auto --output_dir output       # continue the run in output/ where it stopped
 """
 
@@ -542,10 +548,7 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
     """
     master_process = rank == 0
     ddp = dist.is_initialized()
-    steps_per_epoch = len(views) // world_size // (batch_size * accum_iter)      # drop_last, as MAE
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(views)} images do not fill one step of {world_size} x {batch_size} x {accum_iter}"
-                         f" images: lower --batch_size / --accum_iter or add images (--num_images)")
+    steps_per_epoch = len(views) // world_size // (batch_size * accum_iter)      # drop_last, as MAE; main checks > 0
     total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     stop_step = total_steps if max_steps is None else min(total_steps, max_steps)
 
@@ -566,6 +569,8 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
     images_per_step = batch_size * accum_iter * world_size
     print0(f"{steps_per_epoch} steps/epoch x {epochs} epochs, {images_per_step} images/step, lr {lr:.3g}, "
            f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters")
+    if step >= stop_step:
+        print0(f"nothing to do: the checkpoint is at step {step} and the run stops at step {stop_step}")
     records = []
     for epoch in range(step // steps_per_epoch, epochs):
         if step >= stop_step:
@@ -782,7 +787,13 @@ def main(argv=None) -> list[dict]:
         views = PretrainViews(source, input_size=input_size_at(0.0), num_views=getattr(pretrainer, "num_views", 1),
                               seed=args.seed)
         views.read(0)                                                     # fail now if no image is readable
+        if len(views) < eff_batch:
+            raise ValueError(f"{len(views)} images do not fill one step of {world_size} x {args.batch_size} x "
+                             f"{args.accum_iter} images: lower --batch_size / --accum_iter or add images")
         resume = find_checkpoint(args.output_dir) if args.resume == "auto" else args.resume or None
+        if resume is None and find_checkpoint(args.output_dir):
+            print0(f"note: {args.output_dir} holds an earlier run; its checkpoints will be overwritten and log.txt "
+                   f"appended to (--resume auto continues it instead)")
         checkpoint = load_checkpoint(resume) if resume else None
         if checkpoint is not None:
             was = {k: checkpoint["args"].get(k) for k in ("model", "method")}
@@ -794,8 +805,9 @@ def main(argv=None) -> list[dict]:
         if dist.is_initialized():
             dist.destroy_process_group()
         raise SystemExit(f"error: {err}")
-    cfg = getattr(pretrainer, "cfg", preset)
-    run_config = {"args": vars(args), "config": asdict(cfg) if is_dataclass(cfg) else {},
+    cfg = getattr(pretrainer, "cfg", None)                                # the method's config after its overrides
+    run_config = {"args": vars(args), "config": {"model": asdict(preset), "method": asdict(cfg) if is_dataclass(cfg)
+                                                 else None},
                   "world_size": world_size, "effective_batch_size": eff_batch, "lr": lr, "amp": amp,
                   "device": str(device), "torch": torch.__version__,
                   **run_record(os.path.dirname(os.path.abspath(__file__)))}

@@ -181,21 +181,20 @@ def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     # Global batch 4 = 2 ranks x 2 micro-steps x 1 image = 1 process x 4 micro-steps x 1 image. Shard k of a step
     # (k = micro_step * world_size + rank) reads the k-th image of the shuffled order and seeds its masks by k.
-    argv = ["train.py", "--model", "itpn_tiny", "--input_size", "32", "--num_images", "4", "--batch_size", "1",
-            "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.5"]
-    outs = {}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    for name, launch, accum in (("ddp", torchrun, "2"), ("single", [sys.executable], "4")):
-        outs[name] = str(tmp_path / name)
-        proc = subprocess.run([*launch, *argv, "--accum_iter", accum, "--output_dir", outs[name]],
-                              cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp, single = read_log(outs["ddp"]), read_log(outs["single"])
+    argv = ["--model", "itpn_tiny", "--input_size", "32", "--num_images", "4", "--batch_size", "1", "--epochs", "3",
+            "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.5"]
+    ddp_out = str(tmp_path / "ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *argv, "--accum_iter", "2", "--output_dir", ddp_out],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, _ = run(tmp_path, *argv, "--accum_iter", "4", name="single")
+    ddp = read_log(ddp_out)
     assert len(ddp) == len(single) == 3                                   # 3 epochs of 1 step
     assert len({r["train_loss"] for r in single}) == 3                   # the model does change
     for a, b in zip(ddp, single):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5, rel=0)
-    assert json.load(open(os.path.join(outs["ddp"], "config.json")))["world_size"] == 2
+    assert json.load(open(os.path.join(ddp_out, "config.json")))["world_size"] == 2
 
 
 def test_help_lists_every_flag_and_every_flag_is_read(capsys):
@@ -278,6 +277,7 @@ def test_unknown_or_incompatible_model_and_method_list_the_valid_ones(tmp_path, 
     with pytest.raises(SystemExit):
         run(tmp_path, "--input_size", "40")
     assert "not a multiple of itpn_tiny's 16-px unit" in capsys.readouterr().err
+    assert "do not fill one step" in error_of([*TINY, "--num_images", "1"], tmp_path)
 
 
 def test_teacher_is_wired_and_a_missing_or_misshapen_one_is_refused(tmp_path):
