@@ -339,6 +339,7 @@ def epoch_loader(views: PretrainViews, *, epoch: int, input_size: int, skip_batc
 
 
 # ---- 3. Model: the --model and --method tables --------------------------------------------------------------------
+
 # --model name -> (family, size preset). The names are the presets' own, the tiny CPU presets get a family prefix.
 MODELS: dict[str, tuple[str, object]] = {
     **{("hivit_tiny" if k == "tiny" else k): ("hivit", cfg) for k, cfg in hivit.PRESETS.items()},
@@ -582,7 +583,8 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
                                     batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
                                     num_workers=num_workers, pin_memory=device.type == "cuda"))
         bar = tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                   desc=f"epoch {epoch}", disable=not master_process, dynamic_ncols=True)
+                   desc=f"epoch {epoch}", dynamic_ncols=True,   # TQDM_DISABLE=1 (CI): tqdm's switch, kept here
+                   disable=not master_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
         sums, skipped, n_steps, t_epoch = {}, 0, 0, time.perf_counter()
         while step < epoch_end:
             t0 = time.perf_counter()

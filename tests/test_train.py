@@ -169,7 +169,8 @@ def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
             "--warmup_epochs", "1", "--blr", "0.05"]                    # 4 steps per epoch
     _, straight = run(tmp_path, *argv, "--max_steps", "6", name="straight")
     _, stopped = run(tmp_path, *argv, "--max_steps", "3", name="stopped")  # stopped mid-epoch 0, checkpoint saved
-    run(tmp_path, *argv, "--max_steps", "6", "--resume", "auto", name="stopped")
+    run(tmp_path, *argv, "--max_steps", "6", "--resume", "auto", "--num_workers", "1", name="stopped")  # crops
+    # are seeded per image, so a worker process draws the same ones as the main process did
     a = torch.load(os.path.join(straight, "checkpoint-last.pth"), weights_only=True)
     b = torch.load(os.path.join(stopped, "checkpoint-last.pth"), weights_only=True)
     assert a["step"] == b["step"] == 6
