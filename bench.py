@@ -11,7 +11,8 @@ Implements:
 Sections:
     1. Timing helpers        (warm-up, median of reps, peak memory)
     2. hivit.py suite        <-> HiViT Tab. 8 (dropping masked units), supplementary Tab. 12 (HiViT-B vs ViT-B)
-    3+. one section per file, added by that file (itpn, mim, fast_itpn, train)
+    3. itpn.py suite         <-> iTPN Sec. 3.3-3.4: step cost of the pixel / paper (MIM+MFM) / distillation recipes
+    4+. one section per file, added by that file (mim, fast_itpn, train)
     5. fast_itpn.py suite    <-> Fast-iTPN Fig. 5 (token migration), Tab. 7 (window attention, gathering, HRPE)
     6. train.py suite        whole pre-training steps through the real CLI (data loading included), peak memory
     last. CLI
@@ -45,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fast_itpn
 import hivit
+import itpn
 import mim
 
 
@@ -109,6 +111,43 @@ def bench_hivit(*, batch: int, reps: int, device: str) -> list[tuple[str, float,
         ("speed-up from dropping masked units", t_all / t_drop, "x  (HiViT Tab. 8: ~1.8-2x)"),
         ("HiViT-B / ViT-B forward throughput", t_vit_fwd / t_hivit_fwd, "x  (supp. Tab. 12: 0.95x)"),
     ]
+
+
+# ---- 3. itpn.py suite: iTPN-B pre-training steps of the three recipes vs an MAE-style HiViT-B step --------------
+
+def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+    """Whole pre-training steps (forward + loss + backward) at 224 px, as ratios to mim.py's MAE step on HiViT-B.
+
+    The pixel recipe adds the pyramid and a 3-level decoder input to MAE; the paper method adds an EMA-teacher pass
+    over the 75% masked units and three MFM heads; distillation encodes every unit (mask tokens) plus 2 aux blocks
+    and a frozen ViT-B/16 teacher (random weights, written to a temporary file: nothing is downloaded).
+    """
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+
+    def step_time(model):
+        model = model.to(device)
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(x)["loss"].backward()
+        return measure(run, warmup=1, reps=reps, device=device)
+
+    encoder = hivit.HiViT(replace(hivit.PRESETS["hivit_b"], num_classes=0))
+    t_mae = step_time(mim.METHODS["mae"](encoder, cfg=mim.PRESETS["mae"]))
+    rows = [("MAE-style HiViT-B step 224 (s)", t_mae, f"batch {batch}, 75% dropped, 8b512d decoder")]
+    preset = itpn.PRESETS["itpn_b"]
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_path = os.path.join(tmp, "vit_b_teacher.pth")
+        torch.save(hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_b"], num_classes=0)).state_dict(),
+                   teacher_path)
+        for name, build in (("official pixel recipe", lambda: itpn.iTPNPixelPretrainer(preset)),
+                            ("paper MIM + MFM, EMA teacher", lambda: itpn.iTPNPaperPretrainer(preset)),
+                            ("distillation, ViT-B/16 teacher", lambda: itpn.iTPNDistillPretrainer(
+                                preset, teacher_path=teacher_path))):
+            t = step_time(build())
+            rows.append((f"iTPN-B {name} step / MAE HiViT-B step", t / t_mae, f"x  ({t:.3f} s/step)"))
+    return rows
 
 
 # ---- 4. mim.py suite: MAE vs SimMIM, FastMIM low resolution, M3I cost -------------------------------------------
@@ -251,6 +290,7 @@ def bench_train(*, batch: int, reps: int, device: str) -> list[tuple[str, float,
 
 SUITES = {
     "hivit": bench_hivit,
+    "itpn": bench_itpn,
     "mim": bench_mim,
     "fast_itpn": bench_fast_itpn,
     "train": bench_train,

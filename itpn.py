@@ -15,8 +15,8 @@ Sections:
     1. Config and presets                <-> paper Tab. 1 / supplementary Tab. 7 (iTPN-B 3-3-24, iTPN-L 2-2-40)
     2. Pyramid primitives (PatchSplit)   <-> Sec. 3.2 "up-sampling", Fig. 2
     3. Feature pyramid                   <-> Eq. 3, Fig. 2, supplementary Sec. 2 (C-MLP, no convolution)
-    4. The iTPN model (+ plain ViT)      <-> Sec. 3.2, supplementary Sec. 3 / Tab. 11
-    5. Dense outputs (strides 4..64)     <-> Sec. 4.3 (the pre-trained pyramid is the detection/segmentation neck)
+    4. Dense outputs (strides 4..64)     <-> Sec. 4.3 (the pre-trained pyramid is the detection/segmentation neck)
+    5. The iTPN model (+ plain ViT)      <-> Sec. 3.2, supplementary Sec. 3 / Tab. 11
     6. Official pixel recipe             <-> Sec. 3.3 (MIM on the summed pyramid), reference 2.3-2.4
     7. Paper method: MIM + MFM, EMA teacher <-> Eq. 4, Sec. 3.3
     8. Frozen-teacher distillation       <-> Sec. 3.4 (CLIP teacher), reference 3
@@ -38,38 +38,47 @@ Pre-training API (the PRETRAINER CONTRACT of contracts.md; train.py builds one o
     in `.cfg`. out = pretrainer(imgs (B, 3, H, W), ImageNet-normalised) -> {"loss", "mask" (B, N), "pred",
     "recon" (pixel recipes: (B, 3, H, W) in the normalised input space), "logs"}.
 
-Differences from the paper / official code:
-    - Paper method (Eq. 4) is NOT in the released code (reference 2.5); built here from the paper: the EMA teacher
-      (momentum 0.996) is a copy of the backbone only (the paper takes targets "from the last layer of each
-      stage", which the backbone alone produces); it sees only the masked units (ids_keep = masked indices: exact,
-      since stages 1-2 never mix units). The student's pyramid holds visible units only, so the MAE decoder fills
-      the masked units and one linear head per stage (h^{pt,s}) maps each unit's decoder state to that stage's
-      sub-token grid (4x4xC/4, 2x2xC/2, 1x1xC). Targets are layer-normalised (no affine) per sub-token, the MFM
-      loss is the L2 loss summed over the three stages, weighted by lambda = 0.3. These choices are ours.
-    - Official pixel recipe (reference 2): one decoder (512-d, 8 blocks, 16 heads) on the sum of the three levels,
-      each level given the same mask token (so a masked unit's input is 3 * mask_token), norm-pix L2 on masked
-      units. Pixel pre-training runs without RPE (official). The APE resampling quirk of reference 2.7 is off by
-      default; set cfg.ape_quirk=True to reproduce released pixel pre-training outputs.
-    - Distillation (reference 3): stages 1-2 see all units, masked units become a mask token at stage 3 (BEiT
-      block masking, 75 of 196 units), all units are supervised (official), smooth-L1 (iTPN) or cosine (Fast-iTPN,
-      paper only) on the main (pyramid) and aux (3/4-depth + 2 blocks) heads. The pyramid prediction of a masked
-      unit sees its own pixels through the stage-1/2 laterals (reference 3.7); no other unit does (tested).
-      The teacher is run on the student's batch de-normalised from ImageNet statistics, re-normalised with its own
-      (CLIP or ImageNet) statistics and resized so its token grid equals the student's unit grid; the official
-      code feeds a separately lanczos-resized image, and its CLIP input is effectively (x+1)/2 (reference 3.3):
-      not replicated. Teacher target = last layer (+ CLIP projection), then LayerNorm without affine (official).
-    - Eq. 3: the paper up-samples V^{s+1}; the released code (followed here, checkpoint layout) up-samples the raw
-      stage-3 tokens U^16 for the 16 -> 8 step and V^8 for the 8 -> 4 step, with a learned PatchSplit (LN, linear,
-      depth-to-space). All pyramid blocks are C-MLPs with MLP ratio 4 and no drop path.
+Differences from the paper / official code (reference Sec. 7 checklist, item by item where it applies):
+    - [7.1] The paper method (Eq. 4) is NOT in the released code (reference 2.5); built here from the paper. Our
+      choices: the EMA teacher (m = 0.996, constant) copies the backbone only (the paper takes targets "from the
+      last layer of each stage", which the backbone alone produces; the pyramid is not copied); it encodes only
+      the masked units (ids_keep = masked indices; exact for stages 1-2, which never mix units, tested). The
+      student's pyramid holds visible units only, so the MAE decoder fills the masked units and one linear head
+      per stage (h^{pt,s}) maps each masked unit's decoder state to that stage's sub-token grid (4x4xC/4, 2x2xC/2,
+      1x1xC). Targets are layer-normalised per sub-token (no affine); L_MFM = sum over the 3 stages of the L2
+      loss; loss = L_MIM + 0.3 L_MFM.
+    - [7.1] Official pixel recipe: one 512-d, 8-block, 16-head decoder on the sum of the three levels, each level
+      given the same mask token (a masked unit's input is 3 * mask_token), norm-pix L2 on masked units only, no
+      RPE during pixel pre-training. [7.2] The APE is sin-cos-initialised and trainable (as official); its
+      resampling quirk (reference 2.7) is off by default: cfg.ape_quirk=True reproduces released pixel outputs.
+    - [7.3] Distillation as released: stages 1-2 see every unit, masked units become a mask token at the stage-3
+      input (BEiT block masking, 75 of 196 units, min block 16 scaled to the grid), ALL units are supervised,
+      main + aux losses with equal weights; smooth-L1 (iTPN) or, as an option from the Fast-iTPN paper (no code
+      released), cosine. The pyramid prediction of a masked unit sees its own pixels through the stage-1/2
+      laterals (reference 3.7); no other unit does (tested).
+    - [7.4] Teacher input: the student's ImageNet-normalised batch is de-normalised, re-normalised with the teacher's
+      statistics (CLIP or ImageNet) and resized so the teacher's token grid equals the student's unit grid. The
+      official code feeds a separately lanczos-resized image that its CLIP teacher effectively sees as (x+1)/2:
+      not replicated. Target = last layer (+ CLIP projection), then LayerNorm without affine (official, eps 1e-5).
+      [7.11] The teacher width T is read from the teacher file (no --teacher_dim to get wrong).
+    - [7.5] Aux head: taps the output of block int(0.75 * depth) (0-based; 19 of 24 for iTPN-B) and adds 2
+      attention blocks with LayerNorm eps 1e-5, as released.
+    - [7.6] Presets count MLP blocks literally (iTPN notation: 3-3-24); itpn_t / itpn_s are the HiViT-T/S sizes.
+    - Eq. 3: the paper up-samples V^{s+1}; the released code (followed here: checkpoint layout) up-samples the raw
+      stage-3 tokens U^16 in the 16 -> 8 step and V^8 in the 8 -> 4 step, with a learned PatchSplit (LN, linear,
+      depth-to-space). Every pyramid block is a C-MLP (MLP ratio 4, no drop path).
     - A classifier (num_classes > 0) has no pyramid, like the official fine-tuning model (num_outs=1); a backbone
-      (num_classes = 0) carries the pyramid, like the pre-training and det/seg models (num_outs=3..5).
-    - Dense outputs: "det" = pyramid maps, strides 32/64 by avg-pool (official det); "seg" = each level
-      concatenated with the backbone feature of its stride, stride 32 by max-pool (official seg). The det/seg
-      copies of the official backbone use LayerNorm eps 1e-5; ours keep 1e-6 (dense layouts are not loaded here).
-    - Plain-ViT iTPN (supplementary Sec. 3): the outputs of layers 4 and 7 (of 12; scaled for other depths) are
-      up-sampled 4x and 2x with PatchSplit (our choice of up-sampler: learned, per unit, so still leak-free).
+      (num_classes = 0) carries it, like the pre-training and det/seg models (num_outs=3..5).
+    - [7.10] Dense outputs: "det" = the pyramid itself as the neck (no FPN), strides 32/64 by avg-pool; "seg" = each
+      level concatenated with the backbone feature of its stride, stride 32 by max-pool. The official det/seg
+      backbones use LayerNorm eps 1e-5 (ours 1e-6): the pixel det layout loads (keys, shapes) into
+      iTPN(num_classes=0, fpn_depth=1, rpe=False) but its outputs then differ slightly; the seg layouts (APE at
+      196 with RPE at 32x32) are not supported. `load_official` is strict: using a depth-2 pyramid checkpoint with
+      the det recipe's fpn_depth=1 means dropping the `block_*.1` keys on purpose (official: silently).
+    - Plain-ViT iTPN (supplementary Sec. 3): layers 4 and 7 (of 12; scaled for other depths) are up-sampled 4x and
+      2x by PatchSplit (our choice of up-sampler: learned and per unit, so still leak-free).
     - Module names differ from the official ones (e.g. `pyramid.lateral8` for `align_dim_16to8`, `aux_blocks` for
-      `cls_pt_layers`); `load_official` renames. Optimiser/schedule/data recipes live in train.py.
+      `cls_pt_layers`); `load_official` renames. Optimizer, schedule, layer decay [7.7] and data live elsewhere.
 
 Run:
     python itpn.py                                                      # CPU smoke demo, ~10 s
@@ -79,14 +88,14 @@ Run:
 import copy
 import math
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hivit import (
-    HiViT, HiViTConfig, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
+    HiViT, HiViTConfig, VIT_PRESETS, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
     check_image_size, drop_path_rates, init_weights, map_official_key, sincos_pos_embed_2d, units_to_map,
 )
 from hivit import load_official as load_official_hivit
@@ -207,7 +216,34 @@ class FeaturePyramid(nn.Module):
         return [self.out16(v16), self.out8(v8), self.out4(v4)]
 
 
-# ---- 4. The iTPN model (HiViT or plain ViT backbone + pyramid) ----------------------------------------------------
+# ---- 4. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
+
+def pyramid_maps(levels, grid_hw, *, mode: str = "det", backbone=None) -> dict[str, torch.Tensor]:
+    """Turn full-image pyramid levels [p16, p8, p4] (unit tensors) into image-layout maps keyed "p4".."p64".
+
+    mode "det" (official Mask R-CNN backbone, reference 6.1): F channels at every stride; p32 = avg_pool(p16, 2) and
+        p64 = avg_pool(p32, 2). The pyramid is the neck: no extra FPN.
+    mode "seg" (official UPerNet backbone, reference 6.3): each level is concatenated with the backbone feature of
+        its stride, `backbone` = [f4, f8, f16 as (B, N, 1, 1, C)], giving F+C/4, F+C/2, F+C; p32 = max_pool(p16, 2).
+    Used by iTPN.forward_pyramid (section 5) and by fast_itpn.py (any backbone giving the same unit tensors).
+    """
+    if mode not in ("det", "seg"):
+        raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
+    p16, p8, p4 = levels
+    if mode == "seg":
+        f4, f8, f16 = backbone
+        p16, p8, p4 = (torch.cat([p, f], dim=-1) for p, f in ((p16, f16), (p8, f8), (p4, f4)))   # (B, N, h, w, F+c)
+    maps = {"p4": units_to_map(p4, grid_hw), "p8": units_to_map(p8, grid_hw),     # (B, ., H/4, W/4), (.., H/8, W/8)
+            "p16": units_to_map(p16, grid_hw)}                                    # (B, ., H/16, W/16)
+    if mode == "det":
+        maps["p32"] = F.avg_pool2d(maps["p16"], kernel_size=2, stride=2)          # (B, F, H/32, W/32)
+        maps["p64"] = F.avg_pool2d(maps["p32"], kernel_size=2, stride=2)          # (B, F, H/64, W/64)
+    else:
+        maps["p32"] = F.max_pool2d(maps["p16"], kernel_size=2, stride=2)          # (B, F+C, H/32, W/32)
+    return maps
+
+
+# ---- 5. The iTPN model (HiViT or plain ViT backbone + pyramid) ----------------------------------------------------
 
 class PlainViTUnits(nn.Module):
     """Supplementary Sec. 3 (Tab. 11): a plain ViT/16 made hierarchical by up-sampling two intermediate layers.
@@ -287,8 +323,9 @@ class iTPN(nn.Module):
         """(f4, f8, every stage-3 block's output); see `encode_backbone`."""
         return encode_backbone(self.backbone, x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
 
-    def forward_features(self, x, *, ids_keep=None):
-        f4, f8, outs = self.encode(x, ids_keep=ids_keep)
+    def forward_features(self, x, *, ids_keep=None, mask=None, mask_token=None):
+        """The HiViT seam (mim.py): [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)]."""
+        f4, f8, outs = self.encode(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
         return [f4, f8, outs[-1]]
 
     def require_pyramid(self) -> FeaturePyramid:
@@ -312,33 +349,6 @@ class iTPN(nn.Module):
 
     def forward(self, x):
         return self.backbone(x)                                           # (B, K): mean pool -> fc_norm -> head
-
-
-# ---- 5. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
-
-def pyramid_maps(levels, grid_hw, *, mode: str = "det", backbone=None) -> dict[str, torch.Tensor]:
-    """Turn full-image pyramid levels [p16, p8, p4] (unit tensors) into image-layout maps keyed "p4".."p64".
-
-    mode "det" (official Mask R-CNN backbone, reference 6.1): F channels at every stride; p32 = avg_pool(p16, 2) and
-        p64 = avg_pool(p32, 2). The pyramid is the neck: no extra FPN.
-    mode "seg" (official UPerNet backbone, reference 6.3): each level is concatenated with the backbone feature of
-        its stride, `backbone` = [f4, f8, f16 as (B, N, 1, 1, C)], giving F+C/4, F+C/2, F+C; p32 = max_pool(p16, 2).
-    Used by iTPN.forward_pyramid and by fast_itpn.py (any backbone giving the same unit tensors).
-    """
-    if mode not in ("det", "seg"):
-        raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
-    p16, p8, p4 = levels
-    if mode == "seg":
-        f4, f8, f16 = backbone
-        p16, p8, p4 = (torch.cat([p, f], dim=-1) for p, f in ((p16, f16), (p8, f8), (p4, f4)))   # (B, N, h, w, F+c)
-    maps = {"p4": units_to_map(p4, grid_hw), "p8": units_to_map(p8, grid_hw),     # (B, ., H/4, W/4), (.., H/8, W/8)
-            "p16": units_to_map(p16, grid_hw)}                                    # (B, ., H/16, W/16)
-    if mode == "det":
-        maps["p32"] = F.avg_pool2d(maps["p16"], kernel_size=2, stride=2)          # (B, F, H/32, W/32)
-        maps["p64"] = F.avg_pool2d(maps["p32"], kernel_size=2, stride=2)          # (B, F, H/64, W/64)
-    else:
-        maps["p32"] = F.max_pool2d(maps["p16"], kernel_size=2, stride=2)          # (B, F+C, H/32, W/32)
-    return maps
 
 
 # ---- 6. Official pixel recipe: one decoder on the summed pyramid levels -------------------------------------------
@@ -550,13 +560,17 @@ def clip_to_vit_state_dict(sd: dict) -> tuple[ViTConfig, dict, torch.Tensor]:
             for old, ours in renames.items():
                 new = new.replace(old, ours)
             out[new] = value
-    return cfg, out, sd["proj"]
+    return cfg, out, sd["proj"].float()                                  # released CLIP weights are often fp16
 
 
 def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
     """A checkpoint written by this project: a hivit.VisionTransformer state_dict, bare or under 'model', keys
-    optionally prefixed (e.g. `encoder.` from a pre-trainer). Sizes are read from the shapes; num_heads,
-    quick_gelu and ln_eps from a saved 'config' dict if present (else C / 64 heads, GELU, eps 1e-6)."""
+    optionally prefixed (e.g. `encoder.` in a train.py checkpoint of mim.py's MAE on a ViT).
+
+    Sizes are read from the shapes. The head count is not in any shape: it comes from a saved 'config' dict with
+    num_heads, else from the ViT preset named by train.py's 'args' {'model': 'vit_b', ...}, else C / 64.
+    quick_gelu and ln_eps come from 'config' when present (defaults: GELU, eps 1e-6).
+    """
     sd = ckpt.get("model", ckpt)
     anchor = next((k for k in sd if k.endswith("patch_embed.weight")), None)
     if anchor is None:
@@ -564,11 +578,12 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
                          "hivit.VisionTransformer state_dict (patch_embed.weight)")
     prefix = anchor[: -len("patch_embed.weight")]
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    saved = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     c, _, p, _ = sd["patch_embed.weight"].shape
+    heads = saved.get("num_heads") or getattr(VIT_PRESETS.get(run_args.get("model")), "num_heads", max(1, c // 64))
     cfg = ViTConfig(img_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p, embed_dim=c,
-                    depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-                    num_heads=saved.get("num_heads", max(1, c // 64)),
+                    depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=heads,
                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / c, class_token="cls_token" in sd,
                     pre_norm="norm_pre.weight" in sd, quick_gelu=saved.get("quick_gelu", False),
                     ln_eps=saved.get("ln_eps", LN_EPS), num_classes=0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import itpn
-from hivit import ViTConfig, VisionTransformer
+from hivit import VIT_PRESETS, ViTConfig, VisionTransformer
 from itpn import (
     PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPaperPretrainer, iTPNPixelPretrainer,
     load_official, load_teacher,
@@ -294,6 +294,20 @@ def test_project_teacher_gives_layer_normed_last_layer(teacher_path):
     assert teacher.out_dim == 32 and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_train_py_checkpoint_teacher_reads_heads_from_args(tmp_path):
+    """A train.py checkpoint of MAE on vit_tiny: keys under `encoder.`, heads only known from args['model']."""
+    torch.manual_seed(0)
+    cfg = replace(VIT_PRESETS["vit_tiny"], num_classes=0)                  # 64-d, 2 heads (64 / 64 would say 1)
+    vit = VisionTransformer(cfg).eval()
+    sd = {f"encoder.{k}": v for k, v in vit.state_dict().items()} | {"decoder_pred.weight": torch.zeros(3, 3)}
+    path = str(tmp_path / "checkpoint-last.pth")
+    torch.save({"model": sd, "args": {"model": "vit_tiny", "method": "mae"}, "config": {"mask_ratio": 0.75}}, path)
+    x = smooth_batch()
+    with torch.no_grad():
+        ref = F.layer_norm(vit.forward_features(x)[-1], (64,), eps=1e-5)
+    torch.testing.assert_close(load_teacher(path)(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def clip_reference_forward(sd, x, heads):
     """OpenAI CLIP's visual forward written independently: conv, CLS, pos, ln_pre, resblocks (QuickGELU), ln_post."""
     c = sd["conv1.weight"].shape[0]
@@ -322,7 +336,8 @@ def test_openai_clip_teacher_matches_an_independent_clip_forward(tmp_path):
     torch.manual_seed(0)
     sd = clip_state_dict(width=64, depth=2, out_dim=24)
     path = str(tmp_path / "clip_visual.pth")
-    torch.save({"visual." + k: v for k, v in sd.items()} | {"token_embedding.weight": torch.zeros(3, 2)}, path)
+    released = {"visual." + k: (v.half() if k == "proj" else v) for k, v in sd.items()}   # fp16 proj, as released
+    torch.save(released | {"token_embedding.weight": torch.zeros(3, 2)}, path)        # text keys are ignored
     teacher = load_teacher(path)
     imgs = smooth_batch()
     clip_input = imgs * teacher.in_scale + teacher.in_shift               # the documented re-normalisation
@@ -330,6 +345,7 @@ def test_openai_clip_teacher_matches_an_independent_clip_forward(tmp_path):
     clip_mean, clip_std = torch.tensor(itpn.CLIP_MEAN)[:, None, None], torch.tensor(itpn.CLIP_STD)[:, None, None]
     torch.testing.assert_close(clip_input, (raw - clip_mean) / clip_std, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
+        sd["proj"] = sd["proj"].half().float()
         ref = F.layer_norm(clip_reference_forward(sd, clip_input, heads=1), (24,), eps=1e-5)
     torch.testing.assert_close(teacher(imgs), ref, rtol=1e-4, atol=1e-4)
 
@@ -390,7 +406,8 @@ def test_other_layouts_load_strictly_and_backbone_takes_pretraining_weights(tmp_
                   (iTPN(replace(PRESETS["itpn_b"], layer_scale=0.1)), "itpn_base_clip_finetune"),
                   (iTPNPixelPretrainer(large), "itpn_large_pixel_pretrain"),
                   (iTPNDistillPretrainer(large, teacher_path=path), "itpn_large_clip_pretrain"),
-                  (iTPN(replace(large, num_classes=0, rpe=False)), "itpn_large_pixel_pretrain")]
+                  (iTPN(replace(large, num_classes=0, rpe=False)), "itpn_large_pixel_pretrain"),
+                  (iTPN(replace(PRESETS["itpn_b"], num_classes=0, fpn_depth=1, rpe=False)), "itpn_base_det_dense")]
     for model, layout in models:
         ignored = load_official(model, layout_tensors(layout))
         assert all(not k.startswith(("blocks.", "align_dim", "split_", "fpn_modules")) for k in ignored)
