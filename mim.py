@@ -47,6 +47,8 @@ Differences from the papers / official code (and our choices where the papers ar
     - FastMIM-P: the resolution schedule `img_sizes` is a list of (fraction of training, side) pairs; nothing in
       this file is built for one resolution (HOG cells, masks, position tables and relative-position tables are
       all derived from the input each call), so a switch needs no rebuild and keeps every optimizer moment.
+    - FastMIM's released ViT-B pre-trains with 6 heads (12 when fine-tuning); here the encoder keeps its preset.
+      The fastmim_p preset uses the Swin-L decoder (4b512d) and Swin-L schedule (128/160/192 for 200/100/100 ep).
     - Depth truncation (FastMIM Tab. 1c) is done by building the encoder with fewer blocks
       (`truncate_encoder_config`); fine-tuning loads it into the full-depth model, the last k blocks fresh.
     - M3I (no code released; reference notes Sec. 3.6 list the open points). Our choices:
@@ -63,6 +65,9 @@ Differences from the papers / official code (and our choices where the papers ar
         top-left corner, sin-cos encoded then a learnable Linear, used for visible tokens and queries alike.
       * Global-feature rows (c, f, i, l): attention pooling + Linear on the encoder tokens, target = GAP of the
         EMA features, InfoNCE with tau = 0.2 over the batch (the negatives prevent collapse).
+      * The full "m3i" preset has its category and text targets OFF by default (train.py's data is unlabelled):
+        set num_classes / text_target and pass labels / captions to turn them on. out["mask"] is then the mix
+        (1 = unit from image j), and out["pred"] image i's dense prediction.
       * Category target (needs labels): attention pooling over the image's own tokens + Linear, logits against a
         learned category embedding (K x C), softmax CE with each image's own label (no label mixing).
       * Text target (needs captions): bytes -> 2-layer transformer -> mean pool; CLIP-style InfoNCE against the
@@ -90,6 +95,7 @@ import math
 import random
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -210,15 +216,14 @@ def block_masking(batch_size: int, grid_hw: tuple[int, int], num_masked: int, *,
     """BEiT blockwise masking: rectangles of >= min_block units (aspect 0.3..3.3) until num_masked are masked.
 
     Returns mask (B, N) float, 1 = removed, exactly num_masked ones per sample (topped up at random when the
-    rectangles stall, as SiameseIM does). Python's RNG, seeded once from `generator`, keeps this fast and
-    deterministic under a seed (the loop makes a few hundred scalar draws per sample).
+    rectangles stall, as SiameseIM does). This runs on the CPU with NumPy and Python's RNG, seeded once from
+    `generator` (deterministic under a seed): a few hundred scalar steps per sample would be slow as torch ops.
     """
     hp, wp = grid_hw
-    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))
+    rng = random.Random(int(torch.randint(2**62, (1,), generator=generator)))   # any 62-bit seed
     log_aspect = (math.log(0.3), math.log(1 / 0.3))                     # BEiT's aspect range
-    masks = []
-    for _ in range(batch_size):
-        m = torch.zeros(hp, wp)
+    masks = np.zeros((batch_size, hp, wp), dtype=np.float32)
+    for m in masks:                                                       # m: (Hp, Wp) view of one sample
         count, stalls = 0, 0
         while count < num_masked and stalls < 10:                         # BEiT: give up after 10 failed tries
             budget = num_masked - count
@@ -229,17 +234,16 @@ def block_masking(batch_size: int, grid_hw: tuple[int, int], num_masked: int, *,
                 stalls += 1
                 continue
             top, left = rng.randint(0, hp - h), rng.randint(0, wp - w)
-            new = int((1 - m[top:top + h, left:left + w]).sum())
+            new = h * w - int(m[top:top + h, left:left + w].sum())
             if 0 < new <= budget:                                         # never overshoot the exact count
                 m[top:top + h, left:left + w] = 1
                 count, stalls = count + new, 0
             else:
                 stalls += 1
-        free = (m.flatten() == 0).nonzero().flatten().tolist()            # top-up to the exact count
-        for idx in rng.sample(free, num_masked - count):
-            m.view(-1)[idx] = 1                                           # flat (N,) view of the grid
-        masks.append(m.flatten())                                         # (N,)
-    return torch.stack(masks)                                             # (B, N)
+        flat = m.reshape(-1)                                              # (N,) view of the same memory
+        for idx in rng.sample(np.flatnonzero(flat == 0).tolist(), num_masked - count):   # top-up
+            flat[idx] = 1
+    return torch.from_numpy(masks.reshape(batch_size, hp * wp))          # (B, N)
 
 
 def ids_from_mask(mask: torch.Tensor):
