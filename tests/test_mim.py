@@ -216,15 +216,18 @@ def check_step(model, imgs, **extra):
 
 
 class PerfectDecoder(torch.nn.Module):
-    """Stands in for MAEDecoder: returns the true target, corrupted by `noise` on one chosen unit of sample 0."""
+    """Stands in for MAEDecoder: returns the true target, plus `noise` on the first visible (or removed) unit of
+    sample 0. A unit n was kept when ids_restore[n] < N_vis (its rank in the shuffle)."""
 
-    def __init__(self, target, unit, noise):
+    def __init__(self, target, *, noise, on_visible):
         super().__init__()
-        self.target, self.unit, self.noise = target, unit, noise
+        self.target, self.noise, self.on_visible = target, noise, on_visible
 
     def forward(self, latent, ids_restore, grid_hw):
+        kept = ids_restore[0] < latent.shape[1]                           # (N,) visible units of sample 0
+        unit = int((kept if self.on_visible else ~kept).nonzero()[0])
         pred = self.target.clone()
-        pred[0, self.unit(ids_restore, latent.shape[1])] += self.noise
+        pred[0, unit] += self.noise
         return pred
 
 
@@ -233,11 +236,11 @@ def test_mae_loss_zero_for_perfect_prediction_and_counts_only_masked_units():
     model = build("mae")
     imgs = torch.randn(2, 3, 64, 64)
     target = norm_pix(patchify(imgs))
-    first_kept = lambda ids_restore, n_vis: int((ids_restore[0] < n_vis).nonzero()[0])      # noqa: E731
-    first_removed = lambda ids_restore, n_vis: int((ids_restore[0] >= n_vis).nonzero()[0])  # noqa: E731
-    model.decoder = PerfectDecoder(target, first_kept, 5.0)
+    model.decoder = PerfectDecoder(target, noise=0.0, on_visible=True)
+    assert model(imgs)["loss"].item() == 0                               # perfect prediction
+    model.decoder = PerfectDecoder(target, noise=5.0, on_visible=True)
     assert model(imgs)["loss"].item() == 0                               # errors on visible units do not count
-    model.decoder = PerfectDecoder(target, first_removed, 2.0)
+    model.decoder = PerfectDecoder(target, noise=2.0, on_visible=False)
     out = model(imgs)
     assert out["mask"].sum() == 2 * 12                                   # 16 units, 0.75 removed
     assert out["loss"].item() == pytest.approx(4.0 / 24, rel=1e-5)      # 2^2 on one unit, mean over 24 removed
