@@ -435,8 +435,8 @@ class FastBlock(nn.Module):
         self.attn = FastAttention(dim, num_heads=num_heads, hrpe_window=hrpe_window)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = SwiGLU(dim, hidden_dim=int(dim * mlp_ratio))
-        self.gamma_1 = nn.Parameter(layer_scale * torch.ones(dim))
-        self.gamma_2 = nn.Parameter(layer_scale * torch.ones(dim))
+        self.gamma_1 = nn.Parameter(torch.full((dim,), layer_scale))     # layer scale, official init_values 0.1
+        self.gamma_2 = nn.Parameter(torch.full((dim,), layer_scale))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
