@@ -141,9 +141,9 @@ def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, 
         teacher_path = os.path.join(tmp, "vit_b_teacher.pth")
         torch.save(hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_b"], num_classes=0)).state_dict(),
                    teacher_path)
-        for name, build in (("official pixel recipe", lambda: itpn.iTPNPixelPretrainer(preset)),
-                            ("paper MIM + MFM, EMA teacher", lambda: itpn.iTPNPaperPretrainer(preset)),
-                            ("distillation, ViT-B/16 teacher", lambda: itpn.iTPNDistillPretrainer(
+        for name, build in (("pixel recipe", lambda: itpn.iTPNPixelPretrainer(preset)),
+                            ("paper MIM+MFM, EMA", lambda: itpn.iTPNPaperPretrainer(preset)),
+                            ("distill, ViT-B teacher", lambda: itpn.iTPNDistillPretrainer(
                                 preset, teacher_path=teacher_path))):
             t = step_time(build())
             rows.append((f"iTPN-B {name} step / MAE HiViT-B step", t / t_mae, f"x  ({t:.3f} s/step)"))

@@ -204,7 +204,7 @@ class FeaturePyramid(nn.Module):
         self.out16, self.out8, self.out4 = (c_mlp(f, ln_eps=ln_eps) for _ in range(3))
 
     def forward(self, f4: torch.Tensor, f8: torch.Tensor, f16: torch.Tensor) -> list[torch.Tensor]:
-        """f4 (B, N, 4, 4, C/4), f8 (B, N, 2, 2, C/2), f16 (B, N, C) -> [(B, N, 1, 1, F), (B, N, 2, 2, F), (B, N, 4, 4, F)]."""
+        """f4 (B, N, 4, 4, C/4), f8 (B, N, 2, 2, C/2), f16 (B, N, C) -> [p16, p8, p4], (B, N, h, w, F) each."""
         u16 = f16[:, :, None, None, :]                                    # (B, N, 1, 1, C)
         v16 = self.proj16(u16)                                            # Eq. 3: V^16 = U^16 (B, N, 1, 1, F)
         v8 = self.split16(u16) + self.lateral8(f8)                        # Eq. 3: U^8 + g(.) (B, N, 2, 2, F)
@@ -397,7 +397,8 @@ class iTPNPixelPretrainer(nn.Module):
         self.decoder_embed = nn.ModuleList(LevelEmbed(f, out_dim=d // (s * s)) for s in (1, 2, 4))   # p16, p8, p4
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed sin-cos table, stored as a frozen parameter as in the official checkpoints (other grids: recomputed).
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(d, *self.encoder.grid)[None], requires_grad=False)
+        table = sincos_pos_embed_2d(d, *self.encoder.grid)[None]          # (1, N, D)
+        self.decoder_pos_embed = nn.Parameter(table, requires_grad=False)
         self.decoder_blocks = nn.ModuleList(AttentionBlock(d, num_heads=cfg.decoder_heads, mlp_ratio=4.0)
                                             for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(d, eps=LN_EPS)

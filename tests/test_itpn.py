@@ -155,6 +155,58 @@ def test_pyramid_has_no_spatial_mixing():
         assert changed.tolist() == [False, False, True, False, False, False]
 
 
+def official_pyramid_forward(sd, f4, f8, x16, *, fpn_depth):
+    """The released pyramid written from the reference description (2.2) with the official key names."""
+    def ln(x, p):
+        return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
+
+    def c_mlp(x, p):                                                      # BlockWithRPE(num_heads=0): norm2 + mlp
+        h = F.linear(ln(x, p + ".norm2"), sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"])
+        return x + F.linear(F.gelu(h), sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
+
+    def patch_split(x, p):                                                # LN, Linear(c, 4F), group k -> (k//2, k%2)
+        y = F.linear(ln(x, p + ".norm"), sd[p + ".reduction.weight"])
+        b, n, h, w, _ = y.shape
+        y = y.reshape(b, n, h, w, 2, 2, -1).permute(0, 1, 2, 4, 3, 5, 6)
+        return y.reshape(b, n, 2 * h, 2 * w, -1)
+
+    x16 = x16[:, :, None, None, :]
+    o16 = F.linear(x16, sd["align_dim_16tofpn.weight"], sd["align_dim_16tofpn.bias"])
+    o8 = patch_split(x16, "split_16to8") + F.linear(f8, sd["align_dim_16to8.weight"])
+    for j in range(fpn_depth):
+        o8 = c_mlp(o8, f"block_16to8.{j}")
+    o4 = patch_split(o8, "split_8to4") + F.linear(f4, sd["align_dim_8to4.weight"])
+    for j in range(fpn_depth):
+        o4 = c_mlp(o4, f"block_8to4.{j}")
+    return [c_mlp(o, f"fpn_modules.{i}") for i, o in enumerate((o16, o8, o4))]
+
+
+def test_pyramid_matches_an_independent_official_forward():
+    """Random weights under the official names -> the loader's mapping -> our pyramid equals the described one."""
+    torch.manual_seed(0)
+    cfg = replace(TINY, num_classes=0, fpn_depth=2)
+    c, f = cfg.embed_dim, cfg.fpn_dim
+    official = {"align_dim_16tofpn.weight": (f, c), "align_dim_16tofpn.bias": (f,),
+                "align_dim_16to8.weight": (f, c // 2), "align_dim_8to4.weight": (f, c // 4),
+                "split_16to8.norm.weight": (c,), "split_16to8.norm.bias": (c,),
+                "split_16to8.reduction.weight": (4 * f, c), "split_8to4.norm.weight": (f,),
+                "split_8to4.norm.bias": (f,), "split_8to4.reduction.weight": (4 * f, f)}
+    blocks = [f"block_16to8.{j}" for j in range(2)] + [f"block_8to4.{j}" for j in range(2)] + \
+        [f"fpn_modules.{i}" for i in range(3)]
+    for p in blocks:
+        official |= {p + ".norm2.weight": (f,), p + ".norm2.bias": (f,), p + ".mlp.fc1.weight": (4 * f, f),
+                     p + ".mlp.fc1.bias": (4 * f,), p + ".mlp.fc2.weight": (f, 4 * f), p + ".mlp.fc2.bias": (f,)}
+    official = {k: torch.randn(shape) * 0.2 for k, shape in official.items()}
+    model = iTPN(cfg).eval()
+    mapped = {itpn.map_itpn_key(k, cfg): v for k, v in official.items()}    # the loader's own key mapping
+    assert all(k.startswith("encoder.pyramid.") for k in mapped)
+    model.pyramid.load_state_dict({k[len("encoder.pyramid."):]: v for k, v in mapped.items()})   # strict
+    f4, f8, x16 = torch.randn(2, 5, 4, 4, c // 4), torch.randn(2, 5, 2, 2, c // 2), torch.randn(2, 5, c)
+    with torch.no_grad():
+        for a, b in zip(model.pyramid(f4, f8, x16), official_pyramid_forward(official, f4, f8, x16, fpn_depth=2)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_classifier_has_no_pyramid():
     model = iTPN(TINY)
     assert model.pyramid is None and model(torch.randn(1, 3, 64, 64)).shape == (1, TINY.num_classes)
@@ -225,6 +277,22 @@ def perturb_masked_units(x, mask, unit=16):
     hp, wp = x.shape[-2] // unit, x.shape[-1] // unit
     pix = mask_to_map(mask, (hp, wp), unit)[:, None]                      # (B, 1, H, W)
     return x + pix * torch.randn_like(x)
+
+
+def test_decoder_input_equals_the_official_per_level_mask_token_formulation():
+    """Official: every level gets the mask token, is un-shuffled, then the levels are summed. Ours: sum the visible
+    levels, fill masked units with 3 * mask_token, un-shuffle once. Same tensor, bit for bit."""
+    torch.manual_seed(0)
+    model = iTPNPixelPretrainer(replace(TINY, decoder_depth=0)).eval()  # decode = norm(input + position)
+    levels = [torch.randn(2, 5, s, s, TINY.fpn_dim) for s in (1, 2, 4)] # 5 visible of 16 units
+    ids_restore = torch.rand(2, 16).argsort(dim=1)                        # (B, N)
+    official = 0
+    for embed, level in zip(model.decoder_embed, levels):
+        x = torch.cat([embed(level), model.mask_token.expand(2, 11, -1)], dim=1)   # (B, N, D), shuffled order
+        official = official + torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, x.shape[-1]))
+    with torch.no_grad():
+        expected = model.decoder_norm(official + model.decoder_pos_embed)
+        assert torch.equal(model.decode(levels, ids_restore, (4, 4)), expected)
 
 
 @pytest.mark.parametrize("method", ["itpn_pixel", "itpn"])
