@@ -104,7 +104,8 @@ from mim import LOSSES, block_masking, l2_loss, masked_mean, norm_pix, patchify,
 __all__ = [
     "iTPNConfig", "PRESETS", "RECIPES", "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
     "encode_backbone", "LevelEmbed", "iTPNPixelPretrainer", "iTPNPaperPretrainer", "FrozenTeacher", "load_teacher",
-    "iTPNDistillPretrainer", "METHODS", "load_official", "count_params",
+    "iTPNDistillPretrainer", "METHODS", "map_itpn_key", "load_official", "count_params",
+    "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD",
 ]
 
 LN_EPS = 1e-6                       # official LayerNorm eps of the classification / pre-training models
@@ -791,7 +792,7 @@ if __name__ == "__main__":
     levels = backbone.forward_levels(x)
     print("pyramid levels (p16, p8, p4):", [tuple(p.shape) for p in levels])
     print("dense maps:", {k: tuple(v.shape) for k, v in backbone.forward_pyramid(x).items()})
-    with tempfile.TemporaryDirectory() as tmp:                            # a tiny random "CLIP-like" teacher
+    with tempfile.TemporaryDirectory() as tmp:                            # a tiny random ViT teacher (our layout)
         teacher_path = os.path.join(tmp, "teacher.pth")
         torch.save(VisionTransformer(ViTConfig(img_size=64, embed_dim=32, depth=1, num_heads=2,
                                                num_classes=0)).state_dict(), teacher_path)
