@@ -106,7 +106,7 @@ __all__ = [
     "MIMConfig", "PRESETS", "M3I_PRESET_NAMES", "METHODS", "tiny_decoder", "img_size_at", "truncate_encoder_config",
     "random_masking", "block_masking", "ids_from_mask", "mask_units", "mask_to_map",
     "patchify", "unpatchify", "norm_pix", "masked_mean", "HOG_BINS", "HOG_CELL", "hog", "hog_targets", "hog_picture",
-    "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES",
+    "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES", "DENSE_LOSSES",
     "LightDecoder", "MAEDecoder", "view_pos_embed", "QueryDecoder", "AttentionPool", "tokenize_captions",
     "TextEncoder", "make_teacher", "ema_update_", "cosine_momentum", "pixel_recon",
     "MAE", "FastMIM", "random_resized_views", "view_coords", "mix_images", "gather_units", "M3I",
@@ -433,6 +433,13 @@ def info_nce_loss(query: torch.Tensor, keys: torch.Tensor, *, positive: torch.Te
 
 
 LOSSES = {"l2": l2_loss, "smooth_l1": smooth_l1_loss, "cosine": cosine_loss, "info_nce": info_nce_loss}
+DENSE_LOSSES = ("l2", "smooth_l1", "cosine")     # per-unit losses; info_nce compares whole-image vectors
+
+
+def check_dense_loss(cfg) -> None:
+    """Fail at construction, not at the first step, when a dense target is given a contrastive loss."""
+    if cfg.loss not in DENSE_LOSSES:
+        raise ValueError(f"a dense target needs one of {DENSE_LOSSES} as loss, not {cfg.loss!r}")
 
 
 # ---- 6. Decoders and heads ----------------------------------------------------------------------------------------
@@ -615,6 +622,7 @@ class MAE(nn.Module):
         self.patch = getattr(encoder.cfg, "patch_size", 16)               # unit = the last-stage patch
         c = encoder.cfg.embed_dim
         self.norm = nn.LayerNorm(c, eps=LN_EPS)                           # MAE encoder's final norm
+        check_dense_loss(cfg)
         self.decoder = MAEDecoder(c, dim=cfg.decoder_dim, depth=cfg.decoder_depth, num_heads=cfg.decoder_heads,
                                   out_dim=self.patch ** 2 * 3)
 
@@ -649,6 +657,7 @@ class FastMIM(nn.Module):
         super().__init__()
         if cfg.target not in ("hog", "pixel"):
             raise ValueError(f"FastMIM predicts 'hog' or 'pixel', not {cfg.target!r}")
+        check_dense_loss(cfg)
         self.cfg = cfg
         self.encoder = encoder
         self.patch = getattr(encoder.cfg, "patch_size", 16)               # mask unit = last-stage patch (16 px)
@@ -781,6 +790,7 @@ class M3I(nn.Module):
         if cfg.target == "global_feature":                                # Tab. 2 rows c, f, i, l
             self.global_head = AttentionPool(c, num_heads=heads, out_dim=c)
         else:                                                             # dense pixels or dense features
+            check_dense_loss(cfg)
             out_dim = self.patch ** 2 * 3 if cfg.target == "pixel" else c
             self.decoder = QueryDecoder(c, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
                                         num_heads=cfg.decoder_heads, out_dim=out_dim)
@@ -820,7 +830,11 @@ class M3I(nn.Module):
         """Loss of one image's prediction. tokens (B, L, C) at units ids (B, L); who (B,) = whose target it is."""
         if self.cfg.target == "global_feature":
             pred = self.global_head(tokens)                               # (B, C)
-            return info_nce_loss(pred, target, positive=who, temperature=self.cfg.temperature).mean(), pred
+            if self.cfg.loss == "info_nce":                               # Boltzmann: the batch is the candidates
+                per_sample = info_nce_loss(pred, target, positive=who, temperature=self.cfg.temperature)
+            else:                                                         # Gaussian on the vectors (no negatives)
+                per_sample = LOSSES[self.cfg.loss](pred.float(), target[who])   # (B,)
+            return per_sample.mean(), pred
         grid = view_coords(grid_hw).to(tokens.device).expand(ids.shape[0], -1, -1)   # (B, N, 4) input-view grid
         token_coords = gather_units(grid, ids)                            # (B, L, 4) where the tokens sit
         pred = self.decoder(tokens, token_coords, query_coords)           # (B, N, out) one per target unit

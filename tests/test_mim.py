@@ -437,6 +437,14 @@ def test_m3i_with_category_and_text_targets_on_vit():
         model(torch.randn(4, 2, 3, 64, 64))                               # labels and captions are required
 
 
+def test_loss_choice_is_checked_and_global_targets_take_l2_too():
+    with pytest.raises(ValueError):
+        build("mae", loss="info_nce")                                     # a dense target needs a per-unit loss
+    with pytest.raises(ValueError):
+        build("m3i_k_siamese_im_feat", loss="info_nce")
+    check_step(build("m3i_c_global_distillation", loss="cosine"), torch.randn(2, 3, 32, 32))
+
+
 def test_presets_and_methods_agree():
     assert len(mim.M3I_PRESET_NAMES) == 12 and set(mim.METHODS) == set(mim.PRESETS)
     masked = {n for n in mim.M3I_PRESET_NAMES if mim.PRESETS[n].mask_ratio > 0}
