@@ -416,6 +416,41 @@ def test_m3i_presets_train_one_step(name):
     assert out["mask"].shape == (4, 16)
 
 
+class RecordingDecoder(torch.nn.Module):
+    """Stands in for QueryDecoder: records its inputs and predicts zeros (B, Nq, out)."""
+
+    def __init__(self, out_dim):
+        super().__init__()
+        self.out_dim, self.calls = out_dim, []
+        self.scale = torch.nn.Parameter(torch.ones(()))                   # keeps the loss differentiable
+
+    def forward(self, tokens, token_coords, query_coords):
+        self.calls.append((tokens.shape, token_coords, query_coords))
+        return self.scale * torch.zeros(*query_coords.shape[:2], self.out_dim)
+
+
+def test_m3i_wiring_intra_view_image_i_inter_view_image_j_one_teacher_pass():
+    torch.manual_seed(0)
+    model = build("m3i")
+    model.decoder = RecordingDecoder(out_dim=64)
+    teacher_batches, teacher_features = [], model.teacher.forward_features
+
+    def counting(x, **kwargs):                                            # instance attribute shadows the method
+        teacher_batches.append(x.shape[0])
+        return teacher_features(x, **kwargs)
+    model.teacher.forward_features = counting
+    model(torch.randn(4, 2, 3, 64, 64))
+    assert teacher_batches == [4]                                          # one pass over the B target views
+    (shape_i, pos_i, query_i), (shape_j, pos_j, query_j) = model.decoder.calls
+    assert shape_i == shape_j == (4, 8, 64)                               # each image owns half of the 16 units
+    grid = mim.view_coords((4, 4)).expand(4, -1, -1)
+    assert torch.equal(query_i, grid)                                     # image i: queries on its own view's grid
+    assert (query_j[..., 2:] >= 0).all() and not torch.equal(query_j, grid)   # image j: another (sub-)crop
+    units = torch.cat([pos_i, pos_j], dim=1)[..., :2]                     # (B, 16, 2) grid positions of the tokens
+    index = (units[..., 0] * 4 + units[..., 1]).long().sort(dim=1).values  # (B, 16)
+    assert torch.equal(index, torch.arange(16).expand(4, -1))             # i and j split the grid, no overlap
+
+
 def test_m3i_is_deterministic_under_a_seed():
     model = build("m3i")
     imgs = torch.randn(2, 2, 3, 32, 32)
