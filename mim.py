@@ -338,7 +338,8 @@ def hog(imgs: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
     Per colour channel: reflect-pad 1, 3x3 Sobel gx/gy, magnitude sqrt(gx^2 + gy^2), orientation atan2(gx, gy)
     (MaskFeat's argument order) mapped to 9 unsigned bins by floor(angle * 9 / pi) mod 9 (hard voting), magnitudes
     summed over 8x8 cells, then each 9-bin histogram L2-normalised when `normalize`. Always fp32 with autocast off:
-    under AMP the Sobel output would be half precision and the histogram sums lose their small entries.
+    under AMP the Sobel convs return half precision, which scatter_add_ into an fp32 histogram rejects (FastMIM's
+    copy fails exactly there), and a half-precision histogram would lose the small magnitudes of flat regions.
     """
     with torch.autocast(device_type=imgs.device.type, enabled=False):
         x = imgs.float()
