@@ -191,14 +191,15 @@ def test_load_official_names_missing_and_wrong_shapes():
 # ---- 4. token migration (Sec. 4.1) ----
 
 def test_migration_schedule_hits_the_ratio():
-    for ratio in (0.1, 0.2, 0.3, 0.4):
+    for ratio in (0.1, 0.2, 0.3, 0.4):                                    # Fig. 5's ratios, 64-token windows, 24 layers
         r = migration_schedule(64, 24, ratio)
-        assert len(r) == 24 and sum(r) == round(ratio * 64) and min(r) >= 0
+        gone = torch.tensor(r).cumsum(0).float()                          # tokens gone after each layer
+        assert len(r) == 24 and min(r) >= 0 and abs(gone.mean().item() - ratio * 64) <= 0.5
     assert migration_schedule(64, 24, 0.0) == [0] * 24
     with pytest.raises(ValueError):
-        migration_schedule(4, 1, 0.9)                                     # more than set A in one layer
+        migration_schedule(64, 24, 0.5)                                   # would empty every window
     model = tiny()
-    for bad in (dict(migration_ratio=1.0), dict(migration_ratio=-0.1), dict(attention="swin")):
+    for bad in (dict(migration_ratio=0.5), dict(migration_ratio=-0.1), dict(attention="swin")):
         with pytest.raises(ValueError):
             model.set_acceleration(**bad)
     assert model.cfg.migration_ratio == 0 and model.cfg.attention == "global"   # unchanged after a refusal
@@ -236,13 +237,13 @@ def test_migration_zero_and_global_attention_is_the_plain_forward():
 
 @pytest.mark.parametrize("mode", fast_itpn.ATTENTION_MODES)
 def test_migration_fills_every_position_exactly_once(mode):
-    model = tiny(num_classes=0, attention=mode, migration_ratio=0.5)
+    model = tiny(num_classes=0, attention=mode, migration_ratio=0.4)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         _, _, tokens = model.forward_early(x)
         kept, pos, store = model.forward_stage3(tokens + model.pos_embed, grid_hw=(4, 4))
         n_windows = 4                                                     # 4x4 grid, 2x2 windows
-        assert [s[0].shape[1] for s in store] == [r * n_windows for r in migration_schedule(4, 2, 0.5) if r]
+        assert [s[0].shape[1] for s in store] == [r * n_windows for r in migration_schedule(4, 2, 0.4) if r]
         assert kept.shape == (2, 16 - sum(s[0].shape[1] for s in store), 64)
         every = torch.cat([pos] + [s[0] for s in store], dim=1)           # (B, N): survivors + migrated
         assert torch.equal(every.sort(dim=1).values, torch.arange(16).expand(2, 16))
@@ -313,7 +314,7 @@ def test_hrpe_starts_at_zero_and_biases_window_attention_only():
 # ---- 6. gradients, sizes ----
 
 def test_gradients_reach_every_parameter_with_both_switches_on():
-    model = tiny(num_classes=0, attention="gathering", migration_ratio=0.5, hrpe=True).train()
+    model = tiny(num_classes=0, attention="gathering", migration_ratio=0.4, hrpe=True).train()
     maps = model.forward_pyramid(torch.randn(2, 3, 64, 64))
     sum(m.square().mean() for m in maps.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -352,7 +353,7 @@ def test_ids_keep_equals_full_encoding_then_select():
     assert torch.equal(f4, fast_itpn.select_units(full4, ids_keep)) and f16.shape == (2, 5, 64)
     assert torch.equal(f8, fast_itpn.select_units(full8, ids_keep))
     torch.testing.assert_close(f16, tokens)
-    model.set_acceleration(migration_ratio=0.5)
+    model.set_acceleration(migration_ratio=0.4)
     with pytest.raises(ValueError, match="full grid"):
         model.forward_features(x, ids_keep=ids_keep)
 
@@ -369,7 +370,7 @@ def teacher_file(tmp_path):
 
 def test_distillation_pretrainer_contract(teacher_file):
     torch.manual_seed(0)
-    pre = fast_itpn.FastiTPNDistillPretrainer(replace(TINY, attention="gathering", migration_ratio=0.5),
+    pre = fast_itpn.FastiTPNDistillPretrainer(replace(TINY, attention="gathering", migration_ratio=0.4),
                                               teacher_path=teacher_file)
     assert pre.cfg.attention == "global" and pre.cfg.migration_ratio == 0  # pre-training runs without both
     out = pre(torch.randn(2, 3, 64, 64))
