@@ -38,9 +38,9 @@ Design choices the paper leaves open (ours; no reference code exists, see refere
     - r per layer: `migration_ratio` rho is the share of stage-3 token computation that migration removes, i.e.
       averaged over the D layers rho*n of a window's n tokens are gone. With ToMe's constant r that gives
       r = 2*rho*n/(D+1) per layer (rounded cumulatively; rho < 0.5), so at rho = 0.4 about 80% of the tokens have
-      left when stage 3 ends. Why: "from the first stage-3 layer on, per layer" (Sec. 4.1) says constant r; and the
-      other reading, rho = the fraction gone at the end, cannot produce Fig. 5's speed-ups (+15% at 10%, +27% at
-      40%, measured on the whole detector) even for the backbone alone (1.05x / 1.21x in FLOPs at 512 px).
+      left when stage 3 ends. Why: "from the first stage-3 layer on, per layer" (Sec. 4.1) suggests ToMe's constant
+      r, and the other reading, rho = the fraction gone at the end, cannot reach Fig. 5's speed-ups (+15% at 10%,
+      +27% at 40%, reported with Mask R-CNN) even for backbone + pyramid alone (1.05x / 1.21x FLOPs at 512 px).
     - A/B split: tokens at even positions of each window's sequence (kept in raster order) are set A, odd are set B
       (ToMe's alternation). Why: every A token has B neighbours in its row, and the split needs no parameters.
     - Similarity: cosine of the head-averaged attention keys, score(a) = max_b cos(k_a, k_b); the r highest-scoring
@@ -89,7 +89,7 @@ Differences from the paper / official code:
     - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units applied at the stem with
       one learned mask unit (SimMIM-style, the hint in the released stem), itpn.py's frozen teacher and level
       embedding, one head on the summed pyramid and 1 - cos on all units; iTPN's auxiliary 3/4-depth head is left
-      out (the paper does not mention it for Fast-iTPN).
+      out (nothing describes one for Fast-iTPN, and the pyramid head alone is what the released fine-tuning uses).
     - Speed (bench.py, Fast-iTPN-B backbone + pyramid, FLOPs): attention is ~24% of stage-3 FLOPs at 1024 tokens
       and the pyramid (its stride-4 level above all) ~17% of the total, so window attention saves 1.20x at 512 px
       but 1.84x at 1024 px: the paper's +70-90% (Tab. 7) matches detection-sized inputs. Migration 10-40% saves
