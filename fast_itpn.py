@@ -89,7 +89,7 @@ Differences from the paper / official code:
     - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units applied at the stem with
       one learned mask unit (SimMIM-style, the hint in the released stem), itpn.py's frozen teacher and level
       embedding, one head on the summed pyramid and 1 - cos on all units; iTPN's auxiliary 3/4-depth head is left
-      out (nothing describes one for Fast-iTPN, and the pyramid head alone is what the released fine-tuning uses).
+      out (nothing describes one for Fast-iTPN).
     - Speed (bench.py, Fast-iTPN-B backbone + pyramid, FLOPs): attention is ~24% of stage-3 FLOPs at 1024 tokens
       and the pyramid (its stride-4 level above all) ~17% of the total, so window attention saves 1.20x at 512 px
       but 1.84x at 1024 px: the paper's +70-90% (Tab. 7) matches detection-sized inputs. Migration 10-40% saves
