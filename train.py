@@ -28,7 +28,7 @@ Shapes:
 
 Differences from the paper / official code:
     - Defaults come from one of two recipes: "paper" (224 px, batch 64 per GPU, 400 epochs, 40 warm-up) for the
-      paper-size models, "demo" (64 px, 400 built-in images, 20 epochs) for the tiny CPU models. Any flag overrides.
+      paper-size models, "demo" (64 px, 400 built-in images, 30 epochs) for the tiny CPU models. Any flag overrides.
       The paper's effective batch is 4096 = 64 GPUs x 64; on 8 GPUs add --accum_iter 8 to keep it.
     - Randomness is seeded per step, not per process: augmentation from (seed, epoch, image index), masking and
       drop path from (seed, step, shard), shard = micro_step * world_size + rank. So a resumed run is bitwise the
@@ -47,7 +47,6 @@ Differences from the paper / official code:
 
 Run:
     python train.py                                         # CPU demo: tiny iTPN, built-in shapes, ~3 min, output/
-    OMP_NUM_THREADS=1 python train.py                       # the same on a busy machine (tiny models: often faster)
     python train.py --model itpn_b --data_path /imagenet --batch_size 8 --max_steps 20      # one-GPU/CPU smoke test
     torchrun --nproc_per_node 8 train.py --model itpn_b --data_path /imagenet --accum_iter 8  # paper: eff. batch 4096
     torchrun --nnodes 8 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
@@ -668,9 +667,9 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
 PAPER_INPUT_SIZE = 224   # iTPN Tab. 7; mim.py methods carry their own (FastMIM 128)
 RECIPES = {
     "paper": dict(input_size=None, num_images=10000, batch_size=64, epochs=400, warmup_epochs=40, blr=1.5e-4,
-                  num_workers=10, save_every=20, vis_every=20),
-    "demo": dict(input_size=64, num_images=400, batch_size=32, epochs=20, warmup_epochs=2, blr=1.5e-2,
-                 num_workers=0, save_every=10, vis_every=5),
+                  num_workers=10, save_every=20, vis_every=20, threads=None),
+    "demo": dict(input_size=64, num_images=400, batch_size=32, epochs=30, warmup_epochs=3, blr=1.5e-2,
+                 num_workers=0, save_every=10, vis_every=5, threads=1),
 }
 
 
@@ -729,6 +728,10 @@ def get_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available (under torchrun: the GPU LOCAL_RANK)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, crops and masks")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (torch.set_num_threads). Default: torch's (torchrun: 1) for the "
+                        "paper recipe, 1 for the demo: tiny models are overhead-bound, and on a busy 2-core machine "
+                        "2 threads ran the demo 4x slower than 1")
     # run records
     p.add_argument("--output_dir", default="output",
                    help="checkpoints, log.txt (one JSON per epoch), config.json and pictures go here")
@@ -773,6 +776,8 @@ def main(argv=None) -> list[dict]:
     if args.input_size is not None and args.input_size % unit:
         parser.error(f"--input_size {args.input_size} is not a multiple of {args.model}'s {unit}-px unit; "
                      f"try {max(unit, args.input_size // unit * unit)} or {(args.input_size // unit + 1) * unit}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world_size, device = setup_distributed(args.device)
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
     eff_batch = args.batch_size * args.accum_iter * world_size
