@@ -60,6 +60,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import time
 import warnings
@@ -822,6 +823,8 @@ def main(argv=None) -> list[dict]:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
             json.dump(run_config, f, indent=2, default=str)
+        if run_config["git_commit"] is None:                              # no git: keep the code itself (airbench)
+            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.output_dir, "train.py.source"))
     print0(f"{args.model} + {args.method} on {device} x {world_size}, data: {args.data_path or 'built-in shapes'} "
            f"({len(views)} images), output: {args.output_dir}")
     norm_pix = bool(getattr(cfg, "norm_pix_loss", True))

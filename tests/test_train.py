@@ -150,7 +150,8 @@ def test_param_groups_decay_matrices_only_and_skip_frozen_teacher():
 
 # ---- the whole run ------------------------------------------------------------------------------------------------
 
-def test_default_command_runs_end_to_end_and_writes_its_records(tmp_path):
+def test_default_command_runs_end_to_end_and_writes_its_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "run_record", lambda source_dir: {"git_commit": None})   # as outside a git checkout
     records, out = run(tmp_path, "--max_steps", "2")                     # `python train.py`, 2 steps
     files = os.listdir(out)
     assert {"checkpoint-last.pth", "log.txt", "config.json"} <= set(files)
@@ -161,7 +162,8 @@ def test_default_command_runs_end_to_end_and_writes_its_records(tmp_path):
     assert ckpt["step"] == 2 and ckpt["args"]["model"] == "itpn_tiny" and ckpt["args"]["method"] == "itpn"
     assert {"model", "optimizer", "scaler", "epoch", "rng", "config"} <= set(ckpt)
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["args"]["epochs"] == train.RECIPES["demo"]["epochs"] and "git_commit" in config
+    assert config["args"]["epochs"] == train.RECIPES["demo"]["epochs"] and config["git_commit"] is None
+    assert open(os.path.join(out, "train.py.source")).read() == open(os.path.join(ROOT, "train.py")).read()
 
 
 def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
