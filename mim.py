@@ -915,4 +915,6 @@ if __name__ == "__main__":
         out = model(torch.nn.functional.interpolate(imgs, size=side) if side != 64 else imgs, **extra)
         out["loss"].backward()
         logs = " ".join(f"{k} {v:.3f}" for k, v in out.get("logs", {}).items())
-        print(f"{name:36s} {type(model).__name__:8s} input {side:3d}px  loss {out['loss'].item():.4f}  {logs}")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+        print(f"{name:36s} {type(model).__name__:7s} {trainable:.2f}M trainable, input {side:2d}px, "
+              f"loss {out['loss'].item():.4f}  {logs}")
