@@ -691,7 +691,8 @@ def get_parser():
                    help=f"pre-training method; one of: {', '.join(METHODS)}. Default: itpn (paper Eq. 4: MIM + "
                         f"multi-stage MFM with an EMA teacher) for iTPN models, mae for HiViT/ViT, fastmim for Fast-iTPN")
     p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="frozen teacher checkpoint for --method itpn_distill (e.g. a CLIP or ViT state dict)")
+                   help="frozen teacher checkpoint for --method itpn_distill / fast_itpn_distill: a local OpenAI-CLIP "
+                        "visual state dict or a ViT checkpoint of this project (nothing is downloaded)")
     p.add_argument("--mask_ratio", type=float, default=None,
                    help="fraction of 16-px units masked (default: the method's, 0.75 for MAE / iTPN)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,

@@ -178,7 +178,10 @@ def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
     assert a["step"] == b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert read_log(straight)[-1]["train_loss"] == read_log(stopped)[-1]["train_loss"]   # epoch 1, steps 4-5
+    (whole0, whole1), (part0, rest0, part1) = read_log(straight), read_log(stopped)
+    assert whole1["train_loss"] == part1["train_loss"]                    # epoch 1, steps 4-5: identical
+    assert (part0["step"], rest0["step"]) == (3, 4)                       # epoch 0 = steps 0-2, then step 3
+    assert whole0["train_loss"] == pytest.approx((3 * part0["train_loss"] + rest0["train_loss"]) / 4, rel=1e-6)
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
