@@ -800,6 +800,8 @@ def main(argv=None) -> list[dict]:
             raise ValueError(f"{len(views)} images do not fill one step of {world_size} x {args.batch_size} x "
                              f"{args.accum_iter} images: lower --batch_size / --accum_iter or add images")
         resume = find_checkpoint(args.output_dir) if args.resume == "auto" else args.resume or None
+        if args.resume == "auto" and resume is None:
+            print0(f"--resume auto: no checkpoint in {args.output_dir}, starting a fresh run")
         if resume is None and find_checkpoint(args.output_dir):
             print0(f"note: {args.output_dir} holds an earlier run; its checkpoints will be overwritten and log.txt "
                    f"appended to (--resume auto continues it instead)")
