@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import replace
 
 import torch
@@ -120,7 +121,8 @@ def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, 
 
     The pixel recipe adds the pyramid and a 3-level decoder input to MAE; the paper method adds an EMA-teacher pass
     over the 75% masked units and three MFM heads; distillation encodes every unit (mask tokens) plus 2 aux blocks
-    and a frozen ViT-B/16 teacher (random weights, written to a temporary file: nothing is downloaded).
+    and a frozen ViT-B/16 teacher (random weights, written to a temporary file: nothing is downloaded). Forward
+    GMACs per image (teacher included) are counted exactly on the meta device, so they do not depend on the load.
     """
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 224, 224, device=device)
@@ -133,9 +135,22 @@ def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, 
             model(x)["loss"].backward()
         return measure(run, warmup=1, reps=reps, device=device)
 
-    encoder = hivit.HiViT(replace(hivit.PRESETS["hivit_b"], num_classes=0))
-    t_mae = step_time(mim.METHODS["mae"](encoder, cfg=mim.PRESETS["mae"]))
-    rows = [("MAE-style HiViT-B step 224 (s)", t_mae, f"batch {batch}, 75% dropped, 8b512d decoder")]
+    def forward_gmacs(build):
+        with warnings.catch_warnings():                                   # teacher weights into a meta model: no-op
+            warnings.simplefilter("ignore", UserWarning)
+            with torch.device("meta"):
+                model = build()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.empty(1, 3, 224, 224, device="meta"))
+        return counter.get_total_flops() / 2e9                            # MACs = FLOPs / 2
+
+    def mae():
+        return mim.METHODS["mae"](hivit.HiViT(replace(hivit.PRESETS["hivit_b"], num_classes=0)), cfg=mim.PRESETS["mae"])
+
+    t_mae, g_mae = step_time(mae()), forward_gmacs(mae)
+    rows = [("MAE-style HiViT-B step 224 (s)", t_mae, f"batch {batch}, 75% dropped, 8b512d decoder"),
+            ("MAE-style HiViT-B forward GMACs / image", g_mae, "meta-device count")]
     preset = itpn.PRESETS["itpn_b"]
     with tempfile.TemporaryDirectory() as tmp:
         teacher_path = os.path.join(tmp, "vit_b_teacher.pth")
@@ -145,8 +160,9 @@ def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, 
                             ("paper MIM+MFM, EMA", lambda: itpn.iTPNPaperPretrainer(preset)),
                             ("distill, ViT-B teacher", lambda: itpn.iTPNDistillPretrainer(
                                 preset, teacher_path=teacher_path))):
-            t = step_time(build())
+            t, g = step_time(build()), forward_gmacs(build)
             rows.append((f"iTPN-B {name} step / MAE HiViT-B step", t / t_mae, f"x  ({t:.3f} s/step)"))
+            rows.append((f"iTPN-B {name} forward GMACs / MAE's", g / g_mae, f"x  ({g:.2f} GMACs/image)"))
     return rows
 
 
