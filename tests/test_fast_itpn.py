@@ -237,19 +237,24 @@ def test_migration_zero_and_global_attention_is_the_plain_forward():
 
 @pytest.mark.parametrize("mode", fast_itpn.ATTENTION_MODES)
 def test_migration_fills_every_position_exactly_once(mode):
-    model = tiny(num_classes=0, attention=mode, migration_ratio=0.4)
-    x = torch.randn(2, 3, 64, 64)
+    model = tiny(num_classes=0, attention=mode, migration_ratio=0.3, depth=4, window_size=4)
+    x = torch.randn(2, 3, 128, 128)                                       # 8x8 grid: 4 windows of 16 tokens
+    schedule = migration_schedule(16, 4, 0.3)
+    assert schedule == [2, 2, 2, 2]                                       # r = 2 * 0.3 * 16 / 5 = 1.92 per layer
     with torch.no_grad():
         _, _, tokens = model.forward_early(x)
-        kept, pos, store = model.forward_stage3(tokens + model.pos_embed, grid_hw=(4, 4))
-        n_windows = 4                                                     # 4x4 grid, 2x2 windows
-        assert [s[0].shape[1] for s in store] == [r * n_windows for r in migration_schedule(4, 2, 0.4) if r]
-        assert kept.shape == (2, 16 - sum(s[0].shape[1] for s in store), 64)
+        tokens = tokens + model.pos_embed_for((8, 8))
+        kept, pos, store = model.forward_stage3(tokens, grid_hw=(8, 8))
+        assert [s[0].shape[1] for s in store] == [r * 4 for r in schedule]   # r per window, in every layer
+        assert kept.shape == (2, 64 - 4 * sum(schedule), 64)
         every = torch.cat([pos] + [s[0] for s in store], dim=1)           # (B, N): survivors + migrated
-        assert torch.equal(every.sort(dim=1).values, torch.arange(16).expand(2, 16))
+        assert torch.equal(every.sort(dim=1).values, torch.arange(64).expand(2, 64))
+        for pos_drop, pos_partner, _ in store:                            # partners are in the same window
+            window = lambda p: (p // 8 // 4) * 2 + p % 8 // 4             # noqa: E731, 2x2 windows of 4x4 tokens
+            assert torch.equal(window(pos_drop), window(pos_partner))
         maps = model.forward_pyramid(x)                                   # full resolution despite migration
-    assert {k: tuple(v.shape[-2:]) for k, v in maps.items()} == {"p4": (16, 16), "p8": (8, 8), "p16": (4, 4),
-                                                                 "p32": (2, 2), "p64": (1, 1)}
+    assert {k: tuple(v.shape[-2:]) for k, v in maps.items()} == {"p4": (32, 32), "p8": (16, 16), "p16": (8, 8),
+                                                                 "p32": (4, 4), "p64": (2, 2)}
     assert all(torch.isfinite(v).all() for v in maps.values())
 
 
