@@ -236,9 +236,10 @@ def test_every_trainable_parameter_gets_a_gradient(method, teacher_path):
         assert not model.teacher.training
 
 
-def test_plain_vit_variant_trains_every_parameter():
-    torch.manual_seed(0)
-    model = iTPNPixelPretrainer(replace(TINY, plain_vit=True))
+@pytest.mark.parametrize("method", ["itpn_pixel", "itpn_distill"])
+def test_plain_vit_variant_trains_every_parameter(method, teacher_path):
+    """Supplementary Sec. 3: the same pyramid and heads on a plain ViT (layers up-sampled to strides 4 and 8)."""
+    model = build(method, teacher_path, cfg=replace(TINY, plain_vit=True))
     model(smooth_batch())["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     levels = model.encoder.forward_levels(torch.randn(1, 3, 64, 64))
