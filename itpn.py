@@ -34,9 +34,12 @@ Pre-training API (the PRETRAINER CONTRACT of contracts.md; train.py builds one o
     iTPNPixelPretrainer(cfg)                   official pixel recipe            METHODS["itpn_pixel"]
     iTPNPaperPretrainer(cfg)                   paper Eq. 4 (MIM + lambda MFM)   METHODS["itpn"]; has ema_update()
     iTPNDistillPretrainer(cfg, teacher_path=)  frozen-teacher distillation      METHODS["itpn_distill"]
-    Each applies its recipe's overrides to cfg (RECIPES, e.g. no RPE for pixel pre-training) and keeps the result
-    in `.cfg`. out = pretrainer(imgs (B, 3, H, W), ImageNet-normalised) -> {"loss", "mask" (B, N), "pred",
-    "recon" (pixel recipes: (B, 3, H, W) in the normalised input space), "logs"}.
+    train.py: `itpn.METHODS[name](preset)`, plus `teacher_path=` for "itpn_distill". Each applies its recipe's
+    overrides to the size preset (RECIPES, e.g. no RPE for pixel pre-training) and keeps the result in `.cfg`.
+    out = pretrainer(imgs (B, 3, H, W), ImageNet-normalised) -> {"loss", "mask" (B, N), "pred" (pixel recipes:
+    (B, N, 768) norm-pix units; distillation: (B, N, T)), "recon" (pixel recipes: (B, 3, H, W) in the normalised
+    input space), "logs" (loss_mim, loss_mfm / loss_main, loss_aux)}. Teachers have requires_grad=False.
+    Fine-tuning from our checkpoints: keys `encoder.backbone.*` are an iTPN classifier's `backbone.*`.
 
 Differences from the paper / official code (reference Sec. 7 checklist, item by item where it applies):
     - [7.1] The paper method (Eq. 4) is NOT in the released code (reference 2.5); built here from the paper. Our
