@@ -161,7 +161,8 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, num_images: int, *, image_size: int = 64, seed: int = 0, split: str = "train",
-                 task: str = "pretrain", num_objects: tuple[int, int] = (1, 4), scale: tuple[float, float] = (0.15, 0.4)):
+                 task: str = "pretrain", num_objects: tuple[int, int] = (1, 4),
+                 scale: tuple[float, float] = (0.15, 0.4)):
         if task not in ("pretrain", "cls", "det", "seg"):
             raise ValueError(f"task must be pretrain, cls, det or seg, got {task!r}")
         self.num_images, self.image_size, self.seed, self.split = num_images, image_size, seed, SPLITS[split]
@@ -307,8 +308,8 @@ class PretrainViews(Dataset):
                 return self.dataset[j][0], skipped
             except (OSError, SyntaxError, ValueError) as err:             # PIL raises all three on broken files
                 warnings.warn(f"skipping unreadable image #{j}: {err}")
-        raise RuntimeError(f"{tries} images in a row could not be read (from #{index}); "
-                           f"{'no image in the dataset is readable' if tries == len(self.dataset) else 'check the data'}")
+        verdict = "no image in the dataset is readable" if tries == len(self.dataset) else "check the data"
+        raise RuntimeError(f"{tries} images in a row could not be read (from #{index}); {verdict}")
 
     def __getitem__(self, index: int):
         img, skipped = self.read(index)
@@ -487,8 +488,8 @@ def run_record(source_dir: str) -> dict:
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) ImageNet-normalised -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)     # (1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)       # (1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
 
 
@@ -522,7 +523,7 @@ def save_pictures(path: str, pretrainer: nn.Module, imgs: torch.Tensor, *, seed:
         panels[name] = nn.functional.interpolate(pic.float(), size=size, mode="nearest").clamp(0, 1)
     grid = make_grid(torch.stack(list(panels.values()), 1).flatten(0, 1).cpu(),   # (B * P, 3, H, W)
                      nrow=len(panels), padding=2, pad_value=1.0)         # (3, rows, cols)
-    body = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    body = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))   # (rows, cols, 3)
     header = 12 * len(panels)                                             # one text line per panel title
     canvas = Image.new("RGB", (body.width, body.height + header), "white")
     canvas.paste(body, (0, header))
@@ -689,7 +690,8 @@ def get_parser():
                    help=f"architecture and size; one of: {', '.join(MODELS)} (default itpn_tiny)")
     p.add_argument("--method", default=None, choices=list(METHODS), metavar="NAME",
                    help=f"pre-training method; one of: {', '.join(METHODS)}. Default: itpn (paper Eq. 4: MIM + "
-                        f"multi-stage MFM with an EMA teacher) for iTPN models, mae for HiViT/ViT, fastmim for Fast-iTPN")
+                        f"multi-stage MFM with an EMA teacher) for iTPN models, mae for HiViT/ViT, fastmim for "
+                        f"Fast-iTPN")
     p.add_argument("--teacher", default=None, metavar="PATH",
                    help="frozen teacher checkpoint for --method itpn_distill / fast_itpn_distill: a local OpenAI-CLIP "
                         "visual state dict or a ViT checkpoint of this project (nothing is downloaded)")
@@ -704,8 +706,9 @@ def get_parser():
     p.add_argument("--num_images", type=int, default=None,
                    help=f"size of the built-in dataset when --data_path is not given (default {both('num_images')})")
     p.add_argument("--input_size", type=int, default=None,
-                   help=f"crop side in px, a multiple of the model's 16-px unit (default: the method's, {PAPER_INPUT_SIZE} "
-                        f"or FastMIM's 128 / FastMIM-P's 128->160->192, which an explicit value rescales; demo "
+                   help=f"crop side in px, a multiple of the model's 16-px unit (default: the method's, "
+                        f"{PAPER_INPUT_SIZE} or FastMIM's 128 / FastMIM-P's 128->160->192, which an explicit value "
+                        f"rescales; demo "
                         f"{r['demo']['input_size']})")
     p.add_argument("--num_workers", type=int, default=None,
                    help=f"DataLoader worker processes per GPU (default {both('num_workers')})")
