@@ -352,3 +352,11 @@ def test_compatibility_table_is_right_both_ways():
     for family in ("hivit", "vit", "itpn", "fast_itpn"):
         own = {m for m in train.METHODS if train.METHODS[m] in ("mim", family)}
         assert set(train.compatible_methods(family)) == own
+
+
+def test_fastmim_p_crop_side_follows_its_schedule_across_epochs(tmp_path):
+    # 128 -> 160 -> 192 at 0, 1/2, 3/4 of training, rescaled so the last side is --input_size 32, in whole units
+    records, _ = run(tmp_path, *TINY, "--model", "hivit_tiny", "--method", "fastmim_p", "--num_images", "2",
+                     "--epochs", "4", "--warmup_epochs", "0")
+    assert [r["input_size"] for r in records] == [16, 16, 32, 32]
+    assert all(np.isfinite(r["train_loss"]) for r in records)
