@@ -632,7 +632,7 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr_now:.2e}",
                             img_s=f"{images_per_step / (time.perf_counter() - t0):.1f}")
         bar.close()
-        skipped_all = torch.tensor(skipped)
+        skipped_all = torch.tensor(skipped, device=device)                # NCCL reduces CUDA tensors only
         if ddp:
             dist.all_reduce(skipped_all)
         record = {"epoch": epoch, "step": step, **{f"train_{k}": v / n_steps for k, v in sums.items()},
