@@ -489,7 +489,10 @@ def check_acceleration(cfg: FastiTPNConfig) -> FastiTPNConfig:
 class FastiTPN(nn.Module):
     """Fast-iTPN classifier / backbone. forward(x) -> (B, K); forward_features(x) -> [f4, f8, f16] stage outputs."""
 
-    def __init__(self, cfg: FastiTPNConfig, *, mask_token: bool = False):
+    def __init__(self, cfg: FastiTPNConfig, *, mask_token: bool = False, pyramid: bool = True):
+        """pyramid: with num_classes = 0, also build itpn.py's feature pyramid (dense heads, distillation); False
+        gives the bare backbone that mim.py's methods wrap (they read stage 3 only, so a pyramid would get no
+        gradient and stall DDP)."""
         super().__init__()
         self.cfg = check_acceleration(cfg)
         c, n1, n2, n3 = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth
@@ -509,7 +512,7 @@ class FastiTPN(nn.Module):
         self.fc_norm = nn.LayerNorm(c, eps=LN_EPS) if cfg.num_classes > 0 else None
         self.head = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
         self.pyramid = None                                               # as itpn.py: a backbone carries the pyramid
-        if cfg.num_classes == 0:
+        if cfg.num_classes == 0 and pyramid:
             self.pyramid = FeaturePyramid(c, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth, ln_eps=LN_EPS)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

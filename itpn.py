@@ -475,8 +475,11 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
         return self
 
     @torch.no_grad()
-    def ema_update(self) -> None:
-        """Paper Sec. 3.3: teacher <- m * teacher + (1 - m) * student, parameter by parameter."""
+    def ema_update(self, progress: float | None = None) -> None:
+        """Paper Sec. 3.3: teacher <- m * teacher + (1 - m) * student, parameter by parameter.
+
+        The paper gives one constant m (0.996), so `progress` (train.py passes step / total) is not used here; the
+        argument exists so that every pre-trainer with a momentum teacher is driven the same way."""
         m = self.cfg.ema_momentum
         for t, s in zip(self.teacher.parameters(), self.encoder.backbone.parameters()):
             t.copy_(m * t + (1 - m) * s.detach())

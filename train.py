@@ -41,7 +41,8 @@ Differences from the paper / official code:
     - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (CPU bf16 is ~35x slower without bf16 units);
       the official code used fp16 + GradScaler (still available: --amp fp16).
     - One optimisation recipe (iTPN's = MAE's) for every --method; FastMIM's and M3I's own lr/epochs are flags away.
-      EMA teachers are updated with a constant momentum (ema_update() after each step, as contracts.md fixes it).
+      After each step train.py calls ema_update(progress=step/total): M3I ramps its momentum to 1 (cosine, as
+      BYOL/SiameseIM), iTPN's paper method keeps the paper's constant 0.996.
     - M3I (2 views): both views handed over are the same crop; mim.py cuts the second view from it itself, so it
       knows the geometry between the two (there is no colour augmentation here).
 
@@ -368,29 +369,30 @@ def unit_size(family: str, preset) -> int:
 
 
 def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_pix_loss: bool | None,
-                     teacher: str | None) -> nn.Module:
+                     teacher: str | None, truncate: int = 0) -> nn.Module:
     """The nn.Module train.py drives (PRETRAINER CONTRACT, contracts.md). None = the method's own default."""
     family, preset = MODELS[model]
     tiny = model.endswith("_tiny")
     if (method in TEACHER_METHODS) != (teacher is not None):
         raise ValueError(f"--teacher PATH goes with --method {' or '.join(TEACHER_METHODS)}, and only with them")
     if METHODS[method] != "mim":                                          # itpn.py / fast_itpn.py recipes
-        if norm_pix_loss is not None:
-            raise ValueError(f"--norm_pix_loss is fixed by the {method} recipe; it applies to mim.py's methods")
+        if norm_pix_loss is not None or truncate:
+            raise ValueError(f"--norm_pix_loss and --truncate are fixed by the {method} recipe; they apply to "
+                             f"mim.py's methods")
         if mask_ratio is not None and METHODS[method] == "itpn":
             preset = replace(preset, mask_ratio=mask_ratio)
         elif mask_ratio is not None:
             raise ValueError(f"--mask_ratio is fixed by the {method} recipe (block masking)")
         module = itpn if METHODS[method] == "itpn" else fast_itpn
         return module.METHODS[method](preset, **({"teacher_path": teacher} if method in TEACHER_METHODS else {}))
+    preset = mim.truncate_encoder_config(preset, truncate)                # FastMIM Tab. 1c (0 = full depth)
     cfg = mim.tiny_decoder(mim.PRESETS[method]) if tiny else mim.PRESETS[method]
     cfg = replace(cfg, **{k: v for k, v in (("mask_ratio", mask_ratio), ("norm_pix_loss", norm_pix_loss))
                           if v is not None})
     if family == "vit":
         encoder = hivit.VisionTransformer(replace(preset, num_classes=0))
-    elif family == "fast_itpn":                                           # a Fast-iTPN backbone always carries
-        encoder = fast_itpn.FastiTPN(replace(preset, num_classes=0))     # the pyramid; mim.py reads stage 3 only,
-        encoder.pyramid.requires_grad_(False)                             # so it stays out of AdamW and DDP's sync
+    elif family == "fast_itpn":                                           # mim.py reads stage 3 only: no pyramid
+        encoder = fast_itpn.FastiTPN(replace(preset, num_classes=0), pyramid=False)
     else:                                                                 # iTPN's backbone is a HiViT
         backbone_cfg = {f.name: getattr(preset, f.name) for f in fields(hivit.HiViTConfig)}   # drop iTPN's extras
         encoder = hivit.HiViT(hivit.HiViTConfig(**{**backbone_cfg, "num_classes": 0}))
@@ -623,7 +625,7 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if hasattr(raw, "ema_update"):                                # momentum teacher follows the student
-                raw.ema_update()
+                raw.ema_update(progress=step / max(1, total_steps - 1))   # M3I ramps m to 1; iTPN keeps it fixed
             step += 1
             n_steps += 1
             for k, v in {**metrics, "lr": lr_now}.items():
@@ -699,6 +701,9 @@ def get_parser():
                    help="fraction of 16-px units masked (default: the method's, 0.75 for MAE / iTPN)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
                    help="pixel targets normalised per unit (MAE); default: the method's (on). mim.py methods only")
+    p.add_argument("--truncate", type=int, default=0, metavar="K",
+                   help="pre-train the encoder with its last K attention blocks removed (FastMIM Tab. 1c); "
+                        "fine-tuning loads the checkpoint into the full-depth model. mim.py methods only (default 0)")
     # data
     p.add_argument("--data_path", default=None,
                    help="image folder: ImageFolder tree (<path>/train/<class>/*.jpg) or any folder of images, "
@@ -792,7 +797,7 @@ def main(argv=None) -> list[dict]:
         random.seed(args.seed)
         np.random.seed(args.seed)
         pretrainer = build_pretrainer(args.model, args.method, mask_ratio=args.mask_ratio,
-                                      norm_pix_loss=args.norm_pix_loss, teacher=args.teacher)
+                                      norm_pix_loss=args.norm_pix_loss, teacher=args.teacher, truncate=args.truncate)
         source = (ImageFiles(args.data_path) if args.data_path
                   else ShapesDataset(args.num_images, image_size=args.input_size or PAPER_INPUT_SIZE, seed=args.seed))
         input_size_at = input_schedule(args.method, args.input_size, unit)

@@ -360,3 +360,18 @@ def test_fastmim_p_crop_side_follows_its_schedule_across_epochs(tmp_path):
                      "--epochs", "4", "--warmup_epochs", "0")
     assert [r["input_size"] for r in records] == [16, 16, 32, 32]
     assert all(np.isfinite(r["train_loss"]) for r in records)
+
+
+def test_truncate_removes_the_last_blocks_and_loads_into_the_full_model():
+    """--truncate K (FastMIM Tab. 1c): the encoder has depth - K blocks; its weights fill the full-depth encoder
+    except the last K blocks; a recipe with a fixed architecture refuses the flag."""
+    torch.manual_seed(0)
+    full = train.build_pretrainer("hivit_tiny", "mae", mask_ratio=None, norm_pix_loss=None, teacher=None)
+    cut = train.build_pretrainer("hivit_tiny", "mae", mask_ratio=None, norm_pix_loss=None, teacher=None, truncate=1)
+    full_keys, cut_keys = set(full.state_dict()), set(cut.state_dict())
+    assert cut_keys < full_keys
+    depth = train.MODELS["hivit_tiny"][1].depth
+    assert {k.split(".", 3)[2] for k in full_keys - cut_keys if ".blocks." in k} == {str(depth - 1)}
+    full.load_state_dict(cut.state_dict(), strict=False)
+    with pytest.raises(ValueError, match="--truncate"):
+        train.build_pretrainer("itpn_tiny", "itpn", mask_ratio=None, norm_pix_loss=None, teacher=None, truncate=1)
