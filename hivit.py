@@ -60,8 +60,8 @@ __all__ = [
     "HiViTConfig", "PRESETS", "ViTConfig", "VIT_PRESETS",
     "DropPath", "drop_path_rates", "MLP", "MLPBlock", "Attention", "AttentionBlock", "PatchEmbed", "PatchMerge",
     "HiViT", "VisionTransformer",
-    "sincos_pos_embed_2d", "resize_pos_embed", "relative_position_index", "units_to_map", "check_image_size",
-    "map_official_key", "load_official", "init_weights",
+    "sincos_pos_embed_2d", "resize_pos_embed", "relative_position_index", "units_to_map", "check_image_size", "check_ids_keep",
+    "map_official_key", "unwrap_checkpoint", "load_official", "init_weights",
 ]
 
 # Official LayerNorm eps for the classification / pre-training models (the det/seg copies use torch's 1e-5).
@@ -91,6 +91,8 @@ class HiViTConfig:
 PRESETS: dict[str, HiViTConfig] = {
     "tiny": HiViTConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2,
                         num_classes=10),
+    # paper Tab. 7 params / FLOPs; measured here (tests): 19.182M / 4.59, 37.526M / 9.04, 66.419M / 15.81,
+    # 266.763M / 63.66 GMACs at 224 (the paper rounds FLOPs up a little).
     "hivit_t": HiViTConfig(embed_dim=384, mlp_depth1=2, mlp_depth2=2, depth=10, num_heads=6),   # 19.2M, 4.6G
     "hivit_s": HiViTConfig(embed_dim=384, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=6),   # 37.5M, 9.1G
     "hivit_b": HiViTConfig(embed_dim=512, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=8),   # 66.4M, 15.9G
@@ -223,6 +225,15 @@ def check_image_size(x: torch.Tensor, patch: int = 16) -> tuple[int, int]:
         raise ValueError(f"image size {h}x{w} is not divisible by the {patch}-px unit: use a multiple of {patch} "
                          f"(e.g. {near(h)} for the height, {near(w)} for the width); resize or pad the input")
     return h // patch, w // patch
+
+
+def check_ids_keep(ids_keep: torch.Tensor, *, batch_size: int, num_units: int) -> None:
+    """Raise a ValueError unless ids_keep is a (B, N_vis) integer tensor of unit indices in [0, N)."""
+    if ids_keep.dtype not in (torch.int64, torch.int32) or ids_keep.ndim != 2 or ids_keep.shape[0] != batch_size:
+        raise ValueError(f"ids_keep must be a (B={batch_size}, N_vis) integer tensor of unit indices, got "
+                         f"{tuple(ids_keep.shape)} {ids_keep.dtype} (mim.random_masking returns one)")
+    if ids_keep.numel() and (int(ids_keep.min()) < 0 or int(ids_keep.max()) >= num_units):
+        raise ValueError(f"ids_keep holds unit indices outside [0, {num_units}) for this {num_units}-unit image")
 
 
 def units_to_map(units: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -408,7 +419,12 @@ class HiViT(nn.Module):
         self.fc_norm = nn.LayerNorm(c, eps=LN_EPS) if cfg.num_classes > 0 else None
         self.head = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
         self.apply(init_weights)
-        nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)         # fine-tune init (MIM files re-init sin-cos)
+        nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)         # fine-tune init; MIM: init_pos_embed_sincos
+
+    @torch.no_grad()
+    def init_pos_embed_sincos(self) -> None:
+        """Start the (still trainable) APE from MAE's 2-D sin-cos table, as masked pre-training does (reference 2.1)."""
+        self.absolute_pos_embed.copy_(sincos_pos_embed_2d(self.absolute_pos_embed.shape[-1], *self.grid)[None])
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the fine-tuning recipes exempt from weight decay (besides biases and norms)."""
@@ -419,6 +435,8 @@ class HiViT(nn.Module):
     def embed_units(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None):
         """Stem on the full image, then keep only visible units: ((B, N_vis, 4, 4, C/4), (Hp, Wp))."""
         grid_hw = check_image_size(x)
+        if ids_keep is not None:
+            check_ids_keep(ids_keep, batch_size=x.shape[0], num_units=grid_hw[0] * grid_hw[1])
         units = self.patch_embed(x)                                       # (B, N, 4, 4, C/4)
         if ids_keep is not None:                                          # Sec. 3.3: drop masked units MAE-style
             idx = ids_keep[:, :, None, None, None].expand(-1, -1, *units.shape[2:])   # (B, N_vis, 4, 4, C/4)
@@ -522,6 +540,11 @@ class VisionTransformer(nn.Module):
             if t is not None:
                 nn.init.trunc_normal_(t, std=0.02)
 
+    @torch.no_grad()
+    def init_pos_embed_sincos(self) -> None:
+        """Start the (trainable) patch position table from MAE's 2-D sin-cos table (MAE freezes it; we do not)."""
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid)[None])
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "cls_pos_embed"}
 
@@ -541,6 +564,7 @@ class VisionTransformer(nn.Module):
             tokens = tokens * (1 - m) + mask_token.to(tokens.dtype) * m   # (B, N, C)
         tokens = tokens + resize_pos_embed(self.pos_embed, grid_hw)       # (B, N, C)
         if ids_keep is not None:
+            check_ids_keep(ids_keep, batch_size=x.shape[0], num_units=tokens.shape[1])
             idx = ids_keep[:, :, None].expand(-1, -1, tokens.shape[-1])   # (B, N_vis, C)
             tokens = torch.gather(tokens, 1, idx)                         # (B, N_vis, C)
         n_cls = 0

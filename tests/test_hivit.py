@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -54,6 +55,8 @@ def test_vit_b_size():
 def test_visible_units_equal_full_then_select():
     torch.manual_seed(0)
     model = HiViT(PRESETS["tiny"]).eval()
+    for blk in model.blocks:                                             # non-zero relative position biases, so a
+        nn.init.normal_(blk.attn.relative_position_bias_table)           # wrong row/column gather would show
     x = torch.randn(3, 3, 64, 64)
     ids_keep = torch.rand(3, 16).argsort(dim=1)[:, :5]                  # (B, N_vis)
     with torch.no_grad():
@@ -67,6 +70,9 @@ def test_visible_units_equal_full_then_select():
 
         # exact: the same per-row ops on fewer rows (bitwise on CPU fp32)
         assert torch.equal(v4, select(f4)) and torch.equal(v8, select(f8))
+        # the kept-units index is the full index with the kept rows and columns
+        full_index = hivit.relative_position_index(grid)
+        assert torch.equal(model.rpe_index(grid, ids_keep), torch.stack([full_index[i][:, i] for i in ids_keep]))
         # stage 3 on the selected tokens (with their APE and RPE) is what the seam returns
         sel = select(tokens + model.pos_embed(grid))
         ref = model.forward_stage3(sel, grid_hw=grid, ids_keep=ids_keep)[-1]
@@ -257,6 +263,16 @@ def test_mask_token_path_replaces_masked_stage3_inputs():
         model.forward_features(x, mask=mask)
 
 
+def test_init_pos_embed_sincos():
+    model = HiViT(PRESETS["tiny"])
+    model.init_pos_embed_sincos()
+    assert torch.equal(model.absolute_pos_embed[0], hivit.sincos_pos_embed_2d(64, 4, 4))
+    assert model.absolute_pos_embed.requires_grad
+    vit = VisionTransformer(VIT_PRESETS["vit_tiny"])
+    vit.init_pos_embed_sincos()
+    assert torch.equal(vit.pos_embed[0], hivit.sincos_pos_embed_2d(64, 4, 4))
+
+
 def test_sincos_table_layout():
     t = hivit.sincos_pos_embed_2d(8, 2, 3)                                # dim 8: [sin c, cos c | sin r, cos r]
     assert t.shape == (6, 8)
@@ -300,3 +316,62 @@ def test_smoke_demo_runs():
     with contextlib.redirect_stdout(buf):
         runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "hivit.py"), run_name="__main__")
     assert "hivit_b      66.419M" in buf.getvalue()
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    dp = hivit.DropPath(0.25)
+    x = torch.ones(4000, 3, 5)
+    y = dp(x)
+    per_sample = y.flatten(1)
+    kept = (per_sample != 0).all(dim=1)
+    assert ((per_sample == 0).all(dim=1) | kept).all()                   # a sample is dropped entirely or kept
+    assert torch.allclose(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))   # rescaled by 1/keep
+    assert abs(kept.float().mean().item() - 0.75) < 0.03                 # keep probability
+    assert torch.equal(dp.eval()(x), x)                                  # identity at eval time
+    assert hivit.drop_path_rates(0.3, 4) == pytest.approx([0.0, 0.1, 0.2, 0.3])   # linear, as torch.linspace
+
+
+def test_bad_ids_keep_is_a_clear_error():
+    model = HiViT(PRESETS["tiny"])
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
+        model.forward_features(x, ids_keep=torch.tensor([[0, 16], [1, 2]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.forward_features(x, ids_keep=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="integer tensor"):
+        VisionTransformer(VIT_PRESETS["vit_tiny"]).forward_features(x, ids_keep=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_ape_quirk_runs_through_the_model():
+    """cfg.ape_quirk (reference 2.7): with units dropped, the stage-3 input carries the table resampled at
+    (G+0.1)/G, gathered; without dropping, or with the quirk off, the raw table."""
+    torch.manual_seed(0)
+    cfg = HiViTConfig(**{**vars(PRESETS["tiny"]), "ape_quirk": True})
+    model = HiViT(cfg).eval()
+    ids_keep = torch.tensor([[0, 5, 9, 15]])
+    resampled = hivit.resize_pos_embed(model.absolute_pos_embed, (4, 4), force=True)   # (1, 16, C)
+    torch.testing.assert_close(model.pos_embed((4, 4), ids_keep), resampled[:, ids_keep[0]])
+    assert torch.equal(model.pos_embed((4, 4)), model.absolute_pos_embed)
+    plain = HiViT(PRESETS["tiny"]).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(model.forward_features(x, ids_keep=ids_keep)[-1],
+                                  plain.forward_features(x, ids_keep=ids_keep)[-1])
+        assert torch.equal(model.forward_features(x)[-1], plain.forward_features(x)[-1])
+
+
+def test_relative_bias_at_another_grid_is_the_resized_table():
+    """At a grid other than the table's, the bias is read from the table resized to (2Hp-1, 2Wp-1): with a table
+    that is a linear function of (drow, dcol), the resized table is the same function on the new offsets."""
+    attn = hivit.Attention(8, num_heads=1, rpe_grid=(4, 4))
+    d = torch.arange(-3, 4, dtype=torch.float32)
+    with torch.no_grad():
+        attn.relative_position_bias_table.copy_((d[:, None] * 0 + 1.0).expand(7, 7).reshape(49, 1))   # constant
+    index = hivit.relative_position_index((6, 6))[None]
+    bias = attn.relative_bias(index, (6, 6))
+    assert bias.shape == (1, 1, 36, 36)
+    torch.testing.assert_close(bias, torch.ones_like(bias))             # a constant table stays constant
+    same = attn.relative_bias(hivit.relative_position_index((4, 4))[None], (4, 4))
+    assert torch.equal(same, torch.ones(1, 1, 16, 16))
