@@ -11,13 +11,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import hivit
 from hivit import PRESETS, HiViT, HiViTConfig, VisionTransformer, VIT_PRESETS, load_official
 
-KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+KEYS_DIR = os.path.join(os.path.dirname(__file__), "official_keys")        # copied from shared/reference
 
 
 def official_layout(name):
     path = os.path.join(KEYS_DIR, f"{name}.json")
     if not os.path.exists(path):
-        pytest.fail(f"reference key listing {path} not found: the repo expects ../shared/reference beside it")
+        pytest.fail(f"reference key listing {path} not found: tests/official_keys/ is part of the repository")
     with open(path) as f:
         return json.load(f)
 
