@@ -108,7 +108,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hivit import (DropPath, check_image_size, drop_path_rates, init_weights, load_official as hivit_load_official,
-                   resize_pos_embed)
+                   resize_pos_embed, sincos_pos_embed_2d)
 from itpn import FeaturePyramid, LevelEmbed, load_teacher, pyramid_maps
 from mim import block_masking, cosine_loss
 
@@ -515,9 +515,14 @@ class FastiTPN(nn.Module):
         if cfg.num_classes == 0 and pyramid:
             self.pyramid = FeaturePyramid(c, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth, ln_eps=LN_EPS)
         self.apply(init_weights)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)                 # fine-tune init; MIM: init_pos_embed_sincos
         if self.head is not None:                                         # official init_scale 0.01 on the head
             self.head.weight.data.mul_(0.01)
+
+    @torch.no_grad()
+    def init_pos_embed_sincos(self) -> None:
+        """Start the (still trainable) APE from MAE's 2-D sin-cos table, as hivit.py's encoders (mim.py calls it)."""
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid)[None])
 
     def set_acceleration(self, *, migration_ratio: float | None = None, attention: str | None = None) -> None:
         """Switch token migration / window attention / gathering on the same weights (Sec. 4: fine-tuning time).

@@ -10,8 +10,11 @@ Paper:
 Implements:
     The shared pieces of masked image modeling (unit masking, pixel / HOG / teacher targets, losses) and three
     pre-training methods as nn.Modules that wrap any encoder of hivit.py / itpn.py / fast_itpn.py through its public
-    seam `forward_features(x, ids_keep=None)[-1] -> (B, N_vis, C)`. M3I is one configurable module; the 12
-    self-supervised rows of M3I Tab. 2 are presets of it.
+    seam. M3I is one configurable module; the 12 self-supervised rows of M3I Tab. 2 are presets of it.
+    Encoder contract: `forward_features(x, ids_keep=None)[-1] -> (B, N_vis, C)`, `cfg.embed_dim` = C, optional
+    `cfg.patch_size` (16 otherwise), and `init_pos_embed_sincos()`, which every method calls at construction (before
+    any EMA copy is made) to start the position table from MAE's 2-D sin-cos table: build the method, then load
+    weights.
 
 Sections:
     1. Config and presets             <-> MAE Tab. 1, FastMIM Tab. 11, M3I Tab. 2 / Sec. 3.4
@@ -36,6 +39,8 @@ Shapes:
 Differences from the papers / official code (and our choices where the papers are silent):
     - Visible count: `round(N * (1 - mask_ratio))` (MAE: int()); equal for every paper setting (196 * 0.25 = 49),
       but int() silently loses a unit to float error (10 * (1 - 0.9) = 0.999..).
+    - Position table: every method starts it from the 2-D sin-cos table (`init_pos_embed_sincos`) and keeps it
+      TRAINABLE, as iTPN's pixel pre-training does; MAE freezes its sin-cos table (requires_grad=False).
     - MAE on HiViT: no CLS token (HiViT has none); a LayerNorm is applied to the encoder output before the decoder
       (the plain ViT already ends with one; a second is harmless). Decoder init is PyTorch/trunc-normal, not Xavier.
     - SimMIM here means FastMIM's formulation at 224 px (mask the RGB input with a learnable 3-d token, all tokens
@@ -619,6 +624,7 @@ class MAE(nn.Module):
     def __init__(self, encoder: nn.Module, *, cfg: MIMConfig):
         super().__init__()
         self.cfg = cfg
+        encoder.init_pos_embed_sincos()                                   # MAE's sin-cos start (trainable here)
         self.encoder = encoder
         self.patch = getattr(encoder.cfg, "patch_size", 16)               # unit = the last-stage patch
         c = encoder.cfg.embed_dim
@@ -660,6 +666,7 @@ class FastMIM(nn.Module):
             raise ValueError(f"FastMIM predicts 'hog' or 'pixel', not {cfg.target!r}")
         check_dense_loss(cfg)
         self.cfg = cfg
+        encoder.init_pos_embed_sincos()                                   # MAE's sin-cos start (trainable here)
         self.encoder = encoder
         self.patch = getattr(encoder.cfg, "patch_size", 16)               # mask unit = last-stage patch (16 px)
         c = encoder.cfg.embed_dim
@@ -780,6 +787,7 @@ class M3I(nn.Module):
         if cfg.loss_on_masked and (cfg.input_view != "same" or cfg.mix_ratio > 0 or cfg.mask_ratio == 0):
             raise ValueError("loss_on_masked needs a masked input of the target view itself (Tab. 2 row d)")
         self.cfg = cfg
+        encoder.init_pos_embed_sincos()                                   # before make_teacher: EMA copy starts equal
         self.encoder = encoder
         self.num_views = 2 if (cfg.input_view == "other" or cfg.mix_ratio > 0) else 1
         self.patch = getattr(encoder.cfg, "patch_size", 16)

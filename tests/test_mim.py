@@ -231,6 +231,27 @@ class PerfectDecoder(torch.nn.Module):
         return pred
 
 
+def fast_itpn_encoder():
+    import fast_itpn
+    return fast_itpn.FastiTPN(replace(fast_itpn.PRESETS["tiny"], num_classes=0), pyramid=False)
+
+
+@pytest.mark.parametrize("name", ["mae", "fastmim", "m3i"])
+@pytest.mark.parametrize("kind", ["hivit", "vit", "fast_itpn"])
+def test_methods_start_the_position_table_from_sincos(name, kind):
+    # Every method calls encoder.init_pos_embed_sincos() at construction: the table (trunc-normal when the encoder is
+    # built) becomes MAE's 2-D sin-cos table, stays trainable, and the EMA teacher is copied after that.
+    encoder = fast_itpn_encoder() if kind == "fast_itpn" else tiny_encoder(kind)
+    model = mim.METHODS[name](encoder, cfg=mim.tiny_decoder(mim.PRESETS[name]))
+    key = "absolute_pos_embed" if kind == "hivit" else "pos_embed"
+    grid = model.encoder.grid
+    expected = sincos_pos_embed_2d(model.encoder.cfg.embed_dim, *grid)[None]   # (1, N, C), hivit.py
+    table = dict(model.encoder.named_parameters())[key]
+    assert torch.equal(table.detach(), expected) and table.requires_grad
+    if name == "m3i":
+        assert torch.equal(dict(model.teacher.named_parameters())[key], expected)
+
+
 def test_mae_loss_zero_for_perfect_prediction_and_counts_only_masked_units():
     torch.manual_seed(0)
     model = build("mae")
