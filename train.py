@@ -770,6 +770,34 @@ def input_schedule(method: str, input_size: int | None, unit: int):
     return lambda progress: max(unit, round(mim.img_size_at(cfg, progress) * scale / unit) * unit)
 
 
+# flag -> (test, valid range in words). Checked after the recipe fills unset flags; None (unset) always passes.
+RANGES = {
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "accum_iter": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "input_size": (lambda v: v >= 1, ">= 1 (a multiple of the model's unit)"),
+    "num_images": (lambda v: v >= 1, ">= 1"),
+    "mask_ratio": (lambda v: 0 <= v < 1, "in [0, 1): the fraction of units masked; 1 would leave nothing visible"),
+    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
+    "save_every": (lambda v: v >= 1, ">= 1 (epochs)"),
+    "vis_every": (lambda v: v >= 1, ">= 1 (epochs)"),
+    "max_steps": (lambda v: v >= 1, ">= 1"),
+    "truncate": (lambda v: v >= 0, ">= 0"),
+    "num_workers": (lambda v: v >= 0, ">= 0"),
+    "blr": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "min_lr": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "clip_grad": (lambda v: v > 0, "> 0 (leave it out for no clipping)"),
+}
+
+
+def range_errors(args) -> list[str]:
+    """One message per flag outside its valid range (a 0 batch or accum_iter would divide by zero later)."""
+    return [f"--{name} {getattr(args, name)} is out of range: it must be {words}"
+            for name, (ok, words) in RANGES.items() if getattr(args, name) is not None and not ok(getattr(args, name))]
+
+
 def main(argv=None) -> list[dict]:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -778,6 +806,8 @@ def main(argv=None) -> list[dict]:
     for key, value in recipe.items():                                     # unset flags take the recipe's value
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if range_errors(args):
+        parser.error("; ".join(range_errors(args)))
     args.method = args.method or DEFAULT_METHOD[family]
     if args.method not in compatible_methods(family):
         parser.error(f"--method {args.method} does not run on --model {args.model}; valid methods for {family} "

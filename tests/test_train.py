@@ -286,6 +286,19 @@ def test_unknown_or_incompatible_model_and_method_list_the_valid_ones(tmp_path, 
     assert "do not fill one step" in error_of([*TINY, "--num_images", "1"], tmp_path)
 
 
+@pytest.mark.parametrize("flag, value, valid", [
+    ("--batch_size", "0", ">= 1"), ("--accum_iter", "0", ">= 1"), ("--epochs", "0", ">= 1"),
+    ("--input_size", "0", ">= 1"), ("--input_size", "-16", ">= 1"), ("--num_images", "0", ">= 1"),
+    ("--mask_ratio", "1.5", "in [0, 1)"), ("--mask_ratio", "-0.5", "in [0, 1)"), ("--mask_ratio", "1.0", "in [0, 1)"),
+    ("--save_every", "0", ">= 1"), ("--vis_every", "0", ">= 1"), ("--clip_grad", "0.0", "> 0")])
+def test_out_of_range_numbers_stop_at_start_up_naming_the_flag_and_its_range(tmp_path, capsys, flag, value, valid):
+    with pytest.raises(SystemExit) as info:                              # before any model is built or data read
+        run(tmp_path, flag, value)
+    assert info.value.code == 2                                          # argparse's usage error
+    assert f"{flag} {value} is out of range: it must be {valid}" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_teacher_is_wired_and_a_missing_or_misshapen_one_is_refused(tmp_path):
     from dataclasses import replace
     import hivit
