@@ -79,7 +79,8 @@ Differences from the paper / official code (reference Sec. 7 checklist, item by 
       196 with RPE at 32x32) are not supported. `load_official` is strict: using a depth-2 pyramid checkpoint with
       the det recipe's fpn_depth=1 means dropping the `block_*.1` keys on purpose (official: silently).
     - Plain-ViT iTPN (supplementary Sec. 3): layers 4 and 7 (of 12; scaled for other depths) are up-sampled 4x and
-      2x by PatchSplit (our choice of up-sampler: learned and per unit, so still leak-free).
+      2x by PatchSplit (our choice of up-sampler: learned and per unit, so still leak-free). Like the pyramid, the
+      up-samplers exist only when num_classes = 0; a plain-ViT classifier is the ViT alone.
     - Module names differ from the official ones (e.g. `pyramid.lateral8` for `align_dim_16to8`, `aux_blocks` for
       `cls_pt_layers`); `load_official` renames. Optimizer, schedule, layer decay [7.7] and data live elsewhere.
 
@@ -254,7 +255,9 @@ class PlainViTUnits(nn.Module):
 
     The outputs of layers 4 and 7 (of 12) are up-sampled 4x and 2x inside each unit into the stride-4 (C/4) and
     stride-8 (C/2) unit tensors HiViT would give, so the same pyramid and heads apply. For other depths the taps
-    scale with depth/12.
+    scale with depth/12. The up-samplers exist only with the pyramid (num_classes == 0): a classifier never uses
+    them, and parameters without a gradient would break DDP fine-tuning (find_unused_parameters=False); its
+    `encode` then returns f4 = f8 = None.
     """
 
     def __init__(self, cfg: iTPNConfig):
@@ -266,8 +269,12 @@ class PlainViTUnits(nn.Module):
                                                drop_path_rate=cfg.drop_path_rate, num_classes=cfg.num_classes))
         self.grid = self.vit.grid
         self.taps = (max(1, round(cfg.depth * 4 / 12)), max(1, round(cfg.depth * 7 / 12)))   # 1-based layers
-        self.up4 = PatchSplit(c, out_dim=c // 4, scale=4)                 # layer 4 -> (B, N, 4, 4, C/4)
-        self.up8 = PatchSplit(c, out_dim=c // 2, scale=2)                 # layer 7 -> (B, N, 2, 2, C/2)
+        self.up4 = self.up8 = None
+        if cfg.num_classes == 0:                                          # only the pyramid reads them
+            self.up4 = PatchSplit(c, out_dim=c // 4, scale=4)             # layer 4 -> (B, N, 4, 4, C/4)
+            self.up8 = PatchSplit(c, out_dim=c // 2, scale=2)             # layer 7 -> (B, N, 2, 2, C/2)
+            self.up4.apply(init_weights)
+            self.up8.apply(init_weights)
 
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
@@ -277,6 +284,8 @@ class PlainViTUnits(nn.Module):
 
     def encode(self, x, *, ids_keep=None, mask=None, mask_token=None):
         outs = self.vit.forward_features(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
+        if self.up4 is None:                                              # classifier: no strides 4 and 8
+            return None, None, outs
         f4 = self.up4(outs[self.taps[0] - 1][:, :, None, None, :])        # (B, N_vis, 4, 4, C/4)
         f8 = self.up8(outs[self.taps[1] - 1][:, :, None, None, :])        # (B, N_vis, 2, 2, C/2)
         return f4, f8, outs
@@ -328,7 +337,9 @@ class iTPN(nn.Module):
         return encode_backbone(self.backbone, x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
 
     def forward_features(self, x, *, ids_keep=None, mask=None, mask_token=None):
-        """The HiViT seam (mim.py): [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)]."""
+        """The HiViT seam (mim.py): [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)].
+
+        A plain-ViT classifier has no up-samplers: its f4 and f8 are None (f16 is there)."""
         f4, f8, outs = self.encode(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
         return [f4, f8, outs[-1]]
 

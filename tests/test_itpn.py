@@ -246,6 +246,19 @@ def test_plain_vit_variant_trains_every_parameter(method, teacher_path):
     assert [tuple(p.shape[2:4]) for p in levels] == [(1, 1), (2, 2), (4, 4)]
 
 
+def test_plain_vit_classifier_trains_every_parameter():
+    """DDP (find_unused_parameters=False) needs a gradient for every parameter: a classifier has no up-samplers."""
+    torch.manual_seed(0)
+    model = iTPN(replace(TINY, plain_vit=True))                           # num_classes 10: ViT + head only
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert model.forward_features(torch.randn(1, 3, 64, 64))[:2] == [None, None]
+    backbone = iTPN(replace(TINY, plain_vit=True, num_classes=0))         # the pyramid's up-samplers: official init
+    for split in (backbone.backbone.up4, backbone.backbone.up8):
+        assert abs(split.reduction.weight.std().item() - 0.02) < 0.004   # trunc-normal(0.02), not PyTorch's default
+        assert torch.equal(split.norm.weight, torch.ones_like(split.norm.weight))
+
+
 def test_ema_update_is_exactly_m_t_plus_one_minus_m_s():
     model = build("itpn", None)
     with torch.no_grad():
