@@ -198,6 +198,12 @@ def truncate_encoder_config(encoder_cfg, num_blocks: int):
 
 # ---- 2. Masking (mask: 1 = removed, 0 = kept; one unit = the encoder's last-stage 16x16 patch) -------------------
 
+def check_mask_ratio(mask_ratio: float) -> None:
+    """A ratio outside [0, 1) would silently keep a wrong count (1.5 keeps N/4 units, -0.5 masks none)."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1) (the fraction of units removed), got {mask_ratio}")
+
+
 def random_masking(batch_size: int, num_units: int, mask_ratio: float, *, device=None, generator=None):
     """MAE's per-sample random masking by argsort of uniform noise.
 
@@ -205,6 +211,7 @@ def random_masking(batch_size: int, num_units: int, mask_ratio: float, *, device
     gathering [kept, removed] tokens with it restores the original order), and mask (B, N) float, 1 = removed.
     Every sample keeps exactly N_vis = round(N * (1 - mask_ratio)) units, which is what makes batching trivial.
     """
+    check_mask_ratio(mask_ratio)
     num_keep = int(round(num_units * (1 - mask_ratio)))
     noise = torch.rand(batch_size, num_units, device=device, generator=generator)   # (B, N)
     ids_shuffle = noise.argsort(dim=1)                                    # ascending: small noise = keep
@@ -264,6 +271,7 @@ def ids_from_mask(mask: torch.Tensor):
 
 def mask_units(batch_size: int, grid_hw: tuple[int, int], *, mask_ratio: float, pattern: str, device=None):
     """One entry point for the methods: (ids_keep, ids_restore, mask) by "random" or "block" masking, same counts."""
+    check_mask_ratio(mask_ratio)
     n = grid_hw[0] * grid_hw[1]
     if pattern == "random":
         return random_masking(batch_size, n, mask_ratio, device=device)
@@ -855,6 +863,9 @@ class M3I(nn.Module):
         cfg = self.cfg
         if (labels is None) != (cfg.num_classes == 0) or (captions is None) == cfg.text_target:
             raise ValueError("pass labels exactly when cfg.num_classes > 0 and captions exactly when cfg.text_target")
+        if self.num_views == 2 and (imgs.ndim != 5 or imgs.shape[1] != 2):
+            raise ValueError(f"this M3I config (input_view {cfg.input_view!r}, mix_ratio {cfg.mix_ratio}) takes two "
+                             f"views per image, imgs (B, 2, 3, H, W); got shape {tuple(imgs.shape)}")
         view = imgs[:, 0] if imgs.ndim == 5 else imgs                     # v: the target view (B, 3, H, W)
         source = imgs[:, -1] if imgs.ndim == 5 else imgs                  # same crop, maybe other colours
         grid_hw = check_image_size(view, self.patch)

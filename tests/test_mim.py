@@ -28,6 +28,15 @@ def test_random_masking_counts_and_restore(n, ratio):
     assert (torch.gather(shuffled, 1, ids_restore) == tokens).all()
 
 
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.5])
+def test_mask_ratio_outside_0_1_is_refused(ratio):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        random_masking(2, 16, ratio)                                      # 1.5 would keep 8 of 16 units silently
+    for pattern in ("random", "block"):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            mim.mask_units(2, (4, 4), mask_ratio=ratio, pattern=pattern)
+
+
 def test_masks_are_per_sample_and_deterministic_under_a_seed():
     a = random_masking(4, 64, 0.75, generator=torch.Generator().manual_seed(3))[2]
     b = random_masking(4, 64, 0.75, generator=torch.Generator().manual_seed(3))[2]
@@ -470,6 +479,16 @@ def test_m3i_wiring_intra_view_image_i_inter_view_image_j_one_teacher_pass():
     units = torch.cat([pos_i, pos_j], dim=1)[..., :2]                     # (B, 16, 2) grid positions of the tokens
     index = (units[..., 0] * 4 + units[..., 1]).long().sort(dim=1).values  # (B, 16)
     assert torch.equal(index, torch.arange(16).expand(4, -1))             # i and j split the grid, no overlap
+
+
+@pytest.mark.parametrize("name", ["m3i", "m3i_k_siamese_im_feat"])
+def test_two_view_m3i_refuses_a_one_view_batch(name):
+    model = build(name)
+    assert model.num_views == 2
+    with pytest.raises(ValueError, match=r"\(B, 2, 3, H, W\)"):
+        model(torch.randn(2, 3, 32, 32))                                  # one view: (B, 3, H, W)
+    with pytest.raises(ValueError, match=r"\(B, 2, 3, H, W\)"):
+        model(torch.randn(2, 3, 3, 32, 32))                               # three views
 
 
 def test_m3i_is_deterministic_under_a_seed():
