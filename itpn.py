@@ -588,7 +588,8 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
 
     Sizes are read from the shapes. The head count is not in any shape: it comes from a saved 'config' dict with
     num_heads, else from the ViT preset named by train.py's 'args' {'model': 'vit_b', ...}, else C / 64.
-    quick_gelu and ln_eps come from 'config' when present (defaults: GELU, eps 1e-6).
+    quick_gelu and ln_eps come from 'config' when present (defaults: GELU, eps 1e-6). 'config' is either the
+    ViTConfig fields themselves or train.py's {'model': ViTConfig fields, 'method': ...}.
     """
     sd = ckpt.get("model", ckpt)
     anchor = next((k for k in sd if k.endswith("patch_embed.weight")), None)
@@ -598,6 +599,7 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
     prefix = anchor[: -len("patch_embed.weight")]
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    saved = saved["model"] if isinstance(saved.get("model"), dict) else saved   # train.py: {"model", "method"}
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     c, _, p, _ = sd["patch_embed.weight"].shape
     heads = saved.get("num_heads") or getattr(VIT_PRESETS.get(run_args.get("model")), "num_heads", max(1, c // 64))

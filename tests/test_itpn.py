@@ -390,6 +390,23 @@ def test_train_py_checkpoint_teacher_reads_heads_from_args(tmp_path):
     torch.testing.assert_close(load_teacher(path)(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_train_py_checkpoint_teacher_restores_heads_gelu_and_eps_from_config(tmp_path):
+    """train.py writes config = {"model": asdict(preset), "method": ...}: the architecture fields are under "model"."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=64, embed_dim=64, depth=1, num_heads=4, quick_gelu=True, ln_eps=1e-5, num_classes=0)
+    vit = VisionTransformer(cfg).eval()                                   # 4 heads: neither C / 64 nor vit_tiny's 2
+    sd = {f"encoder.{k}": v for k, v in vit.state_dict().items()}
+    path = str(tmp_path / "checkpoint-last.pth")
+    torch.save({"model": sd, "args": {"model": "vit_tiny", "method": "mae"},
+                "config": {"model": asdict(cfg), "method": {"mask_ratio": 0.75}}}, path)
+    teacher = load_teacher(path)
+    assert (teacher.vit.cfg.num_heads, teacher.vit.cfg.quick_gelu, teacher.vit.cfg.ln_eps) == (4, True, 1e-5)
+    x = smooth_batch()
+    with torch.no_grad():
+        ref = F.layer_norm(vit.forward_features(x)[-1], (64,), eps=1e-5)
+    torch.testing.assert_close(teacher(x), ref, rtol=1e-5, atol=1e-5)
+
+
 def clip_reference_forward(sd, x, heads):
     """OpenAI CLIP's visual forward written independently: conv, CLS, pos, ln_pre, resblocks (QuickGELU), ln_post."""
     c = sd["conv1.weight"].shape[0]
