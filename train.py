@@ -37,7 +37,8 @@ Differences from the paper / official code:
     - Unreadable images are replaced by the next readable one and counted (log key skipped_images); MAE crashes.
     - A checkpoint holds plain types only (args as a dict, RNG states as lists/tensors): torch.load(...,
       weights_only=True) reads it. `checkpoint-last.pth` is rewritten every epoch and at --max_steps; numbered
-      `checkpoint-<epoch>.pth` files are kept every --save_every epochs.
+      `checkpoint-<epoch>.pth` files are kept every --save_every epochs. Resuming with another effective batch
+      (batch_size x accum_iter x world size) is refused; MAE resumes and silently changes the schedule.
     - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (CPU bf16 is ~35x slower without bf16 units);
       the official code used fp16 + GradScaler (still available: --amp fp16).
     - One optimisation recipe (iTPN's = MAE's) for every --method; FastMIM's and M3I's own lr/epochs are flags away.
@@ -648,7 +649,7 @@ def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, 
         finished = step == (epoch + 1) * steps_per_epoch
         state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": step // steps_per_epoch, "step": step, "args": run_config["args"],
-                 "config": run_config["config"], "rng": rng_state()}
+                 "world_size": world_size, "config": run_config["config"], "rng": rng_state()}
         last_good = os.path.join(output_dir, "checkpoint-last.pth")
         save_checkpoint(last_good, state)
         if finished and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
@@ -798,6 +799,25 @@ def range_errors(args) -> list[str]:
             for name, (ok, words) in RANGES.items() if getattr(args, name) is not None and not ok(getattr(args, name))]
 
 
+def check_same_effective_batch(checkpoint: dict, path: str, args, world_size: int) -> None:
+    """A resumed run must keep batch_size x accum_iter x world size: the step -> epoch mapping, the lr schedule and
+    the images a mid-epoch resume skips are all counted in steps of it. Another split of the same product (e.g. 2x
+    the GPUs, half the --accum_iter) keeps all three, so it is allowed (masks then differ: not bitwise)."""
+    was = {"batch_size": checkpoint["args"]["batch_size"], "accum_iter": checkpoint["args"]["accum_iter"],
+           "world size": checkpoint.get("world_size", world_size)}   # absent in checkpoints from before the check
+    now = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "world size": world_size}
+    if math.prod(was.values()) == math.prod(now.values()):
+        return
+    differ = ", ".join(f"{'' if k == 'world size' else '--'}{k} {was[k]} -> {now[k]}" for k in was
+                       if was[k] != now[k])
+    raise ValueError(f"{path} was written with an effective batch of {math.prod(was.values())} = --batch_size "
+                     f"{was['batch_size']} x --accum_iter {was['accum_iter']} x {was['world size']} process(es); this "
+                     f"run has {math.prod(now.values())} ({differ}). The lr schedule, the step -> epoch mapping and "
+                     f"the images already seen depend on it: resume with --batch_size {was['batch_size']} --accum_iter "
+                     f"{was['accum_iter']} on {was['world size']} process(es) (or any split with the same product), "
+                     f"or start a fresh run in another --output_dir")
+
+
 def main(argv=None) -> list[dict]:
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -850,6 +870,7 @@ def main(argv=None) -> list[dict]:
                 raise ValueError(f"{resume} was written by --model {was['model']} --method {was['method']}; this "
                                  f"run is --model {args.model} --method {args.method}: pass those or another "
                                  f"--output_dir")
+            check_same_effective_batch(checkpoint, resume, args, world_size)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:   # bad input: a message, no traceback
         if dist.is_initialized():
             dist.destroy_process_group()

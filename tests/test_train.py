@@ -321,6 +321,19 @@ def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
     assert "written by --model hivit_tiny" in msg
 
 
+def test_resume_with_another_effective_batch_is_refused_and_the_same_product_is_allowed(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn())
+    argv = ["--input_size", "32", "--num_workers", "0", "--num_images", "8", "--epochs", "2", "--warmup_epochs", "0"]
+    run(tmp_path, *argv, "--batch_size", "2", "--max_steps", "1")                    # effective batch 2 x 1 x 1
+    assert train.load_checkpoint(str(tmp_path / "out" / "checkpoint-last.pth"))["world_size"] == 1
+    msg = error_of([*argv, "--batch_size", "2", "--accum_iter", "2", "--max_steps", "2", "--resume", "auto"],
+                   tmp_path)
+    assert "effective batch of 2" in msg and "this run has 4 (--accum_iter 1 -> 2)" in msg   # only the changed flag
+    assert "resume with --batch_size 2 --accum_iter 1 on 1 process(es)" in msg             # how to continue
+    records, _ = run(tmp_path, *argv, "--batch_size", "1", "--accum_iter", "2", "--max_steps", "2", "--resume", "auto")
+    assert records[0]["step"] == 2                                        # 1 x 2 = 2 x 1: continues from step 1
+
+
 def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn(nan_at_call=3))
     with pytest.raises(SystemExit) as info:                               # 2 steps per epoch; NaN at step 2
