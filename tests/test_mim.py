@@ -335,11 +335,11 @@ def test_fastmim_step(name, kind):
 
 def test_no_nan_under_bf16_autocast():
     torch.manual_seed(0)
-    imgs = torch.randn(2, 3, 32, 32)
+    imgs = torch.randn(2, 2, 3, 32, 32)                                   # two views per image (M3I)
     for name in ("mae", "fastmim", "m3i"):
         model = build(name)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(imgs)["loss"]
+            loss = model(imgs if model.num_views == 2 else imgs[:, 0])["loss"]
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
                                             if p.grad is not None)
