@@ -70,6 +70,8 @@ Differences from the papers / official code (and our choices where the papers ar
         top-left corner, sin-cos encoded then a learnable Linear, used for visible tokens and queries alike.
       * Global-feature rows (c, f, i, l): attention pooling + Linear on the encoder tokens, target = GAP of the
         EMA features, InfoNCE with tau = 0.2 over the batch (the negatives prevent collapse).
+      * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of the global-feature rows (and of
+        the text target) depends on the world size; gathering keys across ranks is out of scope.
       * The full "m3i" preset has its category and text targets OFF by default (train.py's data is unlabelled):
         set num_classes / text_target and pass labels / captions to turn them on. out["mask"] is then the mix
         (1 = unit from image j), and out["pred"] image i's dense prediction.
