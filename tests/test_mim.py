@@ -447,19 +447,21 @@ def test_m3i_presets_train_one_step(name):
 
 
 class RecordingDecoder(torch.nn.Module):
-    """Stands in for QueryDecoder: records its inputs and predicts zeros (B, Nq, out)."""
+    """Stands in for QueryDecoder: records its inputs and predicts a fixed random (B, Nq, out), new for each call."""
 
     def __init__(self, out_dim):
         super().__init__()
-        self.out_dim, self.calls = out_dim, []
+        self.out_dim, self.calls, self.preds = out_dim, [], []
         self.scale = torch.nn.Parameter(torch.ones(()))                   # keeps the loss differentiable
 
     def forward(self, tokens, token_coords, query_coords):
         self.calls.append((tokens.shape, token_coords, query_coords))
-        return self.scale * torch.zeros(*query_coords.shape[:2], self.out_dim)
+        g = torch.Generator().manual_seed(len(self.calls))
+        self.preds.append(torch.randn(*query_coords.shape[:2], self.out_dim, generator=g))   # (B, Nq, out)
+        return self.scale * self.preds[-1]
 
 
-def test_m3i_wiring_intra_view_image_i_inter_view_image_j_one_teacher_pass():
+def test_m3i_wiring_intra_view_image_i_inter_view_image_j_one_teacher_pass(monkeypatch):
     torch.manual_seed(0)
     model = build("m3i")
     model.decoder = RecordingDecoder(out_dim=64)
@@ -469,8 +471,19 @@ def test_m3i_wiring_intra_view_image_i_inter_view_image_j_one_teacher_pass():
         teacher_batches.append(x.shape[0])
         return teacher_features(x, **kwargs)
     model.teacher.forward_features = counting
-    model(torch.randn(4, 2, 3, 64, 64))
-    assert teacher_batches == [4]                                          # one pass over the B target views
+    sigma = torch.tensor([2, 0, 3, 1])                                    # j = sigma(i): no slot is its own partner
+    perms = []
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: perms.append(n) or sigma.clone())
+    imgs = torch.randn(4, 2, 3, 64, 64)
+    out = model(imgs)
+    assert teacher_batches == [4] and perms == [4]                        # one pass over the B target views
+    # documented losses (L2 on all target units): image i against target[own], image j against target[sigma]
+    with torch.no_grad():
+        target = torch.nn.functional.layer_norm(teacher_features(imgs[:, 0])[-1], (64,))   # (B, N, C), no affine
+    pred_i, pred_j = model.decoder.preds
+    assert out["logs"]["loss_i"].item() == pytest.approx(((pred_i - target) ** 2).mean().item(), rel=1e-5)
+    assert out["logs"]["loss_j"].item() == pytest.approx(((pred_j - target[sigma]) ** 2).mean().item(), rel=1e-5)
+    assert out["logs"]["loss_j"].item() != pytest.approx(((pred_j - target) ** 2).mean().item(), rel=1e-2)
     (shape_i, pos_i, query_i), (shape_j, pos_j, query_j) = model.decoder.calls
     assert shape_i == shape_j == (4, 8, 64)                               # each image owns half of the 16 units
     grid = mim.view_coords((4, 4)).expand(4, -1, -1)
