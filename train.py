@@ -36,9 +36,10 @@ Differences from the paper / official code:
       single-process run with --accum_iter R*A (same images, same masks). MAE seeds each process once (seed+rank).
     - Unreadable images are replaced by the next readable one and counted (log key skipped_images); MAE crashes.
     - A checkpoint holds plain types only (args as a dict, RNG states as lists/tensors): torch.load(...,
-      weights_only=True) reads it. `checkpoint-last.pth` is rewritten every epoch and at --max_steps; numbered
-      `checkpoint-<epoch>.pth` files are kept every --save_every epochs. Resuming with another effective batch
-      (batch_size x accum_iter x world size) is refused; MAE resumes and silently changes the schedule.
+      weights_only=True) reads it. Each is written to a .tmp file, fsynced, then renamed (MAE writes in place), so
+      a crash or power loss keeps the previous one. `checkpoint-last.pth` is rewritten every epoch and at
+      --max_steps; numbered `checkpoint-<epoch>.pth` files are kept every --save_every epochs. Resuming with another
+      effective batch (batch_size x accum_iter x world size) is refused; MAE resumes and silently changes the schedule.
     - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (CPU bf16 is ~35x slower without bf16 units);
       the official code used fp16 + GradScaler (still available: --amp fp16).
     - One optimisation recipe (iTPN's = MAE's) for every --method; FastMIM's and M3I's own lr/epochs are flags away.
@@ -448,13 +449,24 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to path + '.tmp', then rename: a crash mid-write leaves the previous checkpoint intact.
+    """Write to path + '.tmp', fsync it, then rename: a crash mid-write leaves the previous checkpoint intact.
 
-    os.replace is atomic on POSIX and Windows: a reader sees either the old file or the complete new one.
+    os.replace is atomic on POSIX and Windows: a reader sees either the old file or the complete new one. The
+    fsync before it puts the bytes on disk first, so after a power loss the name cannot point at a file whose
+    data never left the page cache; the fsync of the folder after it makes the rename itself durable (POSIX).
     """
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()                                                         # Python's buffer -> the OS
+        os.fsync(f.fileno())                                              # the OS's cache -> the disk
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):                                        # POSIX; Windows cannot open a folder
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def find_checkpoint(output_dir: str) -> str | None:

@@ -225,8 +225,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
 
     def killed_midway(obj, f):                                             # half a file, then the process dies
         real_save(obj, f)
-        with open(f, "r+b") as fh:
-            fh.truncate(os.path.getsize(f) // 2)
+        f.truncate(f.tell() // 2)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train.torch, "save", killed_midway)
@@ -234,6 +233,28 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
         train.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     assert train.load_checkpoint(path)["step"] == 1
     assert train.find_checkpoint(str(tmp_path)) == path                   # the .tmp leftover is never picked
+
+
+def test_checkpoint_bytes_are_fsynced_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Power loss: the rename must not reach the disk before the data it points at (os.replace alone allows it)."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):                                                        # which file, how many bytes on disk
+        events.append(("fsync", os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, os.stat(src).st_size))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(train.os, "fsync", fsync)
+    monkeypatch.setattr(train.os, "replace", replace)
+    path = tmp_path / "checkpoint-last.pth"
+    train.save_checkpoint(str(path), {"step": 1, "w": torch.ones(1000)})
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1:] == events[1][1:] == (path.stat().st_ino, path.stat().st_size)   # the whole file, then
+    assert events[2][1] == tmp_path.stat().st_ino                                        # the folder's entry
+    assert train.load_checkpoint(str(path))["step"] == 1
 
 
 # ---- bad inputs: a clear message, nothing lost ----------------------------------------------------------------------
