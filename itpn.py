@@ -276,6 +276,9 @@ class PlainViTUnits(nn.Module):
             self.up4.apply(init_weights)
             self.up8.apply(init_weights)
 
+    def init_pos_embed_sincos(self) -> None:
+        self.vit.init_pos_embed_sincos()
+
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
@@ -324,6 +327,10 @@ class iTPN(nn.Module):
         if cfg.num_classes == 0:
             self.pyramid = FeaturePyramid(cfg.embed_dim, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth)
             self.pyramid.apply(init_weights)
+
+    def init_pos_embed_sincos(self) -> None:
+        """Start the backbone's (trainable) APE from MAE's 2-D sin-cos table, as pixel pre-training does (ref. 2.1)."""
+        self.backbone.init_pos_embed_sincos()
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
@@ -385,13 +392,6 @@ class LevelEmbed(nn.Module):
         return self.proj(self.norm(level)).reshape(b, n, -1)              # (B, N, D): (h, w, D/hw) row-major
 
 
-def sincos_init_ape(encoder: iTPN) -> None:
-    """Pixel pre-training starts the (trainable) APE from MAE's 2-D sin-cos table (reference 2.1)."""
-    table = encoder.backbone.vit.pos_embed if encoder.cfg.plain_vit else encoder.backbone.absolute_pos_embed
-    with torch.no_grad():
-        table.copy_(sincos_pos_embed_2d(table.shape[-1], *encoder.grid)[None])   # (1, N, C)
-
-
 class iTPNPixelPretrainer(nn.Module):
     """Official pixel recipe (reference 2): masked units dropped, pyramid -> summed levels -> decoder -> pixels.
 
@@ -407,7 +407,7 @@ class iTPNPixelPretrainer(nn.Module):
         super().__init__()
         self.cfg = cfg = replace(cfg, **RECIPES[self.RECIPE])
         self.encoder = iTPN(cfg)
-        sincos_init_ape(self.encoder)
+        self.encoder.init_pos_embed_sincos()                              # reference 2.1: sin-cos start, trainable
         f, d = cfg.fpn_dim, cfg.decoder_dim
         self.decoder_embed = nn.ModuleList(LevelEmbed(f, out_dim=d // (s * s)) for s in (1, 2, 4))   # p16, p8, p4
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))

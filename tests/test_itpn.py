@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import itpn
-from hivit import VIT_PRESETS, ViTConfig, VisionTransformer
+from hivit import VIT_PRESETS, ViTConfig, VisionTransformer, sincos_pos_embed_2d
 from itpn import (
     PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPaperPretrainer, iTPNPixelPretrainer,
     load_official, load_teacher,
@@ -244,6 +244,24 @@ def test_plain_vit_variant_trains_every_parameter(method, teacher_path):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     levels = model.encoder.forward_levels(torch.randn(1, 3, 64, 64))
     assert [tuple(p.shape[2:4]) for p in levels] == [(1, 1), (2, 2), (4, 4)]
+
+
+@pytest.mark.parametrize("plain_vit", [False, True])
+def test_pixel_pretraining_starts_the_ape_from_sincos(plain_vit):
+    """Reference 2.1: the APE starts as MAE's 2-D sin-cos table (HiViT's and the plain ViT's) and stays trainable;
+    iTPN.init_pos_embed_sincos is the public way (it goes through hivit's own init_pos_embed_sincos)."""
+    expected = sincos_pos_embed_2d(TINY.embed_dim, 4, 4)[None]            # (1, N, C)
+
+    def ape(encoder):
+        return encoder.backbone.vit.pos_embed if plain_vit else encoder.backbone.absolute_pos_embed
+
+    model = build("itpn_pixel", None, cfg=replace(TINY, plain_vit=plain_vit))
+    assert ape(model.encoder).requires_grad
+    torch.testing.assert_close(ape(model.encoder).detach(), expected, rtol=0, atol=0)
+    encoder = iTPN(replace(TINY, plain_vit=plain_vit, num_classes=0))   # fine-tuning init: random, not sin-cos
+    assert not torch.equal(ape(encoder).detach(), expected)
+    encoder.init_pos_embed_sincos()
+    torch.testing.assert_close(ape(encoder).detach(), expected, rtol=0, atol=0)
 
 
 def test_plain_vit_classifier_trains_every_parameter():
