@@ -34,6 +34,8 @@ Differences from the paper / official code:
       drop path from (seed, step, shard), shard = micro_step * world_size + rank. So a resumed run is bitwise the
       run that was never stopped (CPU), and with --batch_size 1 a run on R ranks with --accum_iter A equals a
       single-process run with --accum_iter R*A (same images, same masks). MAE seeds each process once (seed+rank).
+      Other splits of one effective batch (accum 2 x batch 1 vs batch 2) see the same images and, as each micro-batch
+      loss is divided by accum_iter, the same gradient for an RNG-free loss; real methods' masks then differ.
     - Unreadable images are replaced by the next readable one and counted (log key skipped_images); MAE crashes.
     - A checkpoint holds plain types only (args as a dict, RNG states as lists/tensors): torch.load(...,
       weights_only=True) reads it. Each is written to a .tmp file, fsynced, then renamed (MAE writes in place), so

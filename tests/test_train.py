@@ -34,16 +34,17 @@ class StandIn(nn.Module):
 
     num_views = 1
 
-    def __init__(self, nan_at_call: int | None = None):
+    def __init__(self, nan_at_call: int | None = None, fixed_mask: bool = False):
         super().__init__()
         self.proj = nn.Linear(768, 768)
         self.teacher = nn.Linear(768, 768).requires_grad_(False)
-        self.nan_at_call, self.calls = nan_at_call, 0
+        self.nan_at_call, self.calls, self.fixed_mask = nan_at_call, 0, fixed_mask
 
     def forward(self, imgs):
         b, _, h, w = imgs.shape
         units = imgs.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 4, 5, 1).reshape(b, -1, 768)   # (B, N, P)
-        mask = (torch.rand(b, units.shape[1]).argsort(1) < units.shape[1] * 3 // 4).float()             # (B, N)
+        noise = torch.arange(units.shape[1]).expand(b, -1) if self.fixed_mask else torch.rand(b, units.shape[1])
+        mask = (noise.argsort(1) < units.shape[1] * 3 // 4).float()                                      # (B, N)
         pred = self.proj(units * (1 - mask[..., None]))
         loss = (((pred - units) ** 2).mean(-1) * mask).sum() / mask.sum()
         self.calls += 1
@@ -200,7 +201,23 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert len({r["train_loss"] for r in single}) == 3                   # the model does change
     for a, b in zip(ddp, single):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5, rel=0)
+        assert a["train_grad_norm"] == pytest.approx(b["train_grad_norm"], rel=1e-5)   # AdamW hides a wrong scale
     assert json.load(open(os.path.join(ddp_out, "config.json")))["world_size"] == 2
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, monkeypatch):
+    # accum_iter 2 x batch 1 == accum_iter 1 x batch 2 (same images, same lr) when the loss is a per-image mean
+    # that draws no random numbers: real methods seed their masks per shard, so only the layout of the DDP test
+    # above is exact for them. This pins the 1/accum_iter scaling of each micro-batch loss.
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn(fixed_mask=True))   # main seeds the init
+    argv = ["--input_size", "32", "--num_images", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0",
+            "--blr", "1.0"]
+    whole, _ = run(tmp_path, *argv, "--batch_size", "2", "--accum_iter", "1", name="whole")
+    accum, _ = run(tmp_path, *argv, "--batch_size", "1", "--accum_iter", "2", name="accum")
+    assert [r["step"] for r in whole] == [r["step"] for r in accum] == [2, 4]
+    for a, b in zip(accum, whole):
+        for key in ("train_loss", "train_grad_norm", "train_lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
 def test_help_lists_every_flag_and_every_flag_is_read(capsys):
