@@ -533,6 +533,57 @@ def test_loss_choice_is_checked_and_global_targets_take_l2_too():
     check_step(build("m3i_c_global_distillation", loss="cosine"), torch.randn(2, 3, 32, 32))
 
 
+# Reference notes Sec. 3.5 (M3I Tab. 2): input, target and loss of each row, as the table writes them. UniGrad is not
+# implemented: a row that lists it alone uses row b's stated alternative, MSE on the LayerNorm-ed target (header).
+TABLE_2 = {
+    "a": ("V1 full", "dense pixels", "MSE (norm-pix)", "all"),
+    "b": ("V1 full", "dense feature", "UniGrad (or MSE on LN target)", "all"),
+    "c": ("V1 full", "global feature", "UniGrad on vectors (or MSE)", "1 vector"),
+    "d": ("V1 masked", "dense pixels", "MSE (norm-pix)", "masked only"),
+    "e": ("V1 masked", "dense feature", "UniGrad", "all"),
+    "f": ("V1 masked", "global feature", "UniGrad / InfoNCE", "1 vector"),
+    "g": ("V2 full", "dense pixels", "MSE (norm-pix)", "all"),
+    "h": ("V2 full", "dense feature", "UniGrad", "all"),
+    "i": ("V2 full", "global feature", "InfoNCE", "1 vector"),
+    "j": ("V2 masked", "dense pixels", "MSE (norm-pix)", "all"),
+    "k": ("V2 masked", "dense feature", "UniGrad", "all"),
+    "l": ("V2 masked", "global feature", "InfoNCE / UniGrad", "1 vector"),
+}
+TARGET_KINDS = {"dense pixels": "pixel", "dense feature": "dense_feature", "global feature": "global_feature"}
+LOSS_NAMES = {  # reference wording -> the (loss, norm_pix_loss) it allows here; None = norm_pix_loss not used
+    "MSE (norm-pix)": {("l2", True)},
+    "UniGrad (or MSE on LN target)": {("l2", None)}, "UniGrad": {("l2", None)},
+    "UniGrad on vectors (or MSE)": {("l2", None)},
+    "UniGrad / InfoNCE": {("info_nce", None)}, "InfoNCE": {("info_nce", None)},
+    "InfoNCE / UniGrad": {("info_nce", None)},
+}
+
+
+@pytest.mark.parametrize("name", mim.M3I_PRESET_NAMES)
+def test_table2_presets_have_the_reference_input_target_and_loss(name):
+    inputs, target_kind, loss, positions = TABLE_2[name[4]]
+    cfg = mim.PRESETS[name]
+    assert cfg.input_view == ("same" if inputs.startswith("V1") else "other")
+    assert (cfg.mask_ratio > 0) == inputs.endswith("masked") and cfg.mix_ratio == 0
+    assert cfg.target == TARGET_KINDS[target_kind]
+    norm_pix_used = cfg.norm_pix_loss if cfg.target == "pixel" else None
+    assert (cfg.loss, norm_pix_used) in LOSS_NAMES[loss]
+    assert cfg.loss_on_masked == (positions == "masked only")
+    # the target itself, against an independent formula for each kind (V1 = the first view)
+    torch.manual_seed(0)
+    model = build(name)
+    view = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = model.targets(view)
+        if cfg.target == "pixel":
+            expected = norm_pix(patchify(view))                           # (B, N, 768) per-unit normalised pixels
+        else:
+            feats = model.teacher.forward_features(view)[-1]             # (B, N, C) EMA encoder, full V1
+            expected = torch.nn.functional.layer_norm(feats, feats.shape[-1:]) if cfg.target == "dense_feature" \
+                else feats.mean(dim=1)                                    # LN target / GAP (Fig. 1)
+    torch.testing.assert_close(got, expected)
+
+
 def test_presets_and_methods_agree():
     assert len(mim.M3I_PRESET_NAMES) == 12 and set(mim.METHODS) == set(mim.PRESETS)
     masked = {n for n in mim.M3I_PRESET_NAMES if mim.PRESETS[n].mask_ratio > 0}
