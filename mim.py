@@ -72,8 +72,8 @@ Differences from the papers / official code (and our choices where the papers ar
         EMA features; rows f, i, l: InfoNCE with tau = 0.2 over the batch (the negatives prevent collapse); row c
         (global distillation): L2 on the vectors, the reference table's stated alternative to UniGrad for that row
         (UniGrad, listed for rows b-l, is not implemented; dense rows use L2 on the LayerNorm-ed target instead).
-      * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of the global-feature rows (and of
-        the text target) depends on the world size; gathering keys across ranks is out of scope.
+      * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of the InfoNCE global-feature rows
+        (f, i, l; and the text target) depends on the world size; gathering keys across ranks is out of scope.
       * The full "m3i" preset has its category and text targets OFF by default (train.py's data is unlabelled):
         set num_classes / text_target and pass labels / captions to turn them on. out["mask"] is then the mix
         (1 = unit from image j), and out["pred"] image i's dense prediction.
