@@ -220,6 +220,35 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(tmp_path, monkeypatc
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
 
 
+def test_lr_clip_grad_save_every_and_vis_every_do_what_they_say(tmp_path, monkeypatch):
+    """--lr replaces blr x batch / 256 at the peak; --clip_grad clips what AdamW sees while the log keeps the
+    pre-clip norm; numbered checkpoints and pictures appear at exactly the epochs asked for (and at the end)."""
+    seen = []                                                             # global grad norm at each optimizer step
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads = [p.grad.flatten() for g in self.param_groups for p in g["params"] if p.grad is not None]
+            seen.append(torch.cat(grads).norm().item())
+            return super().step(closure)
+
+    monkeypatch.setattr(train.torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn())
+    argv = [*TINY, "--num_images", "2", "--epochs", "5", "--warmup_epochs", "1", "--blr", "1.0"]   # 1 step/epoch
+    records, out = run(tmp_path, *argv, "--lr", "0.003", "--save_every", "2", "--vis_every", "3", name="flags")
+    assert [r["train_lr"] for r in records[:2]] == [0.0, 0.003]          # step 1 ends the warm-up: the peak
+    assert seen == pytest.approx([r["train_grad_norm"] for r in records], rel=1e-5)   # no clip: the same norm
+    files = sorted(os.listdir(out))
+    assert [f for f in files if re.fullmatch(r"checkpoint-\d+\.pth", f)] == [   # epochs 2, 4 and the last (0-based)
+        "checkpoint-1.pth", "checkpoint-3.pth", "checkpoint-4.pth"]
+    assert [f for f in files if f.endswith(".png")] == [                 # epoch 3 and the end of the run
+        "reconstruction-epoch002.png", "reconstruction-epoch004.png"]
+    seen.clear()
+    clipped, _ = run(tmp_path, *argv, "--lr", "0.003", "--clip_grad", "1e-3", "--max_steps", "1", name="clipped")
+    assert clipped[0]["train_grad_norm"] == pytest.approx(records[0]["train_grad_norm"], rel=1e-6)   # pre-clip,
+    assert clipped[0]["train_grad_norm"] > 10 * 1e-3                     # well above the clip
+    assert seen == pytest.approx([1e-3], rel=1e-4)                        # what the optimizer was given
+
+
 def test_help_lists_every_flag_and_every_flag_is_read(capsys):
     with pytest.raises(SystemExit) as info:
         train.main(["--help"])
