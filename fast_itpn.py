@@ -234,6 +234,9 @@ class ConvPatchEmbed(nn.Module):
         x = self.proj(x)                                                  # (B, C/4, 4Hp, 4Wp)
         if mask is None:
             return x
+        if self.mask_token is None:
+            raise ValueError("stem masking (mask=...) needs the learned mask token, which exists only for "
+                             "pre-training: build the model with FastiTPN(cfg, mask_token=True)")
         b, _, hh, ww = x.shape
         m = mask.reshape(b, 1, hh // 4, ww // 4).to(x.dtype)              # (B, 1, Hp, Wp)
         m = F.interpolate(m, scale_factor=4, mode="nearest")              # (B, 1, 4Hp, 4Wp): unit -> its 4x4 pixels

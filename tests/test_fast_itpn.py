@@ -363,6 +363,16 @@ def test_ids_keep_equals_full_encoding_then_select():
         model.forward_features(x, ids_keep=ids_keep)
 
 
+def test_mask_without_a_mask_token_names_the_fix():
+    model = tiny()                                                        # built without the stem mask token
+    mask = torch.zeros(1, 16)
+    mask[0, 6] = 1.0
+    with pytest.raises(ValueError, match=r"mask_token=True"):
+        model.forward_features(torch.randn(1, 3, 64, 64), mask=mask)
+    with_token = FastiTPN(replace(TINY, num_classes=0), mask_token=True)
+    assert with_token.forward_features(torch.randn(1, 3, 64, 64), mask=mask)[-1].shape == (1, 16, 64)
+
+
 @pytest.fixture
 def teacher_file(tmp_path):
     import hivit
