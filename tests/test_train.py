@@ -413,12 +413,12 @@ def test_a_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path, monkeypat
 
 # ---- the --model / --method tables -----------------------------------------------------------------------------------
 
-def runs(model, method, *, backward=False):
+def runs(model, method, *, backward=False, teacher=None):
     """Does the pair build and run one step on a (2, [V,] 3, 32, 32) batch? With backward: is every trained
     parameter given a gradient (DDP with find_unused_parameters=False needs it)?"""
     try:
         torch.manual_seed(0)
-        pretrainer = train.build_pretrainer(model, method, mask_ratio=None, norm_pix_loss=None, teacher=None)
+        pretrainer = train.build_pretrainer(model, method, mask_ratio=None, norm_pix_loss=None, teacher=teacher)
         views = (2,) if getattr(pretrainer, "num_views", 1) == 2 else ()
         with torch.set_grad_enabled(backward):
             out = pretrainer(torch.randn(2, *views, 3, 32, 32))           # (B, [V,] 3, H, W)
@@ -433,6 +433,29 @@ def runs(model, method, *, backward=False):
 @pytest.mark.parametrize("model", ["hivit_tiny", "vit_tiny", "itpn_tiny", "fast_itpn_tiny"])
 def test_default_method_of_every_family_trains_every_parameter(model):
     assert runs(model, train.DEFAULT_METHOD[train.MODELS[model][0]], backward=True)
+
+
+@pytest.fixture(scope="module")
+def vit_teacher(tmp_path_factory):
+    """A tiny random project ViT (16-px patches, the student's unit grid) saved as train.py saves a checkpoint."""
+    from dataclasses import replace
+    import hivit
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "vit_tiny.pth"
+    torch.save({"model": hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_tiny"], num_classes=0)).state_dict()},
+               path)
+    return str(path)
+
+
+TINY_OF = {"mim": "hivit_tiny", "itpn": "itpn_tiny", "fast_itpn": "fast_itpn_tiny"}   # file of a method -> model
+
+
+@pytest.mark.parametrize("method", list(train.METHODS))
+def test_every_method_trains_every_parameter_on_its_tiny_model(method, vit_teacher):
+    """All of --method's choices (the 12 M3I presets, FastMIM-P and both distillations included): one forward and
+    backward through build_pretrainer, as train.py builds them."""
+    teacher = vit_teacher if method in train.TEACHER_METHODS else None
+    assert runs(TINY_OF[train.METHODS[method]], method, backward=True, teacher=teacher)
 
 
 def test_compatibility_table_is_right_both_ways():
