@@ -278,7 +278,7 @@ class ImageFiles(Dataset):
             return to_rgb(img), 0                                         # convert() reads the whole file
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = itpn.IMAGENET_MEAN, itpn.IMAGENET_STD     # the student's input normalisation
 MAX_BAD_IN_A_ROW = 50    # this many unreadable files in a row means the data path is wrong, not a few bad files
 
 
@@ -510,14 +510,6 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
-def mask_to_pixels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, N) unit mask -> (B, 1, H, W) pixel mask; units are square, so the grid follows from N and H x W."""
-    b, n = mask.shape
-    unit = int(round(math.sqrt(size[0] * size[1] / n)))
-    grid = mask.float().view(b, 1, size[0] // unit, size[1] // unit)      # (B, 1, Hp, Wp)
-    return grid.repeat_interleave(unit, 2).repeat_interleave(unit, 3)     # (B, 1, H, W)
-
-
 @torch.no_grad()
 def save_pictures(path: str, pretrainer: nn.Module, imgs: torch.Tensor, *, seed: int, norm_pix_loss: bool) -> None:
     """MAE Fig. 2 panels per image: original | masked | prediction | prediction + visible, plus the method's own
@@ -530,7 +522,9 @@ def save_pictures(path: str, pretrainer: nn.Module, imgs: torch.Tensor, *, seed:
     first = imgs[:, 0] if imgs.ndim == 5 else imgs                        # (B, 3, H, W): first view
     size = first.shape[-2:]
     original = denormalize(first.float())
-    m = mask_to_pixels(out["mask"], size).to(original.dtype)              # (B, 1, H, W), 1 = masked
+    unit = round(math.sqrt(size[0] * size[1] / out["mask"].shape[1]))   # units are square: N x unit^2 = H x W
+    m = mim.mask_to_map(out["mask"].to(original.dtype), (size[0] // unit, size[1] // unit), unit)   # (B, H, W)
+    m = m.unsqueeze(1)                                                    # (B, 1, H, W), 1 = masked
     panels = {"original": original, "masked": original * (1 - m) + 0.5 * m}   # masked units grey
     if "recon" in out:
         pred = denormalize(out["recon"].float())

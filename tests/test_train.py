@@ -262,6 +262,27 @@ def test_help_lists_every_flag_and_every_flag_is_read(capsys):
         assert f"args.{action.dest}" in source, f"--{action.dest} is never read"
 
 
+def test_pictures_grey_out_exactly_the_masked_units_with_the_shared_normalisation(tmp_path):
+    """The 'masked' panel (column 2) is the original with the method's masked 16-px units grey. A 32 x 48 picture
+    (2 x 3 units), so a transposed unit grid would show; normalisation constants are itpn.py's, not a copy."""
+    import itpn
+    assert train.IMAGENET_MEAN is itpn.IMAGENET_MEAN and train.IMAGENET_STD is itpn.IMAGENET_STD
+    imgs = torch.randn(1, 3, 32, 48)                                      # (B, 3, H, W) normalised
+    torch.manual_seed(0)
+    model = StandIn()
+    train.save_pictures(str(tmp_path / "p.png"), model, imgs, seed=7, norm_pix_loss=True)
+    torch.manual_seed(7)
+    mask = model(imgs)["mask"].view(2, 3)                                 # (Hp, Wp) row-major units, 1 = masked
+    pixels = mask.repeat_interleave(16, 0).repeat_interleave(16, 1)      # (H, W)
+    mean, std = torch.tensor(itpn.IMAGENET_MEAN)[:, None, None], torch.tensor(itpn.IMAGENET_STD)[:, None, None]
+    original = (imgs[0] * std + mean).clamp(0, 1)                        # (3, H, W)
+    expected = (original * (1 - pixels) + 0.5 * pixels).permute(1, 2, 0) * 255   # (H, W, 3)
+    picture = np.asarray(Image.open(tmp_path / "p.png"))
+    top, left = 12 * 4 + 2, 2 + (48 + 2)                                 # 4 title lines; padding 2; column 2
+    panel = torch.from_numpy(picture[top:top + 32, left:left + 48].astype(np.float32))
+    assert 0 < mask.sum() < 6 and (panel - expected).abs().max() <= 0.5 + 1e-3
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
