@@ -397,6 +397,22 @@ def test_distillation_pretrainer_contract(teacher_file):
     assert [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
+def test_distillation_pretrainer_overfits_one_batch(teacher_file):
+    torch.manual_seed(0)
+    pre = fast_itpn.FastiTPNDistillPretrainer(TINY, teacher_path=teacher_file)
+    x = F.interpolate(torch.randn(2, 3, 4, 4), size=32, mode="bilinear")  # smooth 32-px images, 2 x 2 units
+    opt = torch.optim.AdamW([p for p in pre.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(20):
+        torch.manual_seed(1)                                              # one batch: same images, same block mask
+        loss = pre(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < 0.5 * losses[0], losses
+
+
 def test_stem_masking_hides_masked_pixels_from_every_level(teacher_file):
     pre = fast_itpn.FastiTPNDistillPretrainer(TINY, teacher_path=teacher_file).eval()
     x = torch.randn(1, 3, 64, 64)
