@@ -29,7 +29,33 @@ Shapes:
     L = n (+1 with a gathering token at index 0), M = nW*n tokens left in the backbone, R tokens migrated.
     pos: (B, nW, n) original row-major index (0..N-1) of every token still in the backbone.
 
-Design choices the paper leaves open (ours; no reference code exists, see reference Sec. 5.4):
+Differences from the paper / official code:
+    - Module names: `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) instead of one flat `blocks.{i}`
+      list; early blocks call their norm `norm` (official `norm2`). `load_official` renames; outputs are identical.
+    - The early stages run in image layout (official), but `forward_features` returns HiViT's unit tensors
+      [f4 (B, N, 4, 4, C/4), f8, f16 (B, N, C)] so itpn.py's pyramid and mim.py's seam apply unchanged; `ids_keep`
+      drops units after stage 2, which is exact because no 1x1 conv or 2x2/2 merge crosses a 16-px unit.
+    - The official file's RPE option (off in every released model), the undefined `xops.SwiGLU` path and the
+      `stop_grad_conv1` trick are left out. The position table is interpolated (DINO-style, as hivit.py) when the
+      input grid differs from the one it was built for: build the model at the checkpoint's img_size and feed
+      384/512/640-px images; the official scripts instead rebuild the model at the target size.
+    - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v, fused on CPU and GPU);
+      the official code computes the logits explicitly in fp32. Outputs agree to float rounding (tested, 1e-4).
+    - Pyramid: itpn.py's FeaturePyramid with F = 256 and fpn_depth = 1 (iTPN's det/CLIP setting); Fast-iTPN's
+      dense code is unreleased. As in itpn.py, a model with num_classes = 0 carries the pyramid instead of a head.
+    - Token migration and token gathering follow the paper's description (Sec. 4.1-4.2); every equation in the open
+      choices below is ours. The paper applies them only when fine-tuning on dense tasks; here they also work for
+      classification (the head averages the replenished map). HRPE is a build-time flag because it adds parameters.
+    - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units applied at the stem with
+      one learned mask unit (SimMIM-style, the hint in the released stem), itpn.py's frozen teacher and level
+      embedding, one head on the summed pyramid and 1 - cos on all units; iTPN's auxiliary 3/4-depth head is left
+      out (nothing describes one for Fast-iTPN).
+    - Speed (bench.py, Fast-iTPN-B backbone + pyramid, FLOPs): attention is ~24% of stage-3 FLOPs at 1024 tokens
+      and the pyramid (its stride-4 level above all) ~17% of the total, so window attention saves 1.20x at 512 px
+      but 1.84x at 1024 px: the paper's +70-90% (Tab. 7) matches detection-sized inputs. Migration 10-40% saves
+      1.10-1.48x at 512 px; both methods together 1.63x.
+
+    Open choices the paper leaves (ours; no reference code exists, see reference Sec. 5.4), each with its reason:
     - Window size: `window_size` = 8 tokens per side, so a 512-px image (32x32 tokens) has 4x4 windows of 64 tokens,
       and a side that 8 does not divide uses its largest divisor <= 8 (14 -> 7 at 224 px). Why: 8 keeps >= 16 windows
       at the paper's 512-px dense inputs and divisors avoid padding tokens that would need masking in every layer.
@@ -68,32 +94,6 @@ Design choices the paper leaves open (ours; no reference code exists, see refere
     - HRPE (`hrpe=True`): a zero-initialised relative position bias table ((2*window_size-1)^2, heads) per block,
       indexed by the original 2-D offsets of the tokens left in a window, on window attention only (0 bias for the
       gathering token). Zero init keeps the released weights' outputs until fine-tuning moves it.
-
-Differences from the paper / official code:
-    - Module names: `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) instead of one flat `blocks.{i}`
-      list; early blocks call their norm `norm` (official `norm2`). `load_official` renames; outputs are identical.
-    - The early stages run in image layout (official), but `forward_features` returns HiViT's unit tensors
-      [f4 (B, N, 4, 4, C/4), f8, f16 (B, N, C)] so itpn.py's pyramid and mim.py's seam apply unchanged; `ids_keep`
-      drops units after stage 2, which is exact because no 1x1 conv or 2x2/2 merge crosses a 16-px unit.
-    - The official file's RPE option (off in every released model), the undefined `xops.SwiGLU` path and the
-      `stop_grad_conv1` trick are left out. The position table is interpolated (DINO-style, as hivit.py) when the
-      input grid differs from the one it was built for: build the model at the checkpoint's img_size and feed
-      384/512/640-px images; the official scripts instead rebuild the model at the target size.
-    - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v, fused on CPU and GPU);
-      the official code computes the logits explicitly in fp32. Outputs agree to float rounding (tested, 1e-4).
-    - Pyramid: itpn.py's FeaturePyramid with F = 256 and fpn_depth = 1 (iTPN's det/CLIP setting); Fast-iTPN's
-      dense code is unreleased. As in itpn.py, a model with num_classes = 0 carries the pyramid instead of a head.
-    - Token migration and token gathering follow the paper's description (Sec. 4.1-4.2); every equation above is
-      ours. The paper applies them only when fine-tuning on dense tasks; here they also work for classification
-      (the head averages the replenished map). HRPE is a build-time flag because it adds parameters.
-    - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units applied at the stem with
-      one learned mask unit (SimMIM-style, the hint in the released stem), itpn.py's frozen teacher and level
-      embedding, one head on the summed pyramid and 1 - cos on all units; iTPN's auxiliary 3/4-depth head is left
-      out (nothing describes one for Fast-iTPN).
-    - Speed (bench.py, Fast-iTPN-B backbone + pyramid, FLOPs): attention is ~24% of stage-3 FLOPs at 1024 tokens
-      and the pyramid (its stride-4 level above all) ~17% of the total, so window attention saves 1.20x at 512 px
-      but 1.84x at 1024 px: the paper's +70-90% (Tab. 7) matches detection-sized inputs. Migration 10-40% saves
-      1.10-1.48x at 512 px; both methods together 1.63x.
 
 Run:
     python fast_itpn.py                                 # CPU smoke demo, a few seconds

@@ -86,13 +86,13 @@ Differences from the papers / official code (and our choices where the papers ar
 Run:
     python mim.py                                                      # CPU smoke demo, every method, ~20 s
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae  # pre-training (train.py drives this file)
-
-How train.py builds a method (PRETRAINER CONTRACT, contracts.md):
+    # train.py builds and drives a method like this (PRETRAINER CONTRACT, contracts.md):
     cfg = replace(mim.PRESETS[name], ...)                   # e.g. mask_ratio=args.mask_ratio
     encoder = HiViT(replace(hivit.PRESETS[model], num_classes=0, depth=...))   # no head: every param must train;
                                                             # FastMIM depth truncation: mim.truncate_encoder_config
     pretrainer = mim.METHODS[name](encoder, cfg=cfg)        # "mae", "simmim", "fastmim", "fastmim_p", "m3i",
-                                                            # and the 12 "m3i_a_..." .. "m3i_l_..." presets
+                                                            # and the 12 "m3i_a_..." .. "m3i_l_..." presets;
+                                                            # sets the encoder's sin-cos table: load weights after
     side = mim.img_size_at(cfg, progress=epoch / epochs)    # crop size of this epoch (FastMIM 128, FastMIM-P steps)
     out = pretrainer(imgs)                                  # imgs (B, 3, H, W) or (B, 2, 3, H, W) if num_views == 2
     out = pretrainer(imgs, labels=y, captions=t)            # only if cfg.num_classes > 0 / cfg.text_target
