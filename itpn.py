@@ -439,7 +439,10 @@ class iTPNPixelPretrainer(nn.Module):
         return self.decoder_norm(x)
 
     def forward_mim(self, imgs):
-        """The MIM half shared with the paper method: (output dict, decoder states (B, N, D), ids_restore)."""
+        """The MIM half shared with the paper method: (output dict, decoder states (B, N, D), ids_masked (B, N_m)).
+
+        ids_masked are the removed units in shuffled order, read off the masking call itself (ids_shuffle after
+        its N_vis kept ones), so they always agree with `mask` whatever rounding random_masking uses."""
         grid_hw = check_image_size(imgs)
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], grid_hw[0] * grid_hw[1], self.cfg.mask_ratio,
                                                      device=imgs.device)
@@ -453,7 +456,8 @@ class iTPNPixelPretrainer(nn.Module):
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             recon = unpatchify(pred * (var + 1e-6) ** 0.5 + mean, grid_hw)   # (B, 3, H, W)
         out = {"loss": loss, "mask": mask, "pred": pred, "recon": recon, "logs": {"loss_mim": loss.detach()}}
-        return out, hidden, ids_restore
+        ids_shuffle = ids_restore.argsort(dim=1)                          # (B, N): the inverse permutation, exact
+        return out, hidden, ids_shuffle[:, ids_keep.shape[1]:]            # (B, N_m)
 
     def forward(self, imgs):
         return self.forward_mim(imgs)[0]
@@ -467,7 +471,9 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
     The teacher is an EMA copy of the backbone (`ema_update`: t = m t + (1 - m) s, m = 0.996) that sees only the
     masked units and gives the last-layer features of each stage. A linear head per stage maps each masked unit's
     decoder state to that stage's sub-token grid: (4, 4, C/4), (2, 2, C/2), (1, 1, C). out["logs"] has loss_mim
-    and loss_mfm; out["pred"] / "recon" are the pixel prediction as in the pixel recipe.
+    and loss_mfm; out["pred"] / "recon" are the pixel prediction as in the pixel recipe. Also, for inspection and
+    tests: out["ids_masked"] (B, N_m) the units the teacher saw, and out["mfm_targets"] [stride 4, 8, 16] the
+    layer-normed teacher targets (B, N_m, h, w, c), no grad, in ids_masked order.
     """
 
     RECIPE = "paper"
@@ -496,22 +502,21 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
             t.copy_(m * t + (1 - m) * s.detach())
 
     def forward(self, imgs):
-        out, hidden, ids_restore = self.forward_mim(imgs)
-        n_vis = int(round(ids_restore.shape[1] * (1 - self.cfg.mask_ratio)))   # same count as random_masking
-        ids_masked = ids_restore.argsort(dim=1)[:, n_vis:]               # (B, N_m): ids_shuffle after the kept ones
+        out, hidden, ids_masked = self.forward_mim(imgs)                 # ids_masked (B, N_m)
         with torch.no_grad():                                             # Sec. 3.3: the teacher sees masked units only
             t4, t8, t_outs = encode_backbone(self.teacher, imgs, ids_keep=ids_masked)
-        targets = (t4, t8, t_outs[-1][:, :, None, None, :])              # (B, N_m, h, w, c) per stage
+            targets = [F.layer_norm(t, t.shape[-1:])                      # per sub-token, no affine (our choice)
+                       for t in (t4, t8, t_outs[-1][:, :, None, None, :])]   # (B, N_m, h, w, c) per stage
         d = hidden.shape[-1]
         h_masked = torch.gather(hidden, 1, ids_masked[:, :, None].expand(-1, -1, d))   # (B, N_m, D)
         loss_mfm = 0.0
         for head, target in zip(self.mfm_heads, targets):
             pred = head(h_masked).reshape(target.shape)                   # (B, N_m, h, w, c)
-            target = F.layer_norm(target, target.shape[-1:])             # per sub-token, no affine (our choice)
             loss_mfm = loss_mfm + l2_loss(pred.flatten(2), target.flatten(2)).mean()   # all units here are masked
         loss_mim = out["loss"]
         out["loss"] = loss_mim + self.cfg.mfm_weight * loss_mfm           # Eq. 4
         out["logs"] = {"loss_mim": loss_mim.detach(), "loss_mfm": loss_mfm.detach()}
+        out["ids_masked"], out["mfm_targets"] = ids_masked, targets
         return out
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import itpn
+import mim
 from hivit import VIT_PRESETS, ViTConfig, VisionTransformer, sincos_pos_embed_2d
 from itpn import (
     PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPaperPretrainer, iTPNPixelPretrainer,
@@ -302,6 +303,72 @@ def test_teacher_targets_at_stages_1_2_equal_full_image_then_select():
     idx = ids_masked[:, :, None, None, None]
     torch.testing.assert_close(m4, torch.gather(a4, 1, idx.expand(-1, -1, *a4.shape[2:])), rtol=0, atol=1e-6)
     torch.testing.assert_close(m8, torch.gather(a8, 1, idx.expand(-1, -1, *a8.shape[2:])), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mfm_weight", [None, 1.7])
+def test_paper_loss_is_mim_plus_lambda_times_the_summed_stage_losses(mfm_weight):
+    """Eq. 4 recomputed from public pieces: L_MIM is the pixel recipe's loss, L_MFM = sum over the 3 stages of the
+    L2 between each stage head's prediction of the masked units and the layer-normed teacher features of those
+    units, and L = L_MIM + lambda L_MFM with lambda = 0.3 by default."""
+    cfg = TINY if mfm_weight is None else replace(TINY, mfm_weight=mfm_weight)
+    model, pixel = build("itpn", None, cfg=cfg).eval(), build("itpn_pixel", None, cfg=cfg).eval()   # same init
+    assert model.cfg.mfm_weight == (0.3 if mfm_weight is None else mfm_weight)
+    x = smooth_batch()
+    torch.manual_seed(3)
+    out = model(x)
+    logs = out["logs"]
+    torch.testing.assert_close(out["loss"], logs["loss_mim"] + model.cfg.mfm_weight * logs["loss_mfm"])
+    torch.manual_seed(3)                                                  # same mask
+    with torch.no_grad():
+        torch.testing.assert_close(logs["loss_mim"], pixel(x)["loss"])
+        torch.manual_seed(3)
+        _, hidden, ids_masked = model.forward_mim(x)                      # (B, N, D), (B, N_m)
+        t4, t8, t_outs = itpn.encode_backbone(model.teacher, x, ids_keep=ids_masked)
+        h = torch.gather(hidden, 1, ids_masked[:, :, None].expand(-1, -1, hidden.shape[-1]))   # (B, N_m, D)
+        ref = 0.0
+        for head, t in zip(model.mfm_heads, (t4, t8, t_outs[-1][:, :, None, None, :])):
+            t = F.layer_norm(t, t.shape[-1:])
+            ref = ref + ((head(h).reshape(t.shape) - t) ** 2).mean()
+    assert ids_masked.shape == (2, 12) and torch.equal(ids_masked, out["ids_masked"])
+    torch.testing.assert_close(logs["loss_mfm"], ref)
+
+
+def test_ema_teacher_targets_depend_only_on_the_masked_units_pixels():
+    """Sec. 3.3: the teacher encodes the masked units alone. Noise on visible units leaves every stage's target
+    unchanged (bit for bit); noise on masked units changes them (a teacher fed ids_keep, or the full image,
+    fails one of the two)."""
+    model = build("itpn", None).eval()
+    x = smooth_batch()
+    torch.manual_seed(3)
+    out = model(x)
+    mask = out["mask"]
+    assert torch.equal(mask.gather(1, out["ids_masked"]), torch.ones(2, 12))   # the teacher saw masked units only
+    runs = {}
+    for name, m in (("visible", 1 - mask), ("masked", mask)):
+        torch.manual_seed(7)
+        xi = perturb_masked_units(x, m)                                   # noise on the units where m == 1
+        torch.manual_seed(3)                                              # same mask again
+        runs[name] = model(xi)
+        assert torch.equal(runs[name]["mask"], mask) and torch.equal(runs[name]["ids_masked"], out["ids_masked"])
+    for ref, vis, msk in zip(out["mfm_targets"], runs["visible"]["mfm_targets"], runs["masked"]["mfm_targets"]):
+        assert ref.shape[:2] == (2, 12)
+        assert torch.equal(vis, ref)
+        assert ((msk - ref).flatten(2).abs().amax(dim=2) > 0).all()      # every masked unit's target moved
+    assert not torch.equal(runs["visible"]["pred"], out["pred"])          # the noise was real: the student saw it
+
+
+def test_masked_indices_follow_the_masking_call_not_the_config_ratio(monkeypatch):
+    """The teacher's units come from the masking call (ids_shuffle after its kept ones), not from N and mask_ratio:
+    a masking that keeps a different count than round(N * (1 - mask_ratio)) still gives exactly its masked units."""
+    def keep_half(batch_size, num_units, mask_ratio, **kw):
+        return mim.random_masking(batch_size, num_units, 0.5, **kw)       # 8 of 16 kept, cfg says 4
+    monkeypatch.setattr(itpn, "random_masking", keep_half)
+    model = build("itpn", None)
+    torch.manual_seed(3)
+    out = model(smooth_batch())
+    assert out["mask"].sum(dim=1).tolist() == [8.0, 8.0] and out["ids_masked"].shape == (2, 8)
+    assert torch.equal(out["mask"].gather(1, out["ids_masked"]), torch.ones(2, 8))
+    assert all(t.shape[:2] == (2, 8) for t in out["mfm_targets"])
 
 
 def perturb_masked_units(x, mask, unit=16):
