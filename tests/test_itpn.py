@@ -10,7 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import itpn
 import mim
-from hivit import VIT_PRESETS, ViTConfig, VisionTransformer, sincos_pos_embed_2d
+from hivit import PRESETS as HIVIT_PRESETS
+from hivit import VIT_PRESETS, HiViT, ViTConfig, VisionTransformer, sincos_pos_embed_2d
 from itpn import (
     PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPaperPretrainer, iTPNPixelPretrainer,
     load_official, load_teacher,
@@ -108,6 +109,29 @@ def test_pretrainer_sizes_match_official(size, tmp_path):
     n = sum(p.numel() for k, p in distill.named_parameters() if not k.startswith("teacher."))
     assert n == official_layout(f"itpn_{size}_clip_pretrain")["n_params"]
     assert itpn.count_params(replace(PRESETS["itpn_t"], num_classes=1000)) == 19_181_668   # = HiViT-T
+
+
+def test_itpn_s_is_hivit_s():
+    """itpn_s / itpn_t are the HiViT-S / -T sizes (4-4-20, 384-d): the same 37.5M parameters with a 1000 head."""
+    assert PRESETS["itpn_s"].num_classes == 1000
+    assert itpn.count_params(PRESETS["itpn_s"]) == 37_526_464
+    with torch.device("meta"):
+        assert sum(p.numel() for p in HiViT(HIVIT_PRESETS["hivit_s"]).parameters()) == 37_526_464
+
+
+def test_plain_vit_variant_taps_layers_4_and_7_of_12():
+    """Supplementary Sec. 3: strides 4 and 8 come from the outputs of layers 4 and 7 (1-based) of a 12-layer ViT."""
+    torch.manual_seed(0)
+    model = iTPN(replace(TINY, plain_vit=True, depth=12, num_classes=0)).eval()
+    vit, x = model.backbone.vit, torch.randn(1, 3, 32, 32)               # 2 x 2 units
+    with torch.no_grad():
+        f4, f8, _ = model.encode(x)
+        ref = vit.forward_features(x)                                     # every block's output (B, N, C)
+        up4 = [model.backbone.up4(r[:, :, None, None, :]) for r in ref]   # (B, N, 4, 4, C/4) per block
+        up8 = [model.backbone.up8(r[:, :, None, None, :]) for r in ref]   # (B, N, 2, 2, C/2) per block
+    assert len(ref) == 12
+    assert [i for i, u in enumerate(up4) if torch.equal(u, f4)] == [3]  # 0-based index 3 = layer 4
+    assert [i for i, u in enumerate(up8) if torch.equal(u, f8)] == [6]  # layer 7
 
 
 # ---- pyramid ----
@@ -447,6 +471,35 @@ def test_overfits_one_batch(method, steps, teacher_path):
             model.ema_update()
         losses.append(loss.item())
     assert min(losses[-3:]) < 0.5 * losses[0], losses
+
+
+def test_cosine_distillation_loss_and_the_aux_tap_at_three_quarters_depth(teacher_path):
+    """distill_loss="cosine" (Fast-iTPN): each loss is the mean over all B*N units of 1 - cos(pred, target); the
+    aux head reads the output of block int(0.75 * depth) = 6 (0-based) of 8, then 2 blocks, norm, head."""
+    model = build("itpn_distill", teacher_path, cfg=replace(TINY, depth=8, distill_loss="cosine")).eval()
+    x = smooth_batch()
+    torch.manual_seed(5)
+    out = model(x)
+    logs = out["logs"]
+    torch.testing.assert_close(out["loss"], logs["loss_main"] + logs["loss_aux"])
+
+    def one_minus_cos_mean(p, t):                                         # (B, N, T) each -> scalar
+        return (1 - (p * t).sum(-1) / (p.norm(dim=-1) * t.norm(dim=-1))).mean()
+
+    with torch.no_grad():
+        target = model.teacher(x)                                         # (B, N, T)
+        torch.testing.assert_close(logs["loss_main"], one_minus_cos_mean(out["pred"], target))
+        _, _, outs = model.encoder.encode(x, mask=out["mask"], mask_token=model.mask_token)
+        rpe_index = model.encoder.rpe_index((4, 4))
+        aux_losses = []
+        for tap in (5, 6, 7):
+            aux = outs[tap]                                               # (B, N, C)
+            for blk in model.aux_blocks:
+                aux = blk(aux, rpe_index=rpe_index, grid_hw=(4, 4))
+            aux_losses.append(one_minus_cos_mean(model.aux_head(model.aux_norm(aux)), target))
+    assert len(outs) == 8
+    torch.testing.assert_close(logs["loss_aux"], aux_losses[1])
+    assert all(abs(a.item() - logs["loss_aux"].item()) > 1e-6 for a in (aux_losses[0], aux_losses[2]))
 
 
 # ---- teachers ----
