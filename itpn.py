@@ -38,7 +38,8 @@ Pre-training API (the PRETRAINER CONTRACT of contracts.md; train.py builds one o
     overrides to the size preset (RECIPES, e.g. no RPE for pixel pre-training) and keeps the result in `.cfg`.
     out = pretrainer(imgs (B, 3, H, W), ImageNet-normalised) -> {"loss", "mask" (B, N), "pred" (pixel recipes:
     (B, N, 768) norm-pix units; distillation: (B, N, T)), "recon" (pixel recipes: (B, 3, H, W) in the normalised
-    input space), "logs" (loss_mim, loss_mfm / loss_main, loss_aux)}. Teachers have requires_grad=False.
+    input space), "logs" (loss_mim, loss_mfm / loss_main, loss_aux)}; the paper method adds "ids_masked" (B, N_m)
+    and "mfm_targets" (the teacher's per-stage targets). Teachers have requires_grad=False.
     Fine-tuning from our checkpoints: keys `encoder.backbone.*` are an iTPN classifier's `backbone.*`.
 
 Differences from the paper / official code (reference Sec. 7 checklist, item by item where it applies):
@@ -89,7 +90,6 @@ Run:
     torchrun --nproc_per_node 8 train.py --model itpn_b --method itpn   # pre-training (train.py)
 """
 
-import copy
 import math
 import os
 from dataclasses import dataclass, replace
@@ -101,9 +101,10 @@ import torch.nn.functional as F
 from hivit import (
     HiViT, HiViTConfig, VIT_PRESETS, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
     check_image_size, drop_path_rates, init_weights, map_official_key, sincos_pos_embed_2d, units_to_map,
+    unwrap_checkpoint,
 )
 from hivit import load_official as load_official_hivit
-from mim import LOSSES, block_masking, l2_loss, masked_mean, norm_pix, patchify, random_masking, unpatchify
+from mim import LOSSES, block_masking, l2_loss, make_teacher, masked_mean, norm_pix, patchify, pixel_recon, random_masking
 
 __all__ = [
     "iTPNConfig", "PRESETS", "RECIPES", "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
@@ -450,11 +451,9 @@ class iTPNPixelPretrainer(nn.Module):
         levels = self.encoder.pyramid(f4, f8, outs[-1])                  # masks aligned: same N_vis units per level
         hidden = self.decode(levels, ids_restore, grid_hw)               # (B, N, D)
         pred = self.decoder_pred(hidden)                                  # (B, N, P)
-        target = patchify(imgs)                                           # (B, N, P)
-        loss = masked_mean(l2_loss(pred, norm_pix(target)), mask)        # norm_pix_loss (official: always on)
+        loss = masked_mean(l2_loss(pred, norm_pix(patchify(imgs))), mask)   # norm_pix_loss (official: always on)
         with torch.no_grad():                                             # picture only: undo norm_pix per unit
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            recon = unpatchify(pred * (var + 1e-6) ** 0.5 + mean, grid_hw)   # (B, 3, H, W)
+            recon = pixel_recon(pred, imgs, patch=UNIT, norm_pix_loss=True)   # (B, 3, H, W)
         out = {"loss": loss, "mask": mask, "pred": pred, "recon": recon, "logs": {"loss_mim": loss.detach()}}
         ids_shuffle = ids_restore.argsort(dim=1)                          # (B, N): the inverse permutation, exact
         return out, hidden, ids_shuffle[:, ids_keep.shape[1]:]            # (B, N_m)
@@ -484,7 +483,7 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
         self.stage_shapes = ((4, 4, c // 4), (2, 2, c // 2), (1, 1, c))   # stride 4, 8, 16 target grids
         self.mfm_heads = nn.ModuleList(nn.Linear(d, h * w * ch) for h, w, ch in self.stage_shapes)   # h^{pt,s}
         self.mfm_heads.apply(init_weights)
-        self.teacher = copy.deepcopy(self.encoder.backbone).requires_grad_(False).eval()   # no optimizer, no grad
+        self.teacher = make_teacher(self.encoder.backbone)               # frozen copy: no optimizer, no grad, eval
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -496,7 +495,9 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
         """Paper Sec. 3.3: teacher <- m * teacher + (1 - m) * student, parameter by parameter.
 
         The paper gives one constant m (0.996), so `progress` (train.py passes step / total) is not used here; the
-        argument exists so that every pre-trainer with a momentum teacher is driven the same way."""
+        argument exists so that every pre-trainer with a momentum teacher is driven the same way. Not
+        mim.ema_update_: its lerp_ differs from m t + (1 - m) s by up to ~5e-7 (rounding), and this rule is tested
+        exactly."""
         m = self.cfg.ema_momentum
         for t, s in zip(self.teacher.parameters(), self.encoder.backbone.parameters()):
             t.copy_(m * t + (1 - m) * s.detach())
@@ -588,15 +589,16 @@ def clip_to_vit_state_dict(sd: dict) -> tuple[ViTConfig, dict, torch.Tensor]:
 
 
 def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
-    """A checkpoint written by this project: a hivit.VisionTransformer state_dict, bare or under 'model', keys
-    optionally prefixed (e.g. `encoder.` in a train.py checkpoint of mim.py's MAE on a ViT).
+    """A checkpoint written by this project: a hivit.VisionTransformer state_dict, bare or under 'model' /
+    'module' / 'state_dict' (hivit.unwrap_checkpoint, which also strips DDP's 'module.'), keys optionally
+    prefixed (e.g. `encoder.` in a train.py checkpoint of mim.py's MAE on a ViT).
 
     Sizes are read from the shapes. The head count is not in any shape: it comes from a saved 'config' dict with
     num_heads, else from the ViT preset named by train.py's 'args' {'model': 'vit_b', ...}, else C / 64.
     quick_gelu and ln_eps come from 'config' when present (defaults: GELU, eps 1e-6). 'config' is either the
     ViTConfig fields themselves or train.py's {'model': ViTConfig fields, 'method': ...}.
     """
-    sd = ckpt.get("model", ckpt)
+    sd = unwrap_checkpoint(ckpt)                                          # {'model'|'module'|'state_dict': sd}
     anchor = next((k for k in sd if k.endswith("patch_embed.weight")), None)
     if anchor is None:
         raise ValueError("teacher checkpoint is neither an OpenAI-CLIP visual state_dict (conv1.weight) nor a "
@@ -626,7 +628,7 @@ def load_teacher(path: str) -> FrozenTeacher:
         raise FileNotFoundError(f"teacher checkpoint {path!r} not found: pass a local file (an OpenAI-CLIP visual "
                                 f"state_dict or a ViT checkpoint written by this project); nothing is downloaded")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    flat = ckpt.get("model", ckpt)
+    flat = unwrap_checkpoint(ckpt)                                        # {'model'|'module'|'state_dict': sd}
     if any(k.endswith("conv1.weight") for k in flat):
         cfg, sd, proj = clip_to_vit_state_dict(flat)
         mean, std = CLIP_MEAN, CLIP_STD
@@ -767,16 +769,11 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
                                                                         iTPNDistillPretrainer)):
         raise TypeError(f"no official checkpoint layout for {type(model).__name__}: the released code has a "
                         f"classifier, a pixel pre-trainer and a CLIP pre-trainer only")
-    sd = state_dict
-    for k in ("model", "module", "state_dict"):                           # where official scripts keep the weights
-        if isinstance(sd.get(k), dict):
-            sd = sd[k]
-            break
+    sd = unwrap_checkpoint(state_dict)                                    # where official scripts keep the weights
     is_backbone = isinstance(model, iTPN)
     ours = model.state_dict()
     mapped, ignored = {}, []
     for key, value in sd.items():
-        key = key[len("module."):] if key.startswith("module.") else key
         new = map_itpn_key(key, model.cfg)
         if new is not None and is_backbone:
             new = new[len("encoder."):] if new.startswith("encoder.") else None   # heads: not part of a backbone

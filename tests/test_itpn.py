@@ -545,6 +545,33 @@ def test_train_py_checkpoint_teacher_restores_heads_gelu_and_eps_from_config(tmp
     torch.testing.assert_close(teacher(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_teacher_files_unwrap_like_official_ones(tmp_path, teacher_path):
+    """hivit.unwrap_checkpoint: weights under 'state_dict' (or 'module'), DDP's 'module.' prefix stripped."""
+    x = smooth_batch()
+    with torch.no_grad():
+        ref = load_teacher(teacher_path)(x)
+    ckpt = torch.load(teacher_path, weights_only=True)                    # {"model": sd, "config": 2 heads}
+    path = str(tmp_path / "ddp.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ckpt["model"].items()}, "config": ckpt["config"]}, path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_teacher(path)(x), ref, rtol=0, atol=0)
+    clip = clip_state_dict(width=32, out_dim=24, prefix="module.visual.")
+    torch.save({"state_dict": clip}, path)
+    assert load_teacher(path).out_dim == 24
+
+
+def test_pixel_recon_undoes_norm_pix_with_each_units_statistics():
+    """recon (pictures only) = prediction * std + mean of the original unit, in the normalised input space."""
+    model = build("itpn_pixel", None)
+    x = smooth_batch()
+    torch.manual_seed(3)
+    out = model(x)
+    target = mim.patchify(x)                                              # (B, N, P)
+    expected = out["pred"] * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    torch.testing.assert_close(out["recon"], mim.unpatchify(expected.detach(), (4, 4)))
+    assert not out["recon"].requires_grad
+
+
 def clip_reference_forward(sd, x, heads):
     """OpenAI CLIP's visual forward written independently: conv, CLS, pos, ln_pre, resblocks (QuickGELU), ln_post."""
     c = sd["conv1.weight"].shape[0]
