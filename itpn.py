@@ -104,7 +104,9 @@ from hivit import (
     unwrap_checkpoint,
 )
 from hivit import load_official as load_official_hivit
-from mim import LOSSES, block_masking, l2_loss, make_teacher, masked_mean, norm_pix, patchify, pixel_recon, random_masking
+from mim import (
+    LOSSES, block_masking, l2_loss, make_teacher, masked_mean, norm_pix, patchify, pixel_recon, random_masking,
+)
 
 __all__ = [
     "iTPNConfig", "PRESETS", "RECIPES", "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
