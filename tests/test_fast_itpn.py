@@ -13,14 +13,14 @@ from hivit import map_official_key, resize_pos_embed
 from fast_itpn import (PRESETS, FastiTPN, count_params, load_official, map_to_units,
                        migration_schedule, replenish, select_migrants, window_shape)
 
-KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+KEYS_DIR = os.path.join(os.path.dirname(__file__), "official_keys")        # copied from shared/reference
 TINY = PRESETS["tiny"]
 
 
 def official_layout(name):
     path = os.path.join(KEYS_DIR, f"{name}.json")
     if not os.path.exists(path):
-        pytest.fail(f"reference key listing {path} not found: the repo expects ../shared/reference beside it")
+        pytest.fail(f"reference key listing {path} not found: tests/official_keys/ is part of the repository")
     with open(path) as f:
         return json.load(f)
 

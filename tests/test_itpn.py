@@ -18,7 +18,7 @@ from itpn import (
 )
 from mim import mask_to_map
 
-KEYS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_keys")
+KEYS_DIR = os.path.join(os.path.dirname(__file__), "official_keys")        # copied from shared/reference
 TINY = PRESETS["tiny"]
 META_COPY = "ignore:for .*copying from a non-meta parameter"   # teacher weights copied into a meta model: a no-op
 
@@ -26,7 +26,7 @@ META_COPY = "ignore:for .*copying from a non-meta parameter"   # teacher weights
 def official_layout(name):
     path = os.path.join(KEYS_DIR, f"{name}.json")
     if not os.path.exists(path):
-        pytest.fail(f"reference key listing {path} not found: the repo expects ../shared/reference beside it")
+        pytest.fail(f"reference key listing {path} not found: tests/official_keys/ is part of the repository")
     with open(path) as f:
         return json.load(f)
 
