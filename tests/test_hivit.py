@@ -343,6 +343,14 @@ def test_bad_ids_keep_is_a_clear_error():
         VisionTransformer(VIT_PRESETS["vit_tiny"]).forward_features(x, ids_keep=torch.zeros(1, 3, dtype=torch.long))
 
 
+def test_dropped_units_on_the_meta_device():
+    """FLOP counting (bench.py) runs the seam on meta tensors: no value checks may read them."""
+    model = meta_model(PRESETS["hivit_b"])
+    ids_keep = torch.empty(1, 49, dtype=torch.long, device="meta")
+    out = model.forward_features(torch.empty(1, 3, 224, 224, device="meta"), ids_keep=ids_keep)
+    assert out[-1].shape == (1, 49, 512)
+
+
 def test_ape_quirk_runs_through_the_model():
     """cfg.ape_quirk (reference 2.7): with units dropped, the stage-3 input carries the table resampled at
     (G+0.1)/G, gathered; without dropping, or with the quirk off, the raw table."""
