@@ -296,7 +296,7 @@ def bench_fast_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, fl
 
     wall, cpu = timed_rounds(FAST_ITPN_ROWS, torch.randn(batch, 3, 512, 512, device=device))
     f512, f1024 = fast_itpn_flops(cfg, 512), fast_itpn_flops(cfg, 1024)
-    rows = [(f"Fast-iTPN-B 512 px backbone+pyramid fwd, baseline (s)", wall[0],
+    rows = [("Fast-iTPN-B 512 px backbone+pyramid fwd, baseline (s)", wall[0],
              f"batch {batch}, {'1 thread' if device == 'cpu' else device}; {f512[0] / 2e9:.0f} GMACs at 512, {f1024[0] / 2e9:.0f} at 1024")]
     for i, (name, _, _, _, paper) in enumerate(FAST_ITPN_ROWS[1:], start=1):
         rows.append((f"speed-up: {name}", wall[0] / wall[i],

@@ -1,34 +1,23 @@
 """Oracles for itpn.py: official sizes, pyramid strides, leak-free masking, EMA rule, teachers, official layouts."""
-import json
-import os
 from dataclasses import asdict, replace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import itpn
 import mim
 from hivit import PRESETS as HIVIT_PRESETS
 from hivit import VIT_PRESETS, HiViT, ViTConfig, VisionTransformer, sincos_pos_embed_2d
 from itpn import (
-    PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPaperPretrainer, iTPNPixelPretrainer,
+    PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPixelPretrainer,
     load_official, load_teacher,
 )
 from mim import mask_to_map
+from conftest import gmacs, official_layout
 
-KEYS_DIR = os.path.join(os.path.dirname(__file__), "official_keys")        # copied from shared/reference
 TINY = PRESETS["tiny"]
 META_COPY = "ignore:for .*copying from a non-meta parameter"   # teacher weights copied into a meta model: a no-op
-
-
-def official_layout(name):
-    path = os.path.join(KEYS_DIR, f"{name}.json")
-    if not os.path.exists(path):
-        pytest.fail(f"reference key listing {path} not found: tests/official_keys/ is part of the repository")
-    with open(path) as f:
-        return json.load(f)
 
 
 def layout_tensors(name, *, device="meta"):
@@ -80,19 +69,16 @@ def build(method, teacher_path, cfg=TINY):
 
 # ---- sizes: paper / official models ----
 
-@pytest.mark.parametrize("name, params_m, gmacs, layout", [
+@pytest.mark.parametrize("name, params_m, paper_gmacs, layout", [
     ("itpn_b", 78.558, 17.82, "itpn_base_finetune"), ("itpn_l", 288.494, 61.12, "itpn_large_finetune"),
 ])
-def test_parameter_counts_and_gmacs(name, params_m, gmacs, layout):
+def test_parameter_counts_and_gmacs(name, params_m, paper_gmacs, layout):
     with torch.device("meta"):
         model = iTPN(PRESETS[name])
     n = sum(p.numel() for p in model.parameters())
     assert n == official_layout(layout)["n_params"]                     # exact, against the official model
     assert abs(n / 1e6 - params_m) / params_m < 1e-3
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(torch.empty(1, 3, 224, 224, device="meta"))
-    assert abs(counter.get_total_flops() / 2e9 - gmacs) / gmacs < 1e-2    # MACs = FLOPs / 2
+    assert abs(gmacs(model) - paper_gmacs) / paper_gmacs < 1e-2           # MACs = FLOPs / 2
 
 
 @pytest.mark.filterwarnings(META_COPY)
