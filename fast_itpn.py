@@ -651,7 +651,7 @@ class FastiTPNDistillPretrainer(nn.Module):
     Linear(C, T) -> 1 - cos against the teacher's (B, N, T) target on all units (itpn.py's FrozenTeacher).
     Runs without migration or gathering. Because the mask acts before any op, no pyramid level sees a masked
     unit's pixels (unlike iTPN's stage-3 mask token, reference 3.7; tested).
-    out = {"loss", "mask" (B, N), "pred" (B, N, T), "logs": {"loss_cos"}}. The PRETRAINER CONTRACT of contracts.md.
+    out = {"loss", "mask" (B, N), "pred" (B, N, T), "logs": {"loss_cos"}}. The PRETRAINER CONTRACT (README, Seams).
     """
 
     num_views = 1

@@ -30,7 +30,7 @@ Shapes:
     A unit tensor is (B, N, h, w, c). Pyramid levels are named by stride: p4, p8, p16 (official order p16, p8, p4).
     mask: (B, N) float, 1 = removed (masked), 0 = kept (visible).
 
-Pre-training API (the PRETRAINER CONTRACT of contracts.md; train.py builds one of these):
+Pre-training API (the PRETRAINER CONTRACT, README "Seams"; train.py builds one of these):
     iTPNPixelPretrainer(cfg)                   official pixel recipe            METHODS["itpn_pixel"]
     iTPNPaperPretrainer(cfg)                   paper Eq. 4 (MIM + lambda MFM)   METHODS["itpn"]; has ema_update()
     iTPNDistillPretrainer(cfg, teacher_path=)  frozen-teacher distillation      METHODS["itpn_distill"]

@@ -86,7 +86,7 @@ Differences from the papers / official code (and our choices where the papers ar
 Run:
     python mim.py                                                      # CPU smoke demo, every method, ~20 s
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae  # pre-training (train.py drives this file)
-    # train.py builds and drives a method like this (PRETRAINER CONTRACT, contracts.md):
+    # train.py builds and drives a method like this (PRETRAINER CONTRACT, README "Seams"):
     cfg = replace(mim.PRESETS[name], ...)                   # e.g. mask_ratio=args.mask_ratio
     encoder = HiViT(replace(hivit.PRESETS[model], num_classes=0, depth=...))   # no head: every param must train;
                                                             # FastMIM depth truncation: mim.truncate_encoder_config

@@ -374,7 +374,7 @@ def unit_size(family: str, preset) -> int:
 
 def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_pix_loss: bool | None,
                      teacher: str | None, truncate: int = 0) -> nn.Module:
-    """The nn.Module train.py drives (PRETRAINER CONTRACT, contracts.md). None = the method's own default."""
+    """The nn.Module train.py drives (PRETRAINER CONTRACT, README "Seams"). None = the method's own default."""
     family, preset = MODELS[model]
     tiny = model.endswith("_tiny")
     if (method in TEACHER_METHODS) != (teacher is not None):

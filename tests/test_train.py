@@ -29,7 +29,7 @@ def one_thread():
 
 
 class StandIn(nn.Module):
-    """The smallest module that follows the PRETRAINER CONTRACT (contracts.md): 16-px units, 75% masked, a linear
+    """The smallest module that follows the PRETRAINER CONTRACT (README, "Seams"): 16-px units, 75% masked, a linear
     pixel predictor on masked-out input, an EMA teacher excluded from the optimizer, optional NaN at a set call."""
 
     num_views = 1
