@@ -108,15 +108,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hivit import (DropPath, check_image_size, drop_path_rates, init_weights, load_official as hivit_load_official,
-                   resize_pos_embed, sincos_pos_embed_2d)
-from itpn import FeaturePyramid, LevelEmbed, load_teacher, pyramid_maps
-from mim import block_masking, cosine_loss
+                   map_to_units, resize_pos_embed, select_units, sincos_pos_embed_2d)
+from itpn import FeaturePyramid, LevelEmbed, distillation_mask, load_teacher, pyramid_maps
+from mim import cosine_loss
 
 __all__ = [
     "FastiTPNConfig", "PRESETS", "ATTENTION_MODES",
     "LayerNorm2d", "ConvMLP", "SwiGLU", "ConvPatchEmbed", "ConvMLPBlock", "ConvPatchMerge",
     "FastAttention", "FastBlock", "FastiTPN",
-    "window_shape", "map_to_units", "select_units", "migration_schedule", "select_migrants", "replenish",
+    "window_shape", "migration_schedule", "select_migrants", "replenish",
     "FastiTPNDistillPretrainer", "METHODS", "load_official", "count_params",
 ]
 
@@ -199,21 +199,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.w3(self.ffn_ln(F.silu(self.w1(x)) * self.w2(x)))
-
-
-def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
-    """Image-layout map (B, c, Hp*inner, Wp*inner) -> nested units (B, N, inner, inner, c); inverse of units_to_map."""
-    b, c, hh, ww = x.shape
-    hp, wp = hh // inner, ww // inner
-    x = x.reshape(b, c, hp, inner, wp, inner)                             # (B, c, Hp, h, Wp, w)
-    x = x.permute(0, 2, 4, 3, 5, 1)                                       # (B, Hp, Wp, h, w, c)
-    return x.reshape(b, hp * wp, inner, inner, c)                         # (B, N, h, w, c), unit n = Wp*row + col
-
-
-def select_units(t: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """Keep the units ids_keep (B, N_vis) of a (B, N, ...) tensor -> (B, N_vis, ...)."""
-    idx = ids_keep.reshape(*ids_keep.shape, *[1] * (t.ndim - 2)).expand(*ids_keep.shape, *t.shape[2:])
-    return torch.gather(t, 1, idx)                                        # (B, N_vis, ...)
 
 
 # ---- 3. Early stages: stem, ConvMLP blocks, conv merge ------------------------------------------------------------
@@ -639,9 +624,6 @@ class FastiTPN(nn.Module):
 
 # ---- 8. Pre-training: frozen-teacher distillation with SimMIM-style stem masking ---------------------------------
 
-DISTILL_MASK_RATIO = 75 / 196       # BEiT block masking of iTPN's CLIP recipe, 75 of 196 units (reference 3.5)
-
-
 class FastiTPNDistillPretrainer(nn.Module):
     """Fast-iTPN pre-training (Sec. 4.3, 5.1; never released): a frozen teacher supervises the pyramid, cosine loss.
 
@@ -671,9 +653,7 @@ class FastiTPNDistillPretrainer(nn.Module):
 
     def forward(self, imgs):
         grid_hw = check_image_size(imgs)
-        n = grid_hw[0] * grid_hw[1]
-        mask = block_masking(imgs.shape[0], grid_hw, round(DISTILL_MASK_RATIO * n),
-                             min_block=max(1, round(16 * n / 196))).to(imgs.device)   # (B, N), BEiT's 16 at 14x14
+        mask = distillation_mask(imgs.shape[0], grid_hw).to(imgs.device)   # (B, N), itpn.py's block mask
         levels, _ = self.encoder.forward_levels(imgs, mask=mask)         # [p16, p8, p4] (B, N, h, w, F)
         merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # (B, N, C)
         pred = self.lm_head(self.norm(merged))                            # (B, N, T)

@@ -60,7 +60,8 @@ __all__ = [
     "HiViTConfig", "PRESETS", "ViTConfig", "VIT_PRESETS",
     "DropPath", "drop_path_rates", "MLP", "MLPBlock", "Attention", "AttentionBlock", "PatchEmbed", "PatchMerge",
     "HiViT", "VisionTransformer",
-    "sincos_pos_embed_2d", "resize_pos_embed", "relative_position_index", "units_to_map", "check_image_size", "check_ids_keep",
+    "sincos_pos_embed_2d", "resize_pos_embed", "relative_position_index", "units_to_map", "map_to_units", "select_units", "check_image_size",
+    "check_ids_keep",
     "map_official_key", "unwrap_checkpoint", "load_official", "init_weights",
 ]
 
@@ -247,6 +248,21 @@ def units_to_map(units: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     return x.reshape(b, c, hp * h, wp * w)                                # (B, c, Hp*h, Wp*w)
 
 
+def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
+    """Image-layout map (B, c, Hp*inner, Wp*inner) -> nested units (B, N, inner, inner, c); inverse of units_to_map."""
+    b, c, hh, ww = x.shape
+    hp, wp = hh // inner, ww // inner
+    x = x.reshape(b, c, hp, inner, wp, inner)                             # (B, c, Hp, h, Wp, w)
+    x = x.permute(0, 2, 4, 3, 5, 1)                                       # (B, Hp, Wp, h, w, c)
+    return x.reshape(b, hp * wp, inner, inner, c)                         # (B, N, h, w, c), unit n = Wp*row + col
+
+
+def select_units(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Keep the units ids (B, L) of a (B, N, ...) tensor -> (B, L, ...), e.g. ids_keep for the visible units."""
+    idx = ids.reshape(*ids.shape, *[1] * (t.ndim - 2)).expand(*ids.shape, *t.shape[2:])   # (B, L, ...)
+    return torch.gather(t, 1, idx)                                        # (B, L, ...)
+
+
 def init_weights(module: nn.Module) -> None:
     """Official init: Linear trunc-normal(0.02) with zero bias, LayerNorm 1/0; convs keep PyTorch's default."""
     if isinstance(module, nn.Linear):
@@ -271,12 +287,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         x = self.proj(x)                                                  # (B, C/4, 4Hp, 4Wp)
-        b, c, hh, ww = x.shape
-        hp, wp, k = hh // self.inner, ww // self.inner, self.inner
-        x = x.reshape(b, c, hp, k, wp, k)                                 # (B, C/4, Hp, h, Wp, w)
-        x = x.permute(0, 2, 4, 3, 5, 1)                                   # (B, Hp, Wp, h, w, C/4)
-        x = x.reshape(b, hp * wp, k, k, c)                                # (B, N, 4, 4, C/4): unit n = Wp*row + col
-        return self.norm(x)
+        return self.norm(map_to_units(x, self.inner))                     # (B, N, 4, 4, C/4): unit n = Wp*row + col
 
 
 # ---- 4. MLP-only blocks -------------------------------------------------------------------------------------------
@@ -441,8 +452,7 @@ class HiViT(nn.Module):
             check_ids_keep(ids_keep, batch_size=x.shape[0], num_units=grid_hw[0] * grid_hw[1])
         units = self.patch_embed(x)                                       # (B, N, 4, 4, C/4)
         if ids_keep is not None:                                          # Sec. 3.3: drop masked units MAE-style
-            idx = ids_keep[:, :, None, None, None].expand(-1, -1, *units.shape[2:])   # (B, N_vis, 4, 4, C/4)
-            units = torch.gather(units, 1, idx)                           # (B, N_vis, 4, 4, C/4)
+            units = select_units(units, ids_keep)                         # (B, N_vis, 4, 4, C/4)
         return units, grid_hw
 
     def forward_early(self, units: torch.Tensor):
@@ -463,8 +473,7 @@ class HiViT(nn.Module):
                                force=self.cfg.ape_quirk and ids_keep is not None)   # (1, N, C)
         if ids_keep is None:
             return ape
-        idx = ids_keep[:, :, None].expand(-1, -1, ape.shape[-1])          # (B, N_vis, C)
-        return torch.gather(ape.expand(ids_keep.shape[0], -1, -1), 1, idx)   # (B, N_vis, C)
+        return select_units(ape.expand(ids_keep.shape[0], -1, -1), ids_keep)   # (B, N_vis, C)
 
     def rpe_index(self, grid_hw: tuple[int, int], ids_keep: torch.Tensor | None = None):
         """Relative-position index (1 or B, N_vis, N_vis), gathered on rows and columns when units are dropped."""
@@ -567,8 +576,7 @@ class VisionTransformer(nn.Module):
         tokens = tokens + resize_pos_embed(self.pos_embed, grid_hw)       # (B, N, C)
         if ids_keep is not None:
             check_ids_keep(ids_keep, batch_size=x.shape[0], num_units=tokens.shape[1])
-            idx = ids_keep[:, :, None].expand(-1, -1, tokens.shape[-1])   # (B, N_vis, C)
-            tokens = torch.gather(tokens, 1, idx)                         # (B, N_vis, C)
+            tokens = select_units(tokens, ids_keep)                       # (B, N_vis, C)
         n_cls = 0
         if self.cls_token is not None:
             cls = (self.cls_token + self.cls_pos_embed).expand(tokens.shape[0], -1, -1)   # (B, 1, C)

@@ -111,13 +111,14 @@ from mim import (
 __all__ = [
     "iTPNConfig", "PRESETS", "RECIPES", "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
     "encode_backbone", "LevelEmbed", "iTPNPixelPretrainer", "iTPNPaperPretrainer", "FrozenTeacher", "load_teacher",
-    "iTPNDistillPretrainer", "METHODS", "map_itpn_key", "load_official", "count_params",
+    "DISTILL_MASK_RATIO", "distillation_mask", "iTPNDistillPretrainer", "METHODS", "map_itpn_key", "load_official", "count_params",
     "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD",
 ]
 
 LN_EPS = 1e-6                       # official LayerNorm eps of the classification / pre-training models
 UNIT = 16                           # px per unit (main patch)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)    # student input normalisation
+DISTILL_MASK_RATIO = 75 / 196       # BEiT block masking of the CLIP recipe: 75 of 196 units (reference 3.5)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP
 
 
@@ -135,7 +136,7 @@ class iTPNConfig(HiViTConfig):
     decoder_heads: int = 16         # pixel decoder heads (official 16, head_dim 32)
     mfm_weight: float = 0.3         # lambda of Eq. 4 (paper method only)
     ema_momentum: float = 0.996     # m of the EMA teacher, t <- m t + (1 - m) s (paper Sec. 3.3)
-    distill_mask_ratio: float = 0.383   # distillation: block-masked fraction, 75 of 196 units (reference 3.5)
+    distill_mask_ratio: float = DISTILL_MASK_RATIO   # distillation: block-masked fraction (75 of 196, ref. 3.5)
     distill_loss: str = "smooth_l1"     # "smooth_l1" (iTPN, official) or "cosine" (Fast-iTPN paper)
 
 
@@ -525,6 +526,15 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
 
 # ---- 8. Frozen-teacher distillation (the paper's CLIP variant) ----------------------------------------------------
 
+def distillation_mask(batch_size: int, grid_hw: tuple[int, int], *, mask_ratio: float = DISTILL_MASK_RATIO):
+    """BEiT block mask of the distillation recipes (reference 3.5): (B, N), 1 = masked.
+
+    75 of 196 units at 224 px with blocks of at least 16 units; at other grids both numbers scale with N.
+    """
+    n = grid_hw[0] * grid_hw[1]
+    return block_masking(batch_size, grid_hw, round(mask_ratio * n), min_block=max(1, round(16 * n / 196)))
+
+
 class FrozenTeacher(nn.Module):
     """A frozen ViT that maps the student's batch to per-unit targets (B, N, T) (reference 3.3).
 
@@ -699,10 +709,7 @@ class iTPNDistillPretrainer(nn.Module):
 
     def forward(self, imgs):
         grid_hw = check_image_size(imgs)
-        n = grid_hw[0] * grid_hw[1]
-        num_masked = int(round(self.cfg.distill_mask_ratio * n))         # 75 of 196 at 224 px
-        min_block = max(1, round(16 * n / 196))                          # BEiT's 16 units at 14x14, scaled
-        mask = block_masking(imgs.shape[0], grid_hw, num_masked, min_block=min_block).to(imgs.device)   # (B, N)
+        mask = distillation_mask(imgs.shape[0], grid_hw, mask_ratio=self.cfg.distill_mask_ratio).to(imgs.device)
         f4, f8, outs = self.encoder.encode(imgs, mask=mask, mask_token=self.mask_token)   # all N units
         levels = self.encoder.pyramid(f4, f8, outs[-1])                  # [p16, p8, p4], (B, N, h, w, F)
         merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # to the teacher grid (B, N, C)

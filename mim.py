@@ -109,7 +109,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hivit import AttentionBlock, check_image_size, sincos_pos_embed_2d
+from hivit import AttentionBlock, check_image_size, select_units, sincos_pos_embed_2d
 
 __all__ = [
     "MIMConfig", "PRESETS", "M3I_PRESET_NAMES", "METHODS", "tiny_decoder", "img_size_at", "truncate_encoder_config",
@@ -118,7 +118,7 @@ __all__ = [
     "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES", "DENSE_LOSSES",
     "LightDecoder", "MAEDecoder", "view_pos_embed", "QueryDecoder", "AttentionPool", "tokenize_captions",
     "TextEncoder", "make_teacher", "ema_update_", "cosine_momentum", "pixel_recon",
-    "MAE", "FastMIM", "random_resized_views", "view_coords", "mix_images", "gather_units", "M3I",
+    "MAE", "FastMIM", "random_resized_views", "view_coords", "mix_images", "M3I",
 ]
 
 
@@ -777,11 +777,6 @@ def mix_images(x_i: torch.Tensor, x_j: torch.Tensor, mix: torch.Tensor, patch: i
     return x_i * (1 - m) + x_j * m
 
 
-def gather_units(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """x (B, N, d) -> (B, len(ids), d) at the unit indices ids (B, L)."""
-    return torch.gather(x, 1, ids[:, :, None].expand(-1, -1, x.shape[-1]))   # (B, L, d)
-
-
 class M3I(nn.Module):
     """M3I (Sec. 3.3-3.4, Fig. 2) and, through its config, the 12 self-supervised rows of Tab. 2.
 
@@ -857,7 +852,7 @@ class M3I(nn.Module):
                 per_sample = LOSSES[self.cfg.loss](pred.float(), target[who])   # (B,)
             return per_sample.mean(), pred
         grid = view_coords(grid_hw).to(tokens.device).expand(ids.shape[0], -1, -1)   # (B, N, 4) input-view grid
-        token_coords = gather_units(grid, ids)                            # (B, L, 4) where the tokens sit
+        token_coords = select_units(grid, ids)                            # (B, L, 4) where the tokens sit
         pred = self.decoder(tokens, token_coords, query_coords)           # (B, N, out) one per target unit
         per_unit = LOSSES[self.cfg.loss](pred.float(), target[who])       # (B, N)
         return (masked_mean(per_unit, mask) if self.cfg.loss_on_masked else per_unit.mean()), pred
@@ -885,8 +880,8 @@ class M3I(nn.Module):
             _, _, mix = random_masking(b, n, cfg.mix_ratio, device=dev)  # (B, N): 1 = unit from image j
             tokens = self.norm(self.encoder.forward_features(mix_images(view, other[sigma], mix, self.patch))[-1])
             ids_i, ids_j = ids_from_mask(mix)[0], ids_from_mask(1 - mix)[0]   # (B, N - n_j), (B, n_j)
-            images = [("i", gather_units(tokens, ids_i), ids_i, same, own),                # intra-view
-                      ("j", gather_units(tokens, ids_j), ids_j, other_coords[sigma], sigma)]   # inter-view
+            images = [("i", select_units(tokens, ids_i), ids_i, same, own),                # intra-view
+                      ("j", select_units(tokens, ids_j), ids_j, other_coords[sigma], sigma)]   # inter-view
             mask = mix
         else:                                                             # Tab. 2: one input, maybe masked
             x, coords = (view, same) if cfg.input_view == "same" else (other, other_coords)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import fast_itpn
 from hivit import map_official_key, resize_pos_embed
-from fast_itpn import (PRESETS, FastiTPN, count_params, load_official, map_to_units,
+from hivit import map_to_units, select_units
+from fast_itpn import (PRESETS, FastiTPN, count_params, load_official,
                        migration_schedule, replenish, select_migrants, window_shape)
 from conftest import official_layout
 
@@ -344,11 +345,11 @@ def test_ids_keep_equals_full_encoding_then_select():
     with torch.no_grad():
         f4, f8, f16 = model.forward_features(x, ids_keep=ids_keep)
         full4, full8, _ = model.forward_features(x)
-        tokens = fast_itpn.select_units(model.forward_early(x)[2] + model.pos_embed, ids_keep)
+        tokens = select_units(model.forward_early(x)[2] + model.pos_embed, ids_keep)
         for blk in model.blocks:
             tokens = blk(tokens)
-    assert torch.equal(f4, fast_itpn.select_units(full4, ids_keep)) and f16.shape == (2, 5, 64)
-    assert torch.equal(f8, fast_itpn.select_units(full8, ids_keep))
+    assert torch.equal(f4, select_units(full4, ids_keep)) and f16.shape == (2, 5, 64)
+    assert torch.equal(f8, select_units(full8, ids_keep))
     torch.testing.assert_close(f16, tokens)
     model.set_acceleration(migration_ratio=0.4)
     with pytest.raises(ValueError, match="full grid"):
