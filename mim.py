@@ -361,13 +361,14 @@ def hog(imgs: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
     with torch.autocast(device_type=imgs.device.type, enabled=False):
         x = imgs.float()
         b, c, h, w = x.shape
-        sobel_x = x.new_tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])   # (3, 3)
-        kernels = torch.stack([sobel_x, sobel_x.t()])[:, None]           # (2, 1, 3, 3): gx, gy
-        kernels = kernels.repeat(c, 1, 1, 1)                             # (2*3, 1, 3, 3), per colour channel
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")                  # (B, 3, H+2, W+2)
-        grad = F.conv2d(padded, kernels, groups=c)                       # (B, 2*3, H, W)
-        grad = grad.reshape(b, c, 2, h, w)                               # (B, 3, 2, H, W)
-        gx, gy = grad[:, :, 0], grad[:, :, 1]                            # (B, 3, H, W) each
+        # Sobel as differences of shifted copies (= conv2d with [[1, 0, -1], [2, 0, -2], [1, 0, -1]] and its
+        # transpose): a flat region then gives a gradient of exactly 0, where a conv kernel's summation order can
+        # leave ~1e-8, which the per-cell normalisation would blow up to a unit-length histogram.
+        p = F.pad(x, (1, 1, 1, 1), mode="reflect")                       # (B, 3, H+2, W+2)
+        dx = p[:, :, :, :-2] - p[:, :, :, 2:]                             # (B, 3, H+2, W) left - right
+        dy = p[:, :, :-2, :] - p[:, :, 2:, :]                             # (B, 3, H, W+2) top - bottom
+        gx = dx[:, :, :-2] + 2 * dx[:, :, 1:-1] + dx[:, :, 2:]            # (B, 3, H, W) rows weighted 1, 2, 1
+        gy = dy[:, :, :, :-2] + 2 * dy[:, :, :, 1:-1] + dy[:, :, :, 2:]   # (B, 3, H, W) cols weighted 1, 2, 1
         magnitude = torch.sqrt(gx ** 2 + gy ** 2)
         angle = torch.atan2(gx, gy) * (HOG_BINS / math.pi)               # in [-9, 9]
         bins = angle.floor().long() % HOG_BINS                           # unsigned: theta and theta + pi share a bin
