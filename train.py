@@ -3,52 +3,45 @@ r"""train.py: masked image pre-training of HiViT / iTPN / Fast-iTPN / ViT, from 
 Paper:
     Integrally Pre-Trained Transformer Pyramid Networks (iTPN; Tian et al., CVPR 2023, arXiv 2211.12735), whose
     recipe is MAE's (Masked Autoencoders Are Scalable Vision Learners; He et al., CVPR 2022, arXiv 2111.06377).
-    Methods come from mim.py (MAE, SimMIM, FastMIM, M3I), itpn.py (the iTPN paper method, the official pixel
-    recipe, frozen-teacher distillation) and fast_itpn.py (Fast-iTPN distillation, TPAMI 2024).
+    The methods themselves live in mim.py (MAE, SimMIM, FastMIM, M3I), itpn.py and fast_itpn.py.
 
 Implements:
-    The pre-training driver: one loop that runs any --method on any --model, single process or under torchrun
-    (DDP), on an image folder or on the built-in procedural `ShapesDataset`, with MAE's flags, checkpoints that
-    resume bit-for-bit, a JSON-lines log and reconstruction pictures. `python train.py` with no arguments is the
-    classroom demo: tiny iTPN, paper method (MIM + MFM), built-in shapes, a few minutes on 2 CPU cores.
+    The pre-training driver, and the run machinery finetune.py and detect_seg.py import from it: settings as one
+    dataclass per script (one flag per field), DDP set-up from torchrun's environment, the data readers, the
+    checkpoint / log / resume records and `Trainer`, the loop skeleton every script runs its task through.
+    `python train.py` is the classroom demo: tiny iTPN, paper method (MIM + MFM), built-in shapes, ~3 min on CPU.
 
 Sections:
-    1. Setup: DDP from torchrun's environment, seeds  <-> MAE recipe (torchrun, DistributedSampler)
-    2. Data: ShapesDataset, image folders, augmentation <-> MAE Sec. 4 / iTPN Tab. 7: RandomResizedCrop(0.2-1) + flip
-    3. Model: --model and --method tables             <-> iTPN Sec. 3.3-3.4 (mim.py / itpn.py / fast_itpn.py)
-    4. Optimizer: AdamW, no decay on 1-D params       <-> iTPN Tab. 7: AdamW (0.9, 0.95), wd 0.05
-    5. Schedule: get_lr(step)                         <-> iTPN Tab. 7: lr = 1.5e-4 x batch / 256, cosine, warm-up
-    6. Run records: checkpoints, log, pictures        <-> MAE checkpoint-<epoch>.pth, log.txt, MAE Fig. 2 panels
-    7. The training loop                              <-> MAE engine_pretrain (accumulation, AMP, clip)
-    8. Flags and __main__                             <-> MAE main_pretrain.py flags
+    1. Settings: RunConfig, PretrainConfig, flags   <-> MAE main_pretrain.py flags
+    2. Setup: DDP from torchrun's environment       <-> MAE recipe (torchrun, DistributedSampler)
+    3. Data: shapes, image files, seeded views      <-> MAE Sec. 4 / iTPN Tab. 7: RandomResizedCrop(0.2-1) + flip
+    4. Model: the --model and --method tables       <-> iTPN Sec. 3.3-3.4 (mim.py / itpn.py / fast_itpn.py)
+    5. Optimizer and schedule                       <-> iTPN Tab. 7: AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 x B / 256
+    6. Run records: checkpoints, log, pictures      <-> MAE checkpoint-<epoch>.pth, log.txt, MAE Fig. 2 panels
+    7. The loop: Trainer and the pre-training task  <-> MAE engine_pretrain (accumulation, AMP, clip)
+    8. main
 
 Shapes:
-    B images per GPU per micro-step, V views per image (1, or 2 for M3I), H = W = --input_size, N = (H/16)^2
-    units, P picture panels. mask: (B, N) float, 1 = removed (masked), 0 = kept (visible).
+    B images per process per micro-step, V views per image (1, or 2 for M3I), H = W = --input_size, N = (H/16)^2
+    units, P picture panels. mask: (B, N), 1 = removed (masked), 0 = kept (visible).
 
 Differences from the paper / official code:
-    - Defaults come from one of two recipes: "paper" (224 px, batch 64 per GPU, 400 epochs, 40 warm-up) for the
-      paper-size models, "demo" (64 px, 400 built-in images, 30 epochs) for the tiny CPU models. Any flag overrides.
+    - Defaults come from a recipe: "paper" (224 px, batch 64 per GPU, 400 epochs, 40 warm-up) for the paper-size
+      models, "demo" (64 px, 400 built-in images, 30 epochs) for the tiny models. Any flag overrides.
       The paper's effective batch is 4096 = 64 GPUs x 64; on 8 GPUs add --accum_iter 8 to keep it.
-    - Randomness is seeded per step, not per process: augmentation from (seed, epoch, image index), masking and
-      drop path from (seed, step, shard), shard = micro_step * world_size + rank. So a resumed run is bitwise the
-      run that was never stopped (CPU), and with --batch_size 1 a run on R ranks with --accum_iter A equals a
-      single-process run with --accum_iter R*A (same images, same masks). MAE seeds each process once (seed+rank).
-      Other splits of one effective batch (accum 2 x batch 1 vs batch 2) see the same images and, as each micro-batch
-      loss is divided by accum_iter, the same gradient for an RNG-free loss; real methods' masks then differ.
-    - Unreadable images are replaced by the next readable one and counted (log key skipped_images); MAE crashes.
-    - A checkpoint holds plain types only (args as a dict, RNG states as lists/tensors): torch.load(...,
-      weights_only=True) reads it. Each is written to a .tmp file, fsynced, then renamed (MAE writes in place), so
-      a crash or power loss keeps the previous one. `checkpoint-last.pth` is rewritten every epoch and at
-      --max_steps; numbered `checkpoint-<epoch>.pth` files are kept every --save_every epochs. Resuming with another
-      effective batch (batch_size x accum_iter x world size) is refused; MAE resumes and silently changes the schedule.
+    - Every random draw is seeded from its position in the run: augmentation from (seed, epoch, image index), masks
+      and drop path from (seed, step, shard), shard = micro_step * world_size + rank (MAE seeds each process once).
+      So a resumed run is bitwise the run that was never stopped (CPU) and checkpoints need no RNG state, and with
+      --batch_size 1 a run on R ranks with --accum_iter A equals one process with --accum_iter R*A.
+    - Unreadable images are skipped and counted (log key skipped_images); MAE crashes. Checkpoints hold plain types
+      only (torch.load weights_only=True reads them) and are written to a .tmp file, fsynced, then renamed.
+    - A fresh run refuses an --output_dir that holds checkpoints (--resume auto continues, --overwrite replaces);
+      a resume refuses another model, method, effective batch or dataset size; Ctrl-C (or SIGTERM) stops at a step
+      boundary, saves and prints the resume command.
     - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (CPU bf16 is ~35x slower without bf16 units);
-      the official code used fp16 + GradScaler (still available: --amp fp16).
-    - One optimisation recipe (iTPN's = MAE's) for every --method; FastMIM's and M3I's own lr/epochs are flags away.
-      After each step train.py calls ema_update(progress=step/total): M3I ramps its momentum to 1 (cosine, as
-      BYOL/SiameseIM), iTPN's paper method keeps the paper's constant 0.996.
-    - M3I (2 views): both views handed over are the same crop; mim.py cuts the second view from it itself, so it
-      knows the geometry between the two (there is no colour augmentation here).
+      the official code used fp16 + GradScaler (--amp fp16).
+    - One optimisation recipe (iTPN's = MAE's) for every --method; after each step train.py calls
+      ema_update(progress=step/total) on pre-trainers with a momentum teacher.
 
 Run:
     python train.py                                         # CPU demo: tiny iTPN, built-in shapes, ~3 min, output/
@@ -60,17 +53,20 @@ Run:
 """
 
 import argparse
+import errno
 import glob
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 
 import numpy as np
 import torch
@@ -80,7 +76,6 @@ import torchvision.transforms as T
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
@@ -89,34 +84,219 @@ import hivit
 import itpn
 import mim
 
-# What finetune.py / detect_seg.py may import (the data, DDP setup, optimizer, schedule and checkpoint pieces).
-__all__ = ["setup_distributed", "seed_for", "print0", "SHAPE_CLASSES", "ShapesDataset", "to_rgb", "ImageFiles",
-           "PretrainViews", "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "METHODS", "param_groups", "get_lr",
-           "save_checkpoint", "load_checkpoint", "find_checkpoint", "rng_state", "set_rng_state", "main"]
+# The seam finetune.py and detect_seg.py build on (README "Seams"): settings, set-up, data, records, the loop.
+__all__ = [
+    "flag", "RunConfig", "PretrainConfig", "parse_config", "ConfigError",
+    "Dist", "setup_distributed", "teardown_distributed", "print0", "seed_for",
+    "SHAPE_CLASSES", "ShapesDataset", "IMAGE_EXTENSIONS", "to_rgb", "ImageFiles", "SeededViews", "PretrainViews",
+    "epoch_loader", "DataError", "count_steps", "cosine_schedule", "IMAGENET_MEAN", "IMAGENET_STD",
+    "MODELS", "METHOD_FILE", "build_pretrainer",
+    "BETAS", "param_groups", "get_lr",
+    "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "write_run_config",
+    "denormalize", "Trainer", "main",
+]
 
 
-# ---- 1. Setup: DDP from torchrun's environment, seeds -------------------------------------------------------------
+# ---- 1. Settings: one dataclass per script, one flag per field ----------------------------------------------------
 
-def setup_distributed(device_name: str):
-    """(rank, world_size, device) from torchrun's RANK / LOCAL_RANK / WORLD_SIZE; one process when they are unset.
+class ConfigError(ValueError):
+    """A user's mistake in the flags or files: main prints its message (no traceback) and exits."""
+
+
+def flag(default, help: str, **argparse_options):
+    """A settings field: its default, its --help text, and optional argparse options (choices, metavar) and
+    `valid=(test, words)`, the range check run at start-up (None, "the recipe's default", always passes)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+@dataclass
+class RunConfig:
+    """Run settings every script shares (None = the recipe's default, shown in --help)."""
+    batch_size: int | None = flag(None, "images per process per micro-step; effective batch = batch_size x "
+                                        "accum_iter x processes", valid=(lambda v: v >= 1, ">= 1"))
+    accum_iter: int = flag(1, "micro-steps accumulated per optimizer step (8 on 8 GPUs gives iTPN's 4096)",
+                           valid=(lambda v: v >= 1, ">= 1"))
+    epochs: int | None = flag(None, "training epochs", valid=(lambda v: v >= 1, ">= 1"))
+    warmup_epochs: float | None = flag(None, "linear warm-up epochs from lr 0", valid=(lambda v: v >= 0, ">= 0"))
+    blr: float | None = flag(None, "base learning rate: lr = blr x effective batch / 256",
+                             valid=(lambda v: v > 0, "> 0"))
+    lr: float | None = flag(None, "absolute learning rate; overrides --blr", valid=(lambda v: v > 0, "> 0"))
+    min_lr: float | None = flag(None, "learning rate at the end of the schedule", valid=(lambda v: v >= 0, ">= 0"))
+    weight_decay: float | None = flag(None, "AdamW weight decay on matrices", valid=(lambda v: v >= 0, ">= 0"))
+    clip_grad: float | None = flag(None, "clip the global gradient norm to this value (default off; the norm is "
+                                         "logged either way)", valid=(lambda v: v > 0, "> 0 (leave it out for no "
+                                                                                       "clipping)"))
+    amp: str = flag("auto", "mixed precision: auto = bf16 on CUDA, none on CPU; fp16 adds a GradScaler",
+                    choices=["auto", "none", "bf16", "fp16"])
+    device: str = flag("auto", "auto = CUDA when available (under torchrun: the GPU LOCAL_RANK)",
+                       choices=["auto", "cpu", "cuda"])
+    seed: int = flag(0, "seed of the model init, data order, augmentation and masks")
+    threads: int | None = flag(None, "CPU threads per process (torch.set_num_threads); tiny models are overhead-"
+                                     "bound and run fastest on 1", valid=(lambda v: v >= 1, ">= 1"))
+    num_workers: int | None = flag(None, "DataLoader worker processes per process",
+                                   valid=(lambda v: v >= 0, ">= 0"))
+    output_dir: str = flag("output", "checkpoints, log.txt (one JSON line per epoch), config.json and pictures")
+    resume: str = flag("", "checkpoint to continue from; 'auto' = the latest one in --output_dir (fresh if none)",
+                       metavar="PATH|auto")
+    overwrite: bool = flag(False, "start a fresh run in an --output_dir that already holds a run, replacing its "
+                                  "checkpoints and log (without it such a start is refused)")
+    save_every: int | None = flag(None, "keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is "
+                                        "rewritten every epoch)", valid=(lambda v: v >= 1, ">= 1 (epochs)"))
+    max_steps: int | None = flag(None, "stop after this many optimizer steps in total (checkpoint saved); the "
+                                       "schedule still follows --epochs", valid=(lambda v: v >= 1, ">= 1"))
+
+    RESUME_KEYS = ()          # settings a resumed run must share with its checkpoint (besides the batch)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """Pre-training: model, method and data."""
+    model: str = flag("itpn_tiny", "architecture and size (see --model's choices)", metavar="NAME")
+    method: str | None = flag(None, "pre-training method; default: itpn (paper Eq. 4: MIM + multi-stage MFM with an "
+                                    "EMA teacher) for iTPN models, mae for HiViT/ViT, fastmim for Fast-iTPN",
+                              metavar="NAME")
+    teacher: str | None = flag(None, "frozen teacher checkpoint for --method itpn_distill / fast_itpn_distill: a "
+                                     "local OpenAI-CLIP visual state dict or a ViT checkpoint of this project",
+                               metavar="PATH")
+    mask_ratio: float | None = flag(None, "fraction of 16-px units masked (default: the method's, 0.75 for MAE and "
+                                          "iTPN)", valid=(lambda v: 0 <= v < 1, "in [0, 1): the fraction of units "
+                                                          "masked; 1 would leave nothing visible"))
+    norm_pix_loss: bool | None = flag(None, "pixel targets normalised per unit (MAE); default: the method's (on). "
+                                            "mim.py methods only")
+    truncate: int = flag(0, "pre-train the encoder with its last K attention blocks removed (FastMIM Tab. 1c); "
+                            "fine-tuning loads it into the full-depth model. mim.py methods only",
+                         metavar="K", valid=(lambda v: v >= 0, ">= 0"))
+    data_path: str | None = flag(None, "image folder: an ImageFolder tree (<path>/train/<class>/*.jpg) or any "
+                                       "folder of images, labels ignored. Default: the built-in ShapesDataset")
+    num_images: int | None = flag(None, "size of the built-in dataset when --data_path is not given",
+                                  valid=(lambda v: v >= 1, ">= 1"))
+    input_size: int | None = flag(None, "crop side in px, a multiple of the model's 16-px unit (default: the "
+                                        "method's: 224, FastMIM's 128, FastMIM-P's 128->160->192, which an "
+                                        "explicit value rescales)", valid=(lambda v: v >= 1, ">= 1 (a multiple "
+                                                                           "of the model's unit)"))
+    vis_every: int | None = flag(None, "write reconstruction pictures every N epochs and at the end",
+                                 valid=(lambda v: v >= 1, ">= 1 (epochs)"))
+
+    RESUME_KEYS = ("model", "method")
+
+
+# Defaults that depend on the model size. "paper": iTPN Tab. 7 / MAE PRETRAIN.md (400 of the 400/1600 epochs,
+# 64 images per GPU; 64 GPUs give the paper's 4096). "demo": the tiny presets on 2 CPU cores in a few minutes.
+PAPER_INPUT_SIZE = 224   # iTPN Tab. 7; mim.py methods carry their own (FastMIM 128)
+DEFAULTS = {
+    "paper": dict(num_images=10000, batch_size=64, epochs=400, warmup_epochs=40, blr=1.5e-4, min_lr=0.0,
+                  weight_decay=0.05, num_workers=10, save_every=20, vis_every=20),
+    "demo": dict(input_size=64, num_images=400, batch_size=32, epochs=30, warmup_epochs=3, blr=1.5e-2, min_lr=0.0,
+                 weight_decay=0.05, num_workers=0, save_every=10, vis_every=5, threads=1),
+}
+
+
+def field_type(f) -> type:
+    """The scalar type of a settings field: int, float, str or bool (`int | None` -> int)."""
+    args = getattr(f.type, "__args__", None)
+    return next(a for a in args if a is not type(None)) if args else f.type
+
+
+def build_parser(cls, *, description: str, defaults: dict[str, dict], epilog: str = "") -> argparse.ArgumentParser:
+    """One flag per field of `cls`, in one group per class of its hierarchy (the script's own settings last).
+
+    Booleans get --name / --no-name; a field the recipes fill shows each recipe's value in its help."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):
+        group = parser.add_argument_group(klass.__doc__.split("\n")[0])
+        own = set(klass.__dict__.get("__annotations__", {}))
+        for f in fields(cls):
+            if f.name not in own:
+                continue
+            help_text = f.metadata["help"]
+            if any(f.name in d for d in defaults.values()):
+                help_text += " (default " + ", ".join(f"{name} {d.get(f.name)}" for name, d in defaults.items()) + ")"
+            elif f.default not in (None, MISSING, "") and field_type(f) is not bool:
+                help_text += f" (default {f.default})"
+            options = {k: v for k, v in f.metadata.items() if k in ("choices", "metavar")}
+            if field_type(f) is bool:
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                                   help=help_text)
+            else:
+                group.add_argument(f"--{f.name}", type=field_type(f), default=f.default, help=help_text, **options)
+    return parser
+
+
+def range_errors(cfg) -> list[str]:
+    """One message per setting outside its valid range (a 0 batch or accum_iter would divide by zero later)."""
+    errors = []
+    for f in fields(cfg):
+        value, valid = getattr(cfg, f.name), f.metadata.get("valid")
+        if valid is not None and value is not None and not valid[0](value):
+            errors.append(f"--{f.name} {value} is out of range: it must be {valid[1]}")
+    return errors
+
+
+def parse_config(cls, argv, *, description: str, defaults: dict[str, dict], recipe, epilog: str = ""):
+    """argv -> (cfg, parser): parse, fill unset fields from defaults[recipe(cfg)], then range-check every field.
+
+    A bad value stops here with argparse's usage error (exit code 2), before any model is built or file written."""
+    parser = build_parser(cls, description=description, defaults=defaults, epilog=epilog)
+    cfg = cls(**vars(parser.parse_args(argv)))
+    for key, value in defaults[recipe(cfg)].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if range_errors(cfg):
+        parser.error("; ".join(range_errors(cfg)))
+    return cfg, parser
+
+
+# ---- 2. Setup: DDP from torchrun's environment, seeds -------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """Where this process stands: its rank among world_size processes and its device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return dist.is_initialized()
+
+
+def setup_distributed(cfg: RunConfig) -> Dist:
+    """Threads, device and process group from torchrun's RANK / LOCAL_RANK / WORLD_SIZE (one process when unset).
 
     torchrun (or `torchrun --nnodes ...` on every node) exports these variables; nothing else launches DDP here.
-    NCCL on GPUs, gloo on CPU.
-    """
-    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    NCCL on GPUs, gloo on CPU. A requested device that is not there is a ConfigError, not a driver traceback."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to PyTorch (check the driver, "
+                          "CUDA_VISIBLE_DEVICES and the torch build) - or use --device cpu")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+        return Dist(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: lower "
+                              f"--nproc_per_node")
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")   # one GPU per process
+    return Dist(rank, world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def print0(*args, **kwargs) -> None:
     """print on rank 0 only (torchrun sets RANK; without it this is the only process)."""
     if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs)
+        print(*args, **kwargs, flush=True)
 
 
 def seed_for(*keys: int) -> int:
@@ -124,7 +304,7 @@ def seed_for(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-# ---- 2. Data: the built-in ShapesDataset, image folders, augmentation ---------------------------------------------
+# ---- 3. Data: the built-in ShapesDataset, image files, seeded views -----------------------------------------------
 
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "ellipse", "cross", "hexagon", "ring")  # labels 1..K
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -172,6 +352,7 @@ class ShapesDataset(Dataset):
             raise ValueError(f"task must be pretrain, cls, det or seg, got {task!r}")
         self.num_images, self.image_size, self.seed, self.split = num_images, image_size, seed, SPLITS[split]
         self.task, self.num_objects, self.scale = task, num_objects, scale
+        self.classes = list(SHAPE_CLASSES)
 
     def __len__(self):
         return self.num_images
@@ -189,36 +370,40 @@ class ShapesDataset(Dataset):
             img = c0 + (c1 - c0) * low                                    # (S, S, 3) "texture"
         return np.clip(img + rng.normal(0, 0.03, (s, s, 3)), 0, 1)
 
+    def draw_object(self, img: np.ndarray, rng) -> tuple[np.ndarray, int, np.ndarray]:
+        """Paint one random shape onto img: (new img (S, S, 3), label 1..K, its hard mask (S, S) bool)."""
+        s, big = self.image_size, self.image_size * SUPERSAMPLE
+        label = int(rng.integers(len(SHAPE_CLASSES)))
+        outline, hole = shape_outline(SHAPE_CLASSES[label], rng)
+        radius = rng.uniform(*self.scale) * s * (1.3 if self.task == "cls" else 1.0)
+        centre = (rng.normal(s / 2, s / 16, 2) if self.task == "cls" else rng.uniform(radius, s - radius, 2))
+        angle = rng.uniform(0, 2 * np.pi)
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        aspect = np.array([1.0, rng.uniform(0.8, 1.0)])                    # nuisance: mild squash
+        layer = Image.new("L", (big, big), 0)
+        draw = ImageDraw.Draw(layer)
+        for poly, fill in ((outline, 255), (hole, 0)):
+            if poly is not None:
+                pts = (poly * aspect) @ rot.T * radius * SUPERSAMPLE + centre * SUPERSAMPLE   # (k, 2) px
+                draw.polygon([tuple(p) for p in pts], fill=fill)
+        alpha = np.asarray(layer.resize((s, s), Image.BOX), dtype=np.float64)[..., None] / 255   # (S, S, 1)
+        colour = rng.uniform(0, 1, 3)
+        if rng.random() < 0.5:                                            # texture: stripes across the object
+            stripes = 0.5 + 0.5 * np.sin(np.arange(s) * rng.uniform(0.5, 1.5))[:, None, None]   # (S, 1, 1)
+            colour = colour * (0.7 + 0.3 * stripes)                       # (S, 1, 3)
+        return img * (1 - alpha) + colour * alpha, label + 1, alpha[..., 0] >= 0.5
+
     def scene(self, index: int) -> dict:
         """Render scene `index`: image (H, W, 3) uint8 and all targets (see the class docstring)."""
         rng = np.random.default_rng([self.seed, self.split, index])
-        s, big = self.image_size, self.image_size * SUPERSAMPLE
+        s = self.image_size
         img = self.background(rng)
         n = 1 if self.task == "cls" else int(rng.integers(self.num_objects[0], self.num_objects[1] + 1))
         labels, masks, drawn = [], [], []
-        for _ in range(n):
-            label = int(rng.integers(len(SHAPE_CLASSES)))
-            outline, hole = shape_outline(SHAPE_CLASSES[label], rng)
-            radius = rng.uniform(*self.scale) * s * (1.3 if self.task == "cls" else 1.0)
-            centre = (rng.normal(s / 2, s / 16, 2) if self.task == "cls" else rng.uniform(radius, s - radius, 2))
-            angle = rng.uniform(0, 2 * np.pi)
-            rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-            aspect = np.array([1.0, rng.uniform(0.8, 1.0)])                # nuisance: mild squash
-            layer = Image.new("L", (big, big), 0)
-            draw = ImageDraw.Draw(layer)
-            for poly, fill in ((outline, 255), (hole, 0)):
-                if poly is not None:
-                    pts = (poly * aspect) @ rot.T * radius * SUPERSAMPLE + centre * SUPERSAMPLE   # (k, 2) px
-                    draw.polygon([tuple(p) for p in pts], fill=fill)
-            alpha = np.asarray(layer.resize((s, s), Image.BOX), dtype=np.float64)[..., None] / 255  # (S, S, 1)
-            colour = rng.uniform(0, 1, 3)
-            if rng.random() < 0.5:                                        # texture: stripes across the object
-                stripes = 0.5 + 0.5 * np.sin(np.arange(s) * rng.uniform(0.5, 1.5))[:, None, None]   # (S, 1, 1)
-                colour = colour * (0.7 + 0.3 * stripes)                   # (S, 1, 3)
-            img = img * (1 - alpha) + colour * alpha                     # z-order: later objects on top
-            hard = alpha[..., 0] >= 0.5                                   # (S, S) bool
+        for _ in range(n):                                                # z-order: later objects on top
+            img, label, hard = self.draw_object(img, rng)
             masks = [m & ~hard for m in masks]                            # occlusion removes hidden pixels
-            labels.append(label + 1)
+            labels.append(label)
             masks.append(hard)
             drawn.append(hard.sum())
         keep = [i for i, m in enumerate(masks) if m.sum() >= MIN_VISIBLE * max(drawn[i], 1) and m.any()]
@@ -244,107 +429,174 @@ class ShapesDataset(Dataset):
         return image, {k: scene[k] for k in ("labels", "boxes", "masks", "semantic")}
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Full range of each high-bit-depth PIL mode: one scale per mode, so every image of a dataset gets the same one.
+# 16-bit files are mapped 0..65535 -> 0..255 (12-bit data stored in them stays 16x darker, as the file says);
+# float images are taken to be in [0, 1].
+MODE_RANGE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB: 16-bit and 32-bit greyscale are rescaled, palette/grey/alpha converted."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        arr = arr / 257 if arr.max() > 255 else arr                       # 16-bit range -> 8-bit
-        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    """Any PIL image as 8-bit RGB: high-bit-depth modes scaled by their range, palette/grey/alpha converted.
+
+    Animated files (GIF, WebP) give their first frame (PIL opens on it)."""
+    if img.mode in MODE_RANGE:
+        arr = np.asarray(img, dtype=np.float64) * (255.0 / MODE_RANGE[img.mode])
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
     return img.convert("RGB")                                             # RGBA: alpha dropped; L/P/LA expanded
 
 
-class ImageFiles(Dataset):
-    """Every image file under `root`, recursively (labels ignored): an ImageFolder tree or a flat folder.
+def list_images(root: str) -> list[str]:
+    """Every image file under root, recursively, following links safely: each real file once, link loops cut.
 
-    MAE's layout <root>/train/<class>/<img> is used when <root>/train exists. __getitem__ raises on unreadable
-    or truncated files; PretrainViews skips them.
+    A folder that cannot be read is reported (warning) instead of silently dropped."""
+    seen_dirs, seen_files, paths = set(), set(), []
+
+    def unreadable(err):
+        warnings.warn(f"skipping folder {err.filename}: {err.strerror}")
+
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unreadable):
+        real = os.path.realpath(folder)
+        if real in seen_dirs:                                             # a link back into the tree: do not recurse
+            warnings.warn(f"skipping {folder}: a link to {real}, which is already read (a loop or a duplicate)")
+            subfolders[:] = []
+            continue
+        seen_dirs.add(real)
+        subfolders.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.realpath(path) not in seen_files:
+                seen_files.add(os.path.realpath(path))
+                paths.append(path)
+    return paths
+
+
+class DataError(ConfigError):
+    """The data cannot be read (a wrong path, a folder of broken files): main prints the message and exits."""
+
+
+class ImageFiles(Dataset):
+    """Every image under `root` -> (PIL RGB image, label): an ImageFolder tree or any folder of images.
+
+    label = index of the image's class folder (the first folder under root, sorted names, as torchvision's
+    ImageFolder), or -1 for an image directly under root. __getitem__ raises on unreadable files; SeededViews
+    skips them.
     """
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, *, what: str = "--data_path"):
+        if not root:
+            raise DataError(f"{what} is empty: give a folder of images (or leave {what} out for the built-in data)")
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data_path {root!r} is not a directory (omit --data_path for the built-in "
-                                    f"shapes dataset)")
-        self.root = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-        self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(self.root, followlinks=True)
-                            for f in files if f.lower().endswith(IMG_EXTENSIONS))
+            raise DataError(f"{what} {root!r} is not a directory (leave it out for the built-in shapes dataset)")
+        self.root = root
+        self.paths = list_images(root)
         if not self.paths:
-            raise FileNotFoundError(f"no image files ({', '.join(IMG_EXTENSIONS[:4])}, ...) under {self.root!r}")
+            raise DataError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
+        tops = [os.path.relpath(p, root).split(os.sep) for p in self.paths]
+        self.classes = sorted({t[0] for t in tops if len(t) > 1})
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.labels = [index[t[0]] if len(t) > 1 else -1 for t in tops]
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index: int):
         with Image.open(self.paths[index]) as img:
-            return to_rgb(img), 0                                         # convert() reads the whole file
+            return to_rgb(img), self.labels[index]                        # convert() reads the whole file
 
 
 IMAGENET_MEAN, IMAGENET_STD = itpn.IMAGENET_MEAN, itpn.IMAGENET_STD     # the student's input normalisation
 MAX_BAD_IN_A_ROW = 50    # this many unreadable files in a row means the data path is wrong, not a few bad files
 
 
-class PretrainViews(Dataset):
-    """Augmented crop of dataset[i] -> ((3, H, W) or (V, 3, H, W) normalised, number of files skipped).
+def name_of(dataset: Dataset, index: int) -> str:
+    """A readable name of sample `index` for messages: its file path when the dataset has files."""
+    return dataset.paths[index] if hasattr(dataset, "paths") else f"#{index}"
 
-    MAE / iTPN augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + ImageNet mean/std.
-    The crop is seeded by (seed, epoch, i), so it does not depend on the worker, the rank or a resume. Set `.epoch`
-    and `.input_size` before building each epoch's DataLoader (its workers get a fresh copy of this object).
+
+class SeededViews(Dataset):
+    """dataset[i] -> (x, target, skipped): `transform(image, target)` with its randomness seeded by (seed, epoch, i).
+
+    The seed does not depend on the worker, the rank or a resume. Unreadable images (any exception while decoding)
+    are replaced by the next readable one, with a warning, and counted in `skipped`. Set `.epoch` before building
+    each epoch's DataLoader (its workers get a fresh copy of this object).
     """
 
-    def __init__(self, dataset: Dataset, *, input_size: int, num_views: int = 1, seed: int = 0):
-        self.dataset, self.input_size, self.num_views, self.seed, self.epoch = dataset, input_size, num_views, seed, 0
-
-    def transform(self, img: Image.Image) -> torch.Tensor:
-        """(3, H, W) with H = W = self.input_size (FastMIM-P changes it between epochs)."""
-        return T.Compose([
-            T.RandomResizedCrop(self.input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    def __init__(self, dataset: Dataset, transform, *, seed: int = 0):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
 
     def __len__(self):
         return len(self.dataset)
 
     def read(self, index: int):
-        """(PIL image, skipped): the first readable image at index, index+1, ... with a warning for each bad one."""
+        """(image, target, skipped): the first readable sample at index, index+1, ..."""
         tries = min(len(self.dataset), MAX_BAD_IN_A_ROW)
         for skipped in range(tries):
             j = (index + skipped) % len(self.dataset)
             try:
-                return self.dataset[j][0], skipped
-            except (OSError, SyntaxError, ValueError) as err:             # PIL raises all three on broken files
-                warnings.warn(f"skipping unreadable image #{j}: {err}")
-        verdict = "no image in the dataset is readable" if tries == len(self.dataset) else "check the data"
-        raise RuntimeError(f"{tries} images in a row could not be read (from #{index}); {verdict}")
+                return (*self.dataset[j], skipped)
+            except Exception as err:                                      # PIL raises OSError, SyntaxError, ...
+                warnings.warn(f"skipping unreadable image {name_of(self.dataset, j)}: {type(err).__name__}: {err}")
+        verdict = ("no image in the dataset is readable" if tries == len(self.dataset) else
+                   "check the data (a few broken files are skipped; this many in a row means a wrong folder)")
+        raise DataError(f"{tries} images in a row could not be read (from {name_of(self.dataset, index)}); "
+                        f"{verdict}")
 
     def __getitem__(self, index: int):
-        img, skipped = self.read(index)
+        image, target, skipped = self.read(index)
         with torch.random.fork_rng(devices=[]):                          # torchvision draws from torch's CPU RNG
             torch.manual_seed(seed_for(self.seed, self.epoch, index))
-            view = self.transform(img)                                    # (3, H, W)
-        if self.num_views == 1:
-            return view, skipped
-        # M3I: mim.py cuts the second view out of this crop itself, so it knows the geometry between the two;
-        # with no colour augmentation here, the V views handed over are the same crop.
-        return view.expand(self.num_views, -1, -1, -1).clone(), skipped   # (V, 3, H, W)
+            x, target = self.transform(image, target)
+        return x, target, skipped
 
 
-def epoch_loader(views: PretrainViews, *, epoch: int, input_size: int, skip_batches: int, batch_size: int,
-                 rank: int, world_size: int, seed: int, num_workers: int, pin_memory: bool) -> DataLoader:
+class PretrainViews(SeededViews):
+    """MAE / iTPN augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + ImageNet mean/std.
+
+    x is (3, H, W), or (V, 3, H, W) for a two-view method (M3I): mim.py cuts the second view out of this crop
+    itself, so it knows the geometry between the two; the V views handed over are the same crop. `.input_size`
+    may change between epochs (FastMIM-P).
+    """
+
+    def __init__(self, dataset: Dataset, *, input_size: int, num_views: int = 1, seed: int = 0):
+        super().__init__(dataset, self.augment, seed=seed)
+        self.input_size, self.num_views = input_size, num_views
+
+    def augment(self, image: Image.Image, target):
+        view = T.Compose([
+            T.RandomResizedCrop(self.input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)             # (3, H, W)
+        if self.num_views > 1:
+            view = view.expand(self.num_views, -1, -1, -1).clone()        # (V, 3, H, W)
+        return view, target
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops the run at a step boundary."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def epoch_loader(views: SeededViews, *, epoch: int, skip_batches: int, batch_size: int, dist_: Dist,
+                 num_workers: int, collate_fn=None) -> DataLoader:
     """This rank's batches of one epoch, starting after `skip_batches` (mid-epoch resume).
 
     DistributedSampler + set_epoch gives every rank a disjoint 1/world_size of one shuffled order (the same
     order for any world size: rank r reads positions r, r+R, r+2R, ...). Its index list, minus what was already
     consumed, is the sampler of a fresh DataLoader; no image is loaded only to be thrown away.
     """
-    sampler = DistributedSampler(views, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(views, num_replicas=dist_.world_size, rank=dist_.rank, shuffle=True,
+                                 seed=views.seed, drop_last=True)
     sampler.set_epoch(epoch)
-    views.epoch, views.input_size = epoch, input_size
+    views.epoch = epoch
     order = list(sampler)[skip_batches * batch_size:]
     return DataLoader(views, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True)
+                      pin_memory=dist_.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
+                      worker_init_fn=ignore_sigint if num_workers else None)
 
 
-# ---- 3. Model: the --model and --method tables --------------------------------------------------------------------
+# ---- 4. Model: the --model and --method tables --------------------------------------------------------------------
 
 # --model name -> (family, size preset). The names are the presets' own, the tiny CPU presets get a family prefix.
 MODELS: dict[str, tuple[str, object]] = {
@@ -355,16 +607,16 @@ MODELS: dict[str, tuple[str, object]] = {
 }
 # --method name -> the file that defines it. itpn.py's and fast_itpn.py's methods build their own model from a size
 # preset; mim.py's wrap any encoder with the seam forward_features(x, ids_keep=None)[-1] -> (B, N_vis, C).
-METHODS: dict[str, str] = {**{name: "itpn" for name in itpn.METHODS},
-                           **{name: "fast_itpn" for name in fast_itpn.METHODS},
-                           **{name: "mim" for name in mim.METHODS}}
+METHOD_FILE: dict[str, str] = {**{name: "itpn" for name in itpn.METHODS},
+                               **{name: "fast_itpn" for name in fast_itpn.METHODS},
+                               **{name: "mim" for name in mim.METHODS}}
 DEFAULT_METHOD = {"itpn": "itpn", "hivit": "mae", "vit": "mae", "fast_itpn": "fastmim"}   # iTPN: paper Eq. 4
 TEACHER_METHODS = ("itpn_distill", "fast_itpn_distill")                  # need --teacher PATH
 
 
 def compatible_methods(family: str) -> list[str]:
     """Methods that run on a model family: every mim.py method, plus the family's own (which need its pyramid)."""
-    return [m for m in METHODS if METHODS[m] in ("mim", family)]
+    return [m for m in METHOD_FILE if METHOD_FILE[m] in ("mim", family)]
 
 
 def unit_size(family: str, preset) -> int:
@@ -378,16 +630,16 @@ def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_
     family, preset = MODELS[model]
     tiny = model.endswith("_tiny")
     if (method in TEACHER_METHODS) != (teacher is not None):
-        raise ValueError(f"--teacher PATH goes with --method {' or '.join(TEACHER_METHODS)}, and only with them")
-    if METHODS[method] != "mim":                                          # itpn.py / fast_itpn.py recipes
+        raise ConfigError(f"--teacher PATH goes with --method {' or '.join(TEACHER_METHODS)}, and only with them")
+    if METHOD_FILE[method] != "mim":                                      # itpn.py / fast_itpn.py recipes
         if norm_pix_loss is not None or truncate:
-            raise ValueError(f"--norm_pix_loss and --truncate are fixed by the {method} recipe; they apply to "
-                             f"mim.py's methods")
-        if mask_ratio is not None and METHODS[method] == "itpn":
+            raise ConfigError(f"--norm_pix_loss and --truncate are fixed by the {method} recipe; they apply to "
+                              f"mim.py's methods")
+        if mask_ratio is not None and METHOD_FILE[method] == "itpn":
             preset = replace(preset, mask_ratio=mask_ratio)
         elif mask_ratio is not None:
-            raise ValueError(f"--mask_ratio is fixed by the {method} recipe (block masking)")
-        module = itpn if METHODS[method] == "itpn" else fast_itpn
+            raise ConfigError(f"--mask_ratio is fixed by the {method} recipe (block masking)")
+        module = itpn if METHOD_FILE[method] == "itpn" else fast_itpn
         return module.METHODS[method](preset, **({"teacher_path": teacher} if method in TEACHER_METHODS else {}))
     preset = mim.truncate_encoder_config(preset, truncate)                # FastMIM Tab. 1c (0 = full depth)
     cfg = mim.tiny_decoder(mim.PRESETS[method]) if tiny else mim.PRESETS[method]
@@ -403,7 +655,7 @@ def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_
     return mim.METHODS[method](encoder, cfg=cfg)
 
 
-# ---- 4. Optimizer: AdamW, no weight decay on biases and 1-D parameters --------------------------------------------
+# ---- 5. Optimizer and schedule ------------------------------------------------------------------------------------
 
 BETAS = (0.9, 0.95)      # iTPN Tab. 7 / MAE: beta2 = 0.95 (not 0.999) for stable large-batch MIM
 
@@ -418,8 +670,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-# ---- 5. Schedule: the learning rate as a pure function of the optimizer step ---------------------------------------
-
 def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Linear warm-up from 0 to lr, then half-cycle cosine to min_lr (iTPN Tab. 7, MAE per-iteration schedule).
 
@@ -431,24 +681,18 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_step
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-# ---- 6. Run records: checkpoints, the JSON log, config.json, reconstruction pictures ------------------------------
-
-def rng_state() -> dict:
-    """Every RNG as plain types (weights_only=True loads them). Steps reseed anyway; this makes it belt and braces."""
-    np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def count_steps(num_samples: int, cfg: RunConfig, dist_: Dist) -> int:
+    """Optimizer steps per epoch: whole steps of batch_size x accum_iter x world size images (drop_last, as MAE)."""
+    return num_samples // dist_.world_size // (cfg.batch_size * cfg.accum_iter)
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def cosine_schedule(cfg: RunConfig, *, lr: float, steps_per_epoch: int):
+    """step -> lr for a run of cfg.epochs: get_lr with warm-up and length counted in steps."""
+    warmup_steps, total_steps = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
+    return lambda step: get_lr(step, lr=lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
 
+
+# ---- 6. Run records: checkpoints, the output folder, config.json, the log, pictures ------------------------------
 
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to path + '.tmp', fsync it, then rename: a crash mid-write leaves the previous checkpoint intact.
@@ -456,12 +700,20 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace is atomic on POSIX and Windows: a reader sees either the old file or the complete new one. The
     fsync before it puts the bytes on disk first, so after a power loss the name cannot point at a file whose
     data never left the page cache; the fsync of the folder after it makes the rename itself durable (POSIX).
+    A failed write (full disk, ...) removes its .tmp file and ends in one ConfigError; the previous file stays.
     """
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()                                                         # Python's buffer -> the OS
-        os.fsync(f.fileno())                                              # the OS's cache -> the disk
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()                                                     # Python's buffer -> the OS
+            os.fsync(f.fileno())                                          # the OS's cache -> the disk
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        full = " (the disk is full: free space or choose another --output_dir)" if err.errno == errno.ENOSPC else ""
+        raise ConfigError(f"could not write {path}: {err.strerror or err}{full}; the previous checkpoint, if any, "
+                          f"is untouched") from err
     os.replace(tmp, path)
     if hasattr(os, "O_DIRECTORY"):                                        # POSIX; Windows cannot open a folder
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
@@ -481,14 +733,55 @@ def find_checkpoint(output_dir: str) -> str | None:
     return max(numbered, key=lambda p: int(os.path.basename(p)[11:-4]), default=None)
 
 
-def load_checkpoint(path: str) -> dict:
-    """torch.load with weights_only=True: plain tensors and containers only, no pickled code."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume {path!r}: no such file")
+def load_checkpoint(path: str, *, what: str = "--resume", required: tuple[str, ...] = ()) -> dict:
+    """torch.load(weights_only=True) with one clear ConfigError per kind of problem (no pickled code is run).
+
+    `what` names the flag in messages; `required` lists keys the file must hold (a resume needs train.py's)."""
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:                                             # truncated file, pickled objects, ...
-        raise ValueError(f"--resume {path!r} is not a readable checkpoint: {err}") from err
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                                             # torch raises many types here
+        if "Unsupported global" in str(err):                              # weights_only met a pickled class
+            reason = ("it holds pickled Python objects, which are not loaded from files (they could run code); "
+                      "re-save its tensors as a plain dict")
+        else:
+            reason = f"it is not a PyTorch checkpoint or it is truncated ({type(err).__name__})"
+        raise ConfigError(f"{what} {path!r} cannot be read: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise ConfigError(f"{what} {path!r} is not a checkpoint written by this project's scripts (no "
+                          f"{', '.join(repr(k) for k in missing)}); to start from weights, see finetune.py "
+                          f"--finetune")
+    return ckpt
+
+
+def prepare_output_dir(cfg: RunConfig, *, resuming: bool) -> None:
+    """Refuse an --output_dir that cannot be written, and a fresh run over an earlier one (nothing is destroyed
+    unless --overwrite says so). Called before any model is built."""
+    out = os.path.abspath(cfg.output_dir)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} is a file: choose a folder")
+    parent = out
+    while not os.path.exists(parent):                                     # the first part that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} lies under the file {parent!r}: choose another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {cfg.output_dir!r}: {parent!r} is not writable: choose another folder")
+    earlier = find_checkpoint(cfg.output_dir) if os.path.isdir(out) else None
+    if earlier and not resuming and not cfg.overwrite:
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} holds a run ({os.path.basename(earlier)}): continue it "
+                          f"with --resume auto, start over with --overwrite, or choose another --output_dir")
+
+
+def clear_run(output_dir: str) -> None:
+    """--overwrite: remove an earlier run's checkpoints, log and pictures (rank 0, after every check passed)."""
+    for pattern in ("checkpoint-*.pth", "checkpoint-*.pth.tmp", "log.txt", "*.png"):
+        for path in glob.glob(os.path.join(output_dir, pattern)):
+            os.remove(path)
 
 
 def run_record(source_dir: str) -> dict:
@@ -503,11 +796,39 @@ def run_record(source_dir: str) -> dict:
     return {"git_commit": head.stdout.strip() or None, "git_dirty": bool(dirty.stdout.strip())}
 
 
+def write_run_config(output_dir: str, run_config: dict, script: str) -> dict:
+    """config.json (settings, sizes, device, code version); without git, a copy of the script (as airbench).
+    Returns run_config with the code version added."""
+    run_config = {**run_config, "torch": torch.__version__, **run_record(os.path.dirname(os.path.abspath(script)))}
+    os.makedirs(output_dir, exist_ok=True)
+    for tmp in glob.glob(os.path.join(output_dir, "*.tmp")):              # an interrupted checkpoint write
+        os.remove(tmp)
+    with open(os.path.join(output_dir, "config.json"), "w") as f:
+        json.dump(run_config, f, indent=2, default=str)
+    if run_config["git_commit"] is None:
+        shutil.copyfile(os.path.abspath(script), os.path.join(output_dir, os.path.basename(script) + ".source"))
+    return run_config
+
+
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) ImageNet-normalised -> [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)     # (1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)       # (1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+def titled_grid(path: str, panels: dict[str, torch.Tensor]) -> None:
+    """Save panels (name -> (B, 3, H, W) in [0, 1]) as a grid, one row per image, with a title line per column."""
+    grid = make_grid(torch.stack(list(panels.values()), 1).flatten(0, 1).cpu(),   # (B * P, 3, H, W)
+                     nrow=len(panels), padding=2, pad_value=1.0)         # (3, rows, cols)
+    body = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))   # (rows, cols, 3)
+    header = 12 * len(panels)                                             # one text line per panel title
+    canvas = Image.new("RGB", (body.width, body.height + header), "white")
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    for i, name in enumerate(panels):
+        draw.text((2, 12 * i), f"column {i + 1}: {name}", fill="black")
+    canvas.save(path)
 
 
 @torch.no_grad()
@@ -532,245 +853,270 @@ def save_pictures(path: str, pretrainer: nn.Module, imgs: torch.Tensor, *, seed:
         panels["prediction + visible"] = original * (1 - m) + pred * m
     for name, pic in out.get("pictures", {}).items():                    # already in [0, 1], maybe another size
         panels[name] = nn.functional.interpolate(pic.float(), size=size, mode="nearest").clamp(0, 1)
-    grid = make_grid(torch.stack(list(panels.values()), 1).flatten(0, 1).cpu(),   # (B * P, 3, H, W)
-                     nrow=len(panels), padding=2, pad_value=1.0)         # (3, rows, cols)
-    body = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))   # (rows, cols, 3)
-    header = 12 * len(panels)                                             # one text line per panel title
-    canvas = Image.new("RGB", (body.width, body.height + header), "white")
-    canvas.paste(body, (0, header))
-    draw = ImageDraw.Draw(canvas)
-    for i, name in enumerate(panels):
-        draw.text((2, 12 * i), f"column {i + 1}: {name}", fill="black")
-    canvas.save(path)
+    titled_grid(path, panels)
 
 
-# ---- 7. The training loop -----------------------------------------------------------------------------------------
+# ---- 7. The loop: Trainer (shared by the three scripts) and the pre-training task --------------------------------
+
+def check_resumable(ckpt: dict, path: str, cfg: RunConfig, *, world_size: int, steps_per_epoch: int) -> None:
+    """A resumed run must be the same run: the same RESUME_KEYS settings (model, method, ...), the same effective
+    batch (batch_size x accum_iter x world size) and the same number of steps per epoch (dataset size), because the
+    lr schedule, the step -> epoch mapping and the images a mid-epoch resume skips are all counted in them. Another
+    split of the same effective batch (2x the GPUs, half the --accum_iter) is allowed (masks then differ)."""
+    was = {k: ckpt["args"].get(k) for k in cfg.RESUME_KEYS}
+    now = {k: getattr(cfg, k) for k in cfg.RESUME_KEYS}
+    if was != now:
+        raise ConfigError(f"{path} was written by {' '.join(f'--{k} {v}' for k, v in was.items())}; this run is "
+                          f"{' '.join(f'--{k} {v}' for k, v in now.items())}: pass those or use another --output_dir")
+    was = {"batch_size": ckpt["args"]["batch_size"], "accum_iter": ckpt["args"]["accum_iter"],
+           "world size": ckpt["world_size"]}
+    now = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "world size": world_size}
+    if math.prod(was.values()) != math.prod(now.values()):
+        differ = ", ".join(f"{'' if k == 'world size' else '--'}{k} {was[k]} -> {now[k]}" for k in was
+                           if was[k] != now[k])
+        raise ConfigError(f"{path} was written with an effective batch of {math.prod(was.values())} = --batch_size "
+                          f"{was['batch_size']} x --accum_iter {was['accum_iter']} x {was['world size']} process(es); "
+                          f"this run has {math.prod(now.values())} ({differ}). The lr schedule, the step -> epoch "
+                          f"mapping and the images already seen depend on it: resume with --batch_size "
+                          f"{was['batch_size']} --accum_iter {was['accum_iter']} on {was['world size']} process(es) "
+                          f"(or any split with the same product), or start a fresh run in another --output_dir")
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
+                          f"{steps_per_epoch}: the dataset changed size (--num_images, or files added to or removed "
+                          f"from --data_path). Resume on the same data, or start a fresh run in another --output_dir")
+
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def train(pretrainer: nn.Module, views: PretrainViews, *, device: torch.device, rank: int, world_size: int,
-          output_dir: str, run_config: dict, checkpoint: dict | None, resume_path: str | None,
-          epochs: int, warmup_epochs: float, batch_size: int, accum_iter: int, lr: float, min_lr: float,
-          weight_decay: float, clip_grad: float | None, amp: str, seed: int, num_workers: int, save_every: int,
-          vis_every: int, max_steps: int | None, input_size_at, norm_pix_loss: bool) -> list[dict]:
-    """Pre-train `pretrainer` on `views`; rank 0 writes checkpoints, log.txt and pictures. Returns the log records.
+class Trainer:
+    """The loop every script runs: optimizer steps, accumulation, AMP, clipping, DDP, checkpoints, log, resume.
 
-    One optimizer step = accum_iter micro-batches of batch_size images on each of world_size ranks.
-    input_size_at(progress in [0, 1]) -> crop side of the epoch (constant except FastMIM-P).
+    A script hands over a *task*, an object with:
+        model                              the nn.Module to train (moved to the device; DDP-wrapped under torchrun)
+        num_samples                        images per epoch (all ranks together)
+        batches(epoch, skip) -> iterator   this rank's micro-batches (inputs, targets, skipped (B,)) of the epoch,
+                                           after `skip` micro-batches (mid-epoch resume)
+        loss(model, inputs, targets) -> {"loss": scalar, "logs": {name: scalar}} for one micro-batch
+        after_step(progress)               after every optimizer step (momentum teachers, weight EMA)
+        end_of_epoch(epoch, finished, last) -> dict   evaluation and pictures, added to the epoch's record
+        state() -> dict, load_state(ckpt)  what the task adds to a checkpoint (EMA weights, ...)
+    and the Trainer does the rest. The learning rate is `lr_at(step)`, a pure function, times each optimizer
+    group's "lr_scale" (layer-wise decay); `best` names a record key whose maximum is kept as checkpoint-best.pth.
     """
-    master_process = rank == 0
-    ddp = dist.is_initialized()
-    steps_per_epoch = len(views) // world_size // (batch_size * accum_iter)      # drop_last, as MAE; main checks > 0
-    total_steps, warmup_steps = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    stop_step = total_steps if max_steps is None else min(total_steps, max_steps)
 
-    raw = pretrainer.to(device)
-    optimizer = torch.optim.AdamW(param_groups(raw, weight_decay), lr=lr, betas=BETAS)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")   # only fp16 needs loss scaling
-    step = 0
-    if checkpoint is not None:                                            # restore everything the run depends on
-        raw.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        step = checkpoint["step"]
-        print0(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})")
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    last_good = resume_path
-    pictures = PretrainViews(views.dataset, input_size=views.input_size, num_views=views.num_views, seed=seed)
-    images_per_step = batch_size * accum_iter * world_size
-    print0(f"{steps_per_epoch} steps/epoch x {epochs} epochs, {images_per_step} images/step, lr {lr:.3g}, "
-           f"{sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters")
-    if step >= stop_step:
-        print0(f"nothing to do: the checkpoint is at step {step} and the run stops at step {stop_step}")
-    records = []
-    for epoch in range(step // steps_per_epoch, epochs):
-        if step >= stop_step:
-            break
-        size = input_size_at(epoch / epochs)
-        epoch_end = min((epoch + 1) * steps_per_epoch, stop_step)
-        batches = iter(epoch_loader(views, epoch=epoch, input_size=size,
-                                    skip_batches=(step - epoch * steps_per_epoch) * accum_iter,
-                                    batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                                    num_workers=num_workers, pin_memory=device.type == "cuda"))
-        bar = tqdm(total=epoch_end - epoch * steps_per_epoch, initial=step - epoch * steps_per_epoch,
-                   desc=f"epoch {epoch}", dynamic_ncols=True,   # TQDM_DISABLE=1 (CI): tqdm's switch, kept here
-                   disable=not master_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
+    def __init__(self, task, *, cfg: RunConfig, dist_: Dist, optimizer: torch.optim.Optimizer, lr_at,
+                 run_config: dict, best: str | None = None):
+        self.task, self.cfg, self.dist, self.optimizer, self.lr_at = task, cfg, dist_, optimizer, lr_at
+        self.run_config, self.best_key, self.best = run_config, best, -math.inf
+        self.steps_per_epoch = count_steps(task.num_samples, cfg, dist_)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.stop_step = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        self.images_per_step = cfg.batch_size * cfg.accum_iter * dist_.world_size
+        self.amp = ("bf16" if dist_.device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
+        self.scaler = torch.amp.GradScaler(dist_.device.type, enabled=self.amp == "fp16")   # only fp16 scales
+        self.raw = task.model
+        self.model = (DDP(self.raw, device_ids=[dist_.device.index] if dist_.device.type == "cuda" else None)
+                      if dist_.ddp else self.raw)
+        self.step, self.last_good, self.stop_requested = 0, None, False
+
+    # -- checkpoints --
+
+    def state(self) -> dict:
+        """Everything the next step depends on, as plain types (weights_only=True loads it)."""
+        return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size, "best": self.best,
+                "args": asdict(self.cfg), "config": self.run_config.get("config"), **self.task.state()}
+
+    def resume(self, ckpt: dict, path: str) -> None:
+        """Restore a checkpoint after checking that it belongs to this run (model, batch, dataset size)."""
+        check_resumable(ckpt, path, self.cfg, world_size=self.dist.world_size, steps_per_epoch=self.steps_per_epoch)
+        self.raw.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.task.load_state(ckpt)
+        self.step, self.best, self.last_good = ckpt["step"], ckpt.get("best", -math.inf), path
+        print0(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+
+    def save(self, epoch: int, record: dict) -> None:
+        """Rank 0: checkpoint-last, the numbered checkpoint every save_every epochs and at the end, the best one."""
+        state = self.state()
+        finished = self.step == (epoch + 1) * self.steps_per_epoch
+        self.last_good = os.path.join(self.cfg.output_dir, "checkpoint-last.pth")
+        save_checkpoint(self.last_good, state)
+        if finished and ((epoch + 1) % self.cfg.save_every == 0 or epoch + 1 == self.cfg.epochs):
+            save_checkpoint(os.path.join(self.cfg.output_dir, f"checkpoint-{epoch}.pth"), state)   # MAE's name
+        if self.best_key in record and record[self.best_key] >= self.best:
+            save_checkpoint(os.path.join(self.cfg.output_dir, "checkpoint-best.pth"), state)
+
+    # -- one optimizer step --
+
+    def set_lr(self) -> float:
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)                 # layer-wise lr decay (finetune.py)
+        return lr
+
+    def micro_steps(self, batches) -> tuple[dict, int]:
+        """accum_iter forward/backward passes; returns the step's mean metrics and the images skipped."""
+        metrics, skipped, accum = {}, 0, self.cfg.accum_iter
+        for micro in range(accum):
+            inputs, targets, bad = next(batches)
+            skipped += int(bad.sum())
+            # masks, drop path, mixing: a function of (seed, step, shard), so resumes and world sizes agree
+            torch.manual_seed(seed_for(self.cfg.seed, self.step, micro * self.dist.world_size + self.dist.rank))
+            final = micro == accum - 1                                    # DDP all-reduces on the final micro-step
+            with self.model.no_sync() if self.dist.ddp and not final else nullcontext():
+                with torch.autocast(self.dist.device.type, dtype=AMP_DTYPES[self.amp], enabled=self.amp != "none"):
+                    out = self.task.loss(self.model, inputs, targets)
+                self.scaler.scale(out["loss"] / accum).backward()
+            for k, v in {"loss": out["loss"], **out.get("logs", {})}.items():
+                metrics[k] = metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / accum
+        return metrics, skipped
+
+    def reduce(self, metrics: dict, grad_norm: torch.Tensor) -> dict:
+        """Average the step's metrics over ranks (and agree on a stop request): one all-reduce."""
+        names = sorted(metrics)
+        values = torch.stack([metrics[k].to(self.dist.device) for k in names]
+                             + [grad_norm.float(), torch.tensor(float(self.stop_requested), device=self.dist.device)])
+        if self.dist.ddp:
+            dist.all_reduce(values)                                       # SUM: gloo has no AVG
+            values /= self.dist.world_size
+        *values, stop = values.tolist()
+        self.stop_requested = stop > 0                                    # any rank asked: every rank stops
+        return dict(zip(names + ["grad_norm"], values))
+
+    def train_step(self, batches) -> tuple[dict, int]:
+        lr = self.set_lr()
+        metrics, skipped = self.micro_steps(batches)
+        self.scaler.unscale_(self.optimizer)                              # true gradients for the norm / clip
+        grad_norm = nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.clip_grad or math.inf)
+        metrics = self.reduce(metrics, grad_norm)
+        if not math.isfinite(metrics["loss"]):                            # every rank sees the same reduced value
+            raise SystemExit(
+                f"non-finite loss ({metrics['loss']}) at step {self.step} (epoch {self.step // self.steps_per_epoch});"
+                f" stopped before the update. Last good checkpoint: {self.last_good or 'none yet'}. Resume it with "
+                f"--resume {self.last_good or 'PATH'} and a lower --blr, --clip_grad 1.0 or --amp none."
+                if self.dist.master else 1)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.task.after_step(progress=self.step / max(1, self.total_steps - 1))
+        self.step += 1
+        return {**metrics, "lr": lr}, skipped
+
+    # -- one epoch, the whole run --
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Train until the epoch ends (or the run stops); returns the epoch's record (means of the step metrics)."""
+        start, end = epoch * self.steps_per_epoch, min((epoch + 1) * self.steps_per_epoch, self.stop_step)
+        batches = iter(self.task.batches(epoch, (self.step - start) * self.cfg.accum_iter))
+        bar = tqdm(total=end - start, initial=self.step - start, desc=f"epoch {epoch}", dynamic_ncols=True,
+                   disable=not self.dist.master or os.environ.get("TQDM_DISABLE", "") not in ("", "0"))
         sums, skipped, n_steps, t_epoch = {}, 0, 0, time.perf_counter()
-        while step < epoch_end:
+        while self.step < end and not self.stop_requested:
             t0 = time.perf_counter()
-            lr_now = get_lr(step, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_now
-            metrics = {}
-            for micro in range(accum_iter):
-                imgs, bad = next(batches)                                 # (B, 3, H, W) or (B, V, 3, H, W)
-                imgs = imgs.to(device, non_blocking=True)
-                skipped += int(bad.sum())
-                # masks and drop path: a function of (seed, step, shard), so resumes and world sizes agree
-                torch.manual_seed(seed_for(seed, step, micro * world_size + rank))
-                final = micro == accum_iter - 1                           # DDP all-reduces on the final micro-step
-                with model.no_sync() if ddp and not final else nullcontext():
-                    with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "none"):
-                        out = model(imgs)
-                    scaler.scale(out["loss"] / accum_iter).backward()
-                for k, v in {"loss": out["loss"], **out.get("logs", {})}.items():
-                    metrics[k] = metrics.get(k, 0.0) + torch.as_tensor(v).detach().float() / accum_iter
-            scaler.unscale_(optimizer)                                    # true gradients for the norm / clip
-            grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), clip_grad or math.inf)
-            names = sorted(metrics)
-            values = torch.stack([metrics[k].to(device) for k in names] + [grad_norm.float()])   # (len(names) + 1,)
-            if ddp:
-                dist.all_reduce(values)                                   # SUM: gloo has no AVG
-                values /= world_size
-            metrics = dict(zip(names + ["grad_norm"], values.tolist()))
-            if not math.isfinite(metrics["loss"]):                        # every rank sees the same reduced value
-                raise SystemExit(
-                    f"non-finite loss ({metrics['loss']}) at step {step} (epoch {epoch}); stopped before the update."
-                    f" Last good checkpoint: {last_good or 'none yet'}. Resume it with --resume {last_good or 'PATH'}"
-                    f" and a lower --blr, --clip_grad 1.0 or --amp none." if master_process else 1)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if hasattr(raw, "ema_update"):                                # momentum teacher follows the student
-                raw.ema_update(progress=step / max(1, total_steps - 1))   # M3I ramps m to 1; iTPN keeps it fixed
-            step += 1
-            n_steps += 1
-            for k, v in {**metrics, "lr": lr_now}.items():
+            metrics, bad = self.train_step(batches)
+            skipped, n_steps = skipped + bad, n_steps + 1
+            for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr_now:.2e}",
-                            img_s=f"{images_per_step / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                            img_s=f"{self.images_per_step / (time.perf_counter() - t0):.1f}")
         bar.close()
-        skipped_all = torch.tensor(skipped, device=device)                # NCCL reduces CUDA tensors only
-        if ddp:
+        skipped_all = torch.tensor(skipped, device=self.dist.device)      # NCCL reduces CUDA tensors only
+        if self.dist.ddp:
             dist.all_reduce(skipped_all)
-        record = {"epoch": epoch, "step": step, **{f"train_{k}": v / n_steps for k, v in sums.items()},
-                  "skipped_images": int(skipped_all), "input_size": size,
-                  "images_per_sec": n_steps * images_per_step / (time.perf_counter() - t_epoch)}
-        if device.type == "cuda":
-            record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        records.append(record)
-        if not master_process:
-            continue
-        finished = step == (epoch + 1) * steps_per_epoch
-        state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": step // steps_per_epoch, "step": step, "args": run_config["args"],
-                 "world_size": world_size, "config": run_config["config"], "rng": rng_state()}
-        last_good = os.path.join(output_dir, "checkpoint-last.pth")
-        save_checkpoint(last_good, state)
-        if finished and ((epoch + 1) % save_every == 0 or epoch + 1 == epochs):
-            save_checkpoint(os.path.join(output_dir, f"checkpoint-{epoch}.pth"), state)   # MAE's name
-        with open(os.path.join(output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if (finished and (epoch + 1) % vis_every == 0) or step >= stop_step:
-            pictures.input_size = size
-            imgs = torch.stack([pictures[i][0] for i in range(min(4, len(pictures)))]).to(device)  # (4, [V,] 3, H, W)
-            save_pictures(os.path.join(output_dir, f"reconstruction-epoch{epoch:03d}.png"), raw, imgs,
-                          seed=seed, norm_pix_loss=norm_pix_loss)
-        print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
-    return records
+        record = {"epoch": epoch, "step": self.step, **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+                  "skipped_images": int(skipped_all),
+                  "images_per_sec": n_steps * self.images_per_step / (time.perf_counter() - t_epoch)}
+        if self.dist.device.type == "cuda":
+            record["max_mem_mb"] = torch.cuda.max_memory_allocated(self.dist.device) / 2**20
+        return record
+
+    def request_stop(self, signum, frame) -> None:
+        """SIGINT / SIGTERM: finish the current step, save, stop. A second Ctrl-C stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print0(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again: stop now)")
+
+    def fit(self, resume_command: str) -> list[dict]:
+        """Run every remaining epoch; rank 0 writes checkpoints and log.txt. Returns the epochs' records."""
+        self.optimizer.zero_grad(set_to_none=True)
+        print0(f"{self.steps_per_epoch} steps/epoch x {self.cfg.epochs} epochs, {self.images_per_step} images/step, "
+               f"{sum(p.numel() for p in self.raw.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters")
+        if self.step >= self.stop_step:
+            print0(f"nothing to do: the checkpoint is at step {self.step} and the run stops at step {self.stop_step}")
+        handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            records = []
+            for epoch in range(self.step // self.steps_per_epoch, self.cfg.epochs):
+                if self.step >= self.stop_step or self.stop_requested:
+                    break
+                record = self.run_epoch(epoch)
+                finished = self.step == (epoch + 1) * self.steps_per_epoch
+                record.update(self.task.end_of_epoch(epoch, finished=finished, last=self.step >= self.stop_step))
+                self.best = max(self.best, record.get(self.best_key, -math.inf)) if self.best_key else self.best
+                records.append(record)
+                if self.dist.master:
+                    self.save(epoch, record)
+                    with open(os.path.join(self.cfg.output_dir, "log.txt"), "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
+        finally:
+            for s, handler in handlers.items():
+                signal.signal(s, handler)
+        if self.stop_requested:
+            raise SystemExit(f"stopped at step {self.step}; saved {self.last_good}. Continue with:\n"
+                             f"  {resume_command} --resume auto" if self.dist.master else 130)
+        return records
 
 
-# ---- 8. Flags and __main__ ----------------------------------------------------------------------------------------
+class PretrainTask:
+    """The task Trainer drives for pre-training: a pre-trainer (PRETRAINER CONTRACT) on seeded augmented views."""
 
-# Defaults that depend on the model size. "paper": iTPN Tab. 7 / MAE PRETRAIN.md (400 of the 400/1600 epochs,
-# 64 images per GPU; 64 GPUs give the paper's 4096). "demo": the tiny presets on 2 CPU cores in a few minutes.
-PAPER_INPUT_SIZE = 224   # iTPN Tab. 7; mim.py methods carry their own (FastMIM 128)
-RECIPES = {
-    "paper": dict(input_size=None, num_images=10000, batch_size=64, epochs=400, warmup_epochs=40, blr=1.5e-4,
-                  num_workers=10, save_every=20, vis_every=20, threads=None),
-    "demo": dict(input_size=64, num_images=400, batch_size=32, epochs=30, warmup_epochs=3, blr=1.5e-2,
-                 num_workers=0, save_every=10, vis_every=5, threads=1),
-}
+    def __init__(self, pretrainer: nn.Module, views: PretrainViews, *, cfg: PretrainConfig, dist_: Dist,
+                 input_size_at, norm_pix_loss: bool):
+        self.model, self.views, self.cfg, self.dist = pretrainer.to(dist_.device), views, cfg, dist_
+        self.num_samples, self.input_size_at, self.norm_pix_loss = len(views), input_size_at, norm_pix_loss
+        self.pictures = PretrainViews(views.dataset, input_size=views.input_size, num_views=views.num_views,
+                                      seed=cfg.seed)                      # fixed images (epoch 0 crops)
+
+    def batches(self, epoch: int, skip: int):
+        self.views.input_size = self.input_size_at(epoch / self.cfg.epochs)   # FastMIM-P: grows with progress
+        return epoch_loader(self.views, epoch=epoch, skip_batches=skip, batch_size=self.cfg.batch_size,
+                            dist_=self.dist, num_workers=self.cfg.num_workers)
+
+    def loss(self, model: nn.Module, imgs: torch.Tensor, targets) -> dict:
+        return model(imgs.to(self.dist.device, non_blocking=True))      # (B, 3, H, W) or (B, V, 3, H, W)
+
+    def after_step(self, progress: float) -> None:
+        if hasattr(self.model, "ema_update"):                             # momentum teacher follows the student
+            self.model.ema_update(progress=progress)                       # M3I ramps m to 1; iTPN keeps it fixed
+
+    def end_of_epoch(self, epoch: int, *, finished: bool, last: bool) -> dict:
+        if self.dist.master and ((finished and (epoch + 1) % self.cfg.vis_every == 0) or last):
+            self.pictures.input_size = self.views.input_size
+            imgs = torch.stack([self.pictures[i][0] for i in range(min(4, len(self.pictures)))])   # (4, [V,] 3, H, W)
+            save_pictures(os.path.join(self.cfg.output_dir, f"reconstruction-epoch{epoch:03d}.png"), self.model,
+                          imgs.to(self.dist.device), seed=self.cfg.seed, norm_pix_loss=self.norm_pix_loss)
+        return {"input_size": self.views.input_size}
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, ckpt: dict) -> None:
+        pass
 
 
-def get_parser():
-    p = argparse.ArgumentParser(
-        description="Masked image pre-training (iTPN, MAE, SimMIM, FastMIM, M3I). Flags left unset take the "
-                    "'paper' recipe, or the 'demo' recipe for the *_tiny models (shown as paper/demo).",
-        epilog=__doc__[__doc__.index("Run:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
-    r = RECIPES
-
-    def both(key):
-        return f"{r['paper'][key]}/{r['demo'][key]}"
-
-    # model and method
-    p.add_argument("--model", default="itpn_tiny", choices=list(MODELS), metavar="NAME",
-                   help=f"architecture and size; one of: {', '.join(MODELS)} (default itpn_tiny)")
-    p.add_argument("--method", default=None, choices=list(METHODS), metavar="NAME",
-                   help=f"pre-training method; one of: {', '.join(METHODS)}. Default: itpn (paper Eq. 4: MIM + "
-                        f"multi-stage MFM with an EMA teacher) for iTPN models, mae for HiViT/ViT, fastmim for "
-                        f"Fast-iTPN")
-    p.add_argument("--teacher", default=None, metavar="PATH",
-                   help="frozen teacher checkpoint for --method itpn_distill / fast_itpn_distill: a local OpenAI-CLIP "
-                        "visual state dict or a ViT checkpoint of this project (nothing is downloaded)")
-    p.add_argument("--mask_ratio", type=float, default=None,
-                   help="fraction of 16-px units masked (default: the method's, 0.75 for MAE / iTPN)")
-    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
-                   help="pixel targets normalised per unit (MAE); default: the method's (on). mim.py methods only")
-    p.add_argument("--truncate", type=int, default=0, metavar="K",
-                   help="pre-train the encoder with its last K attention blocks removed (FastMIM Tab. 1c); "
-                        "fine-tuning loads the checkpoint into the full-depth model. mim.py methods only (default 0)")
-    # data
-    p.add_argument("--data_path", default=None,
-                   help="image folder: ImageFolder tree (<path>/train/<class>/*.jpg) or any folder of images, "
-                        "labels ignored. Default: the built-in procedural ShapesDataset")
-    p.add_argument("--num_images", type=int, default=None,
-                   help=f"size of the built-in dataset when --data_path is not given (default {both('num_images')})")
-    p.add_argument("--input_size", type=int, default=None,
-                   help=f"crop side in px, a multiple of the model's 16-px unit (default: the method's, "
-                        f"{PAPER_INPUT_SIZE} or FastMIM's 128 / FastMIM-P's 128->160->192, which an explicit value "
-                        f"rescales; demo "
-                        f"{r['demo']['input_size']})")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help=f"DataLoader worker processes per GPU (default {both('num_workers')})")
-    # optimisation
-    p.add_argument("--batch_size", type=int, default=None,
-                   help=f"images per GPU (or process) per micro-step (default {both('batch_size')}); "
-                        f"effective batch = batch_size x accum_iter x world size")
-    p.add_argument("--accum_iter", type=int, default=1,
-                   help="micro-steps accumulated per optimizer step (default 1; 8 on 8 GPUs gives the paper's 4096)")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {both('epochs')})")
-    p.add_argument("--warmup_epochs", type=float, default=None,
-                   help=f"linear warm-up epochs from lr 0 (default {both('warmup_epochs')})")
-    p.add_argument("--blr", type=float, default=None,
-                   help=f"base learning rate: lr = blr x effective batch / 256 (default {both('blr')})")
-    p.add_argument("--lr", type=float, default=None, help="absolute learning rate; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=0.0, help="learning rate at the end of the cosine (default 0)")
-    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay on matrices (default 0.05)")
-    p.add_argument("--clip_grad", type=float, default=None,
-                   help="clip the global gradient norm to this value (default: off, as the paper; norm is logged)")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                   help="mixed precision: auto = bf16 on CUDA, none on CPU; fp16 adds a GradScaler")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto = CUDA when available (under torchrun: the GPU LOCAL_RANK)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, crops and masks")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per process (torch.set_num_threads). Default: torch's (torchrun: 1) for the "
-                        "paper recipe, 1 for the demo: tiny models are overhead-bound, and on a busy 2-core machine "
-                        "2 threads ran the demo 4x slower than 1")
-    # run records
-    p.add_argument("--output_dir", default="output",
-                   help="checkpoints, log.txt (one JSON per epoch), config.json and pictures go here")
-    p.add_argument("--resume", default="", metavar="PATH|auto",
-                   help="checkpoint to continue from; 'auto' = the latest one in --output_dir (fresh if none)")
-    p.add_argument("--save_every", type=int, default=None,
-                   help=f"keep checkpoint-<epoch>.pth every N epochs (default {both('save_every')}); "
-                        f"checkpoint-last.pth is rewritten every epoch")
-    p.add_argument("--vis_every", type=int, default=None,
-                   help=f"write reconstruction pictures every N epochs and at the end (default {both('vis_every')})")
-    p.add_argument("--max_steps", type=int, default=None,
-                   help="stop after this many optimizer steps in total (checkpoint saved); the schedule still "
-                        "follows --epochs. For smoke tests and time-limited jobs")
-    return p
-
+# ---- 8. main ------------------------------------------------------------------------------------------------------
 
 def input_schedule(method: str, input_size: int | None, unit: int):
     """progress -> crop side. mim.py methods carry their own side(s) (FastMIM 128, FastMIM-P 128/160/192);
     an explicit --input_size rescales them so the last side equals it, in whole units."""
-    if METHODS[method] != "mim":
+    if METHOD_FILE[method] != "mim":
         side = input_size or PAPER_INPUT_SIZE
         return lambda progress: side
     cfg = mim.PRESETS[method]
@@ -779,136 +1125,106 @@ def input_schedule(method: str, input_size: int | None, unit: int):
     return lambda progress: max(unit, round(mim.img_size_at(cfg, progress) * scale / unit) * unit)
 
 
-# flag -> (test, valid range in words). Checked after the recipe fills unset flags; None (unset) always passes.
-RANGES = {
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "accum_iter": (lambda v: v >= 1, ">= 1"),
-    "epochs": (lambda v: v >= 1, ">= 1"),
-    "input_size": (lambda v: v >= 1, ">= 1 (a multiple of the model's unit)"),
-    "num_images": (lambda v: v >= 1, ">= 1"),
-    "mask_ratio": (lambda v: 0 <= v < 1, "in [0, 1): the fraction of units masked; 1 would leave nothing visible"),
-    "warmup_epochs": (lambda v: v >= 0, ">= 0"),
-    "save_every": (lambda v: v >= 1, ">= 1 (epochs)"),
-    "vis_every": (lambda v: v >= 1, ">= 1 (epochs)"),
-    "max_steps": (lambda v: v >= 1, ">= 1"),
-    "truncate": (lambda v: v >= 0, ">= 0"),
-    "num_workers": (lambda v: v >= 0, ">= 0"),
-    "blr": (lambda v: v > 0, "> 0"),
-    "lr": (lambda v: v > 0, "> 0"),
-    "min_lr": (lambda v: v >= 0, ">= 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "clip_grad": (lambda v: v > 0, "> 0 (leave it out for no clipping)"),
-}
+def check_pretrain_flags(cfg: PretrainConfig, parser: argparse.ArgumentParser) -> None:
+    """Flag combinations argparse cannot check: the method must fit the model, the size its unit."""
+    family, preset = MODELS[cfg.model]
+    if cfg.method not in compatible_methods(family):
+        parser.error(f"--method {cfg.method} does not run on --model {cfg.model}; valid methods for {family} "
+                     f"models: {', '.join(compatible_methods(family))}")
+    unit = unit_size(family, preset)
+    if cfg.input_size is not None and cfg.input_size % unit:
+        parser.error(f"--input_size {cfg.input_size} is not a multiple of {cfg.model}'s {unit}-px unit; "
+                     f"try {max(unit, cfg.input_size // unit * unit)} or {(cfg.input_size // unit + 1) * unit}")
 
 
-def range_errors(args) -> list[str]:
-    """One message per flag outside its valid range (a 0 batch or accum_iter would divide by zero later)."""
-    return [f"--{name} {getattr(args, name)} is out of range: it must be {words}"
-            for name, (ok, words) in RANGES.items() if getattr(args, name) is not None and not ok(getattr(args, name))]
+def get_parser() -> argparse.ArgumentParser:
+    return build_parser(PretrainConfig, description=DESCRIPTION, defaults=DEFAULTS, epilog=EPILOG)
 
 
-def check_same_effective_batch(checkpoint: dict, path: str, args, world_size: int) -> None:
-    """A resumed run must keep batch_size x accum_iter x world size: the step -> epoch mapping, the lr schedule and
-    the images a mid-epoch resume skips are all counted in steps of it. Another split of the same product (e.g. 2x
-    the GPUs, half the --accum_iter) keeps all three, so it is allowed (masks then differ: not bitwise)."""
-    was = {"batch_size": checkpoint["args"]["batch_size"], "accum_iter": checkpoint["args"]["accum_iter"],
-           "world size": checkpoint.get("world_size", world_size)}   # absent in checkpoints from before the check
-    now = {"batch_size": args.batch_size, "accum_iter": args.accum_iter, "world size": world_size}
-    if math.prod(was.values()) == math.prod(now.values()):
-        return
-    differ = ", ".join(f"{'' if k == 'world size' else '--'}{k} {was[k]} -> {now[k]}" for k in was
-                       if was[k] != now[k])
-    raise ValueError(f"{path} was written with an effective batch of {math.prod(was.values())} = --batch_size "
-                     f"{was['batch_size']} x --accum_iter {was['accum_iter']} x {was['world size']} process(es); this "
-                     f"run has {math.prod(now.values())} ({differ}). The lr schedule, the step -> epoch mapping and "
-                     f"the images already seen depend on it: resume with --batch_size {was['batch_size']} --accum_iter "
-                     f"{was['accum_iter']} on {was['world size']} process(es) (or any split with the same product), "
-                     f"or start a fresh run in another --output_dir")
+DESCRIPTION = ("Masked image pre-training (iTPN, MAE, SimMIM, FastMIM, M3I). Flags left unset take the 'paper' "
+               "recipe, or the 'demo' recipe for the *_tiny models.")
+EPILOG = (f"models: {', '.join(MODELS)}\nmethods: {', '.join(METHOD_FILE)}\n\n" + __doc__[__doc__.index("Run:"):])
+
+
+def prepare(cfg: PretrainConfig, dist_: Dist):
+    """Everything a run needs before its first step: (task, trainer, resume path); raises ConfigError on bad input."""
+    family, preset = MODELS[cfg.model]
+    resume = find_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume or None
+    if cfg.resume == "auto" and resume is None:
+        print0(f"--resume auto: no checkpoint in {cfg.output_dir}, starting a fresh run")
+    prepare_output_dir(cfg, resuming=resume is not None)
+    ckpt = load_checkpoint(resume, required=("model", "optimizer", "step", "args")) if resume else None
+    torch.manual_seed(cfg.seed)                                           # same init on every rank
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    pretrainer = build_pretrainer(cfg.model, cfg.method, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+                                  teacher=cfg.teacher, truncate=cfg.truncate)
+    source = (ImageFiles(pretrain_folder(cfg.data_path)) if cfg.data_path is not None
+              else ShapesDataset(cfg.num_images, image_size=cfg.input_size or PAPER_INPUT_SIZE, seed=cfg.seed))
+    input_size_at = input_schedule(cfg.method, cfg.input_size, unit_size(family, preset))
+    views = PretrainViews(source, input_size=input_size_at(0.0), num_views=getattr(pretrainer, "num_views", 1),
+                          seed=cfg.seed)
+    views.read(0)                                                         # fail now if no image is readable
+    if len(views) < cfg.batch_size * cfg.accum_iter * dist_.world_size:
+        raise ConfigError(f"{len(views)} images do not fill one step of {dist_.world_size} x {cfg.batch_size} x "
+                          f"{cfg.accum_iter} images: lower --batch_size / --accum_iter or add images")
+    method_cfg = getattr(pretrainer, "cfg", None)                         # the method's config after its overrides
+    task = PretrainTask(pretrainer, views, cfg=cfg, dist_=dist_, input_size_at=input_size_at,
+                        norm_pix_loss=bool(getattr(method_cfg, "norm_pix_loss", True)))
+    eff_batch = cfg.batch_size * cfg.accum_iter * dist_.world_size
+    lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256     # MAE's linear scaling rule
+    run_config = {"args": asdict(cfg), "world_size": dist_.world_size, "effective_batch_size": eff_batch, "lr": lr,
+                  "device": str(dist_.device),
+                  "config": {"model": asdict(preset), "method": asdict(method_cfg) if is_dataclass(method_cfg)
+                             else None}}
+    optimizer = torch.optim.AdamW(param_groups(task.model, cfg.weight_decay), lr=lr, betas=BETAS)
+    trainer = Trainer(task, cfg=cfg, dist_=dist_, optimizer=optimizer, run_config=run_config,
+                      lr_at=cosine_schedule(cfg, lr=lr, steps_per_epoch=count_steps(len(views), cfg, dist_)))
+    if ckpt is not None:
+        trainer.resume(ckpt, resume)
+    return task, trainer, resume
+
+
+def pretrain_folder(path: str) -> str:
+    """MAE reads <path>/train when it exists (ImageFolder layout); any other folder is read as it is."""
+    return os.path.join(path, "train") if path and os.path.isdir(os.path.join(path, "train")) else path
+
+
+def one_line(err: Exception) -> str:
+    """The user's message of an error, also when a DataLoader worker raised it (the main process re-raises it
+    with the worker's traceback text prepended)."""
+    text = str(err)
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 def main(argv=None) -> list[dict]:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    family, preset = MODELS[args.model]
-    recipe = RECIPES["demo" if args.model.endswith("_tiny") else "paper"]
-    for key, value in recipe.items():                                     # unset flags take the recipe's value
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if range_errors(args):
-        parser.error("; ".join(range_errors(args)))
-    args.method = args.method or DEFAULT_METHOD[family]
-    if args.method not in compatible_methods(family):
-        parser.error(f"--method {args.method} does not run on --model {args.model}; valid methods for {family} "
-                     f"models: {', '.join(compatible_methods(family))}")
-    unit = unit_size(family, preset)
-    if args.input_size is not None and args.input_size % unit:
-        parser.error(f"--input_size {args.input_size} is not a multiple of {args.model}'s {unit}-px unit; "
-                     f"try {max(unit, args.input_size // unit * unit)} or {(args.input_size // unit + 1) * unit}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, world_size, device = setup_distributed(args.device)
-    amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256  # MAE's linear scaling rule
+    cfg, parser = parse_config(PretrainConfig, argv, description=DESCRIPTION, defaults=DEFAULTS, epilog=EPILOG,
+                               recipe=lambda c: "demo" if c.model.endswith("_tiny") else "paper")
+    if cfg.model not in MODELS:
+        parser.error(f"argument --model: invalid choice: {cfg.model!r} (choose from {', '.join(MODELS)})")
+    cfg.method = cfg.method or DEFAULT_METHOD[MODELS[cfg.model][0]]
+    if cfg.method not in METHOD_FILE:
+        parser.error(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(METHOD_FILE)})")
+    check_pretrain_flags(cfg, parser)
     try:
-        torch.manual_seed(args.seed)                                      # same init on every rank
-        random.seed(args.seed)
-        np.random.seed(args.seed)
-        pretrainer = build_pretrainer(args.model, args.method, mask_ratio=args.mask_ratio,
-                                      norm_pix_loss=args.norm_pix_loss, teacher=args.teacher, truncate=args.truncate)
-        source = (ImageFiles(args.data_path) if args.data_path
-                  else ShapesDataset(args.num_images, image_size=args.input_size or PAPER_INPUT_SIZE, seed=args.seed))
-        input_size_at = input_schedule(args.method, args.input_size, unit)
-        views = PretrainViews(source, input_size=input_size_at(0.0), num_views=getattr(pretrainer, "num_views", 1),
-                              seed=args.seed)
-        views.read(0)                                                     # fail now if no image is readable
-        if len(views) < eff_batch:
-            raise ValueError(f"{len(views)} images do not fill one step of {world_size} x {args.batch_size} x "
-                             f"{args.accum_iter} images: lower --batch_size / --accum_iter or add images")
-        resume = find_checkpoint(args.output_dir) if args.resume == "auto" else args.resume or None
-        if args.resume == "auto" and resume is None:
-            print0(f"--resume auto: no checkpoint in {args.output_dir}, starting a fresh run")
-        if resume is None and find_checkpoint(args.output_dir):
-            print0(f"note: {args.output_dir} holds an earlier run; its checkpoints will be overwritten and log.txt "
-                   f"appended to (--resume auto continues it instead)")
-        checkpoint = load_checkpoint(resume) if resume else None
-        if checkpoint is not None:
-            was = {k: checkpoint["args"].get(k) for k in ("model", "method")}
-            if was != {"model": args.model, "method": args.method}:
-                raise ValueError(f"{resume} was written by --model {was['model']} --method {was['method']}; this "
-                                 f"run is --model {args.model} --method {args.method}: pass those or another "
-                                 f"--output_dir")
-            check_same_effective_batch(checkpoint, resume, args, world_size)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:   # bad input: a message, no traceback
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        raise SystemExit(f"error: {err}")
-    cfg = getattr(pretrainer, "cfg", None)                                # the method's config after its overrides
-    run_config = {"args": vars(args), "config": {"model": asdict(preset), "method": asdict(cfg) if is_dataclass(cfg)
-                                                 else None},
-                  "world_size": world_size, "effective_batch_size": eff_batch, "lr": lr, "amp": amp,
-                  "device": str(device), "torch": torch.__version__,
-                  **run_record(os.path.dirname(os.path.abspath(__file__)))}
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(run_config, f, indent=2, default=str)
-        if run_config["git_commit"] is None:                              # no git: keep the code itself (airbench)
-            shutil.copyfile(os.path.abspath(__file__), os.path.join(args.output_dir, "train.py.source"))
-    print0(f"{args.model} + {args.method} on {device} x {world_size}, data: {args.data_path or 'built-in shapes'} "
-           f"({len(views)} images), output: {args.output_dir}")
-    norm_pix = bool(getattr(cfg, "norm_pix_loss", True))
-    try:
-        return train(pretrainer, views, device=device, rank=rank, world_size=world_size,
-                     output_dir=args.output_dir, run_config=run_config, checkpoint=checkpoint, resume_path=resume,
-                     epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch_size,
-                     accum_iter=args.accum_iter, lr=lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                     clip_grad=args.clip_grad, amp=amp, seed=args.seed, num_workers=args.num_workers,
-                     save_every=args.save_every, vis_every=args.vis_every, max_steps=args.max_steps,
-                     input_size_at=input_size_at, norm_pix_loss=norm_pix)
+        dist_ = setup_distributed(cfg)
+        try:
+            task, trainer, resume = prepare(cfg, dist_)
+        except (ValueError, KeyError, FileNotFoundError) as err:         # the model files' checks, by type
+            raise ConfigError(err.args[0] if err.args else str(err)) from None
+        if dist_.master:
+            if resume is None and cfg.overwrite:
+                clear_run(cfg.output_dir)
+            trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
+        print0(f"{cfg.model} + {cfg.method} on {dist_.device} x {dist_.world_size}, data: "
+               f"{cfg.data_path or 'built-in shapes'} ({task.num_samples} images), output: {cfg.output_dir}")
+        return trainer.fit(resume_command=" ".join(["python train.py", *(argv if argv is not None else sys.argv[1:])]))
+    except ConfigError as err:                                            # bad input: one message, no traceback
+        raise SystemExit(f"error: {one_line(err)}") from None
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        teardown_distributed()
 
 
 if __name__ == "__main__":

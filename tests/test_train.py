@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import warnings
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -74,10 +75,10 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
 
 
-def error_of(argv, tmp_path):
-    """The message a bad invocation stops with (SystemExit), as a string."""
+def error_of(argv, tmp_path, name="bad"):
+    """The message a bad invocation stops with (SystemExit), as a string (in a fresh output folder by default)."""
     with pytest.raises(SystemExit) as info:
-        run(tmp_path, *argv)
+        run(tmp_path, *argv, name=name)
     return str(info.value.code)
 
 
@@ -111,11 +112,11 @@ def test_shapes_dataset_is_deterministic_and_its_targets_agree():
 
 def test_pretrain_views_depend_only_on_seed_epoch_and_index():
     views = train.PretrainViews(train.ShapesDataset(4, image_size=48), input_size=32, seed=1)
-    a, _ = views[2]
+    a, _, _ = views[2]                                                    # (x, target, skipped)
     torch.manual_seed(123)                                                # the global RNG does not matter
-    b, _ = views[2]
+    b, _, _ = views[2]
     views.epoch = 1
-    c, _ = views[2]
+    c, _, _ = views[2]
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -161,9 +162,10 @@ def test_default_command_runs_end_to_end_and_writes_its_records(tmp_path, monkey
     assert log == json.loads(json.dumps(records)) and log[0]["step"] == 2 and np.isfinite(log[0]["train_loss"])
     ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["args"]["model"] == "itpn_tiny" and ckpt["args"]["method"] == "itpn"
-    assert {"model", "optimizer", "scaler", "epoch", "rng", "config"} <= set(ckpt)
+    assert {"model", "optimizer", "scaler", "epoch", "steps_per_epoch", "world_size", "config"} <= set(ckpt)
+    assert "rng" not in ckpt                                              # every draw is seeded by its position
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["args"]["epochs"] == train.RECIPES["demo"]["epochs"] and config["git_commit"] is None
+    assert config["args"]["epochs"] == train.DEFAULTS["demo"]["epochs"] and config["git_commit"] is None
     assert open(os.path.join(out, "train.py.source")).read() == open(os.path.join(ROOT, "train.py")).read()
 
 
@@ -255,11 +257,13 @@ def test_help_lists_every_flag_and_every_flag_is_read(capsys):
     assert info.value.code == 0
     shown = capsys.readouterr().out
     source = open(os.path.join(ROOT, "train.py")).read()
+    dests = [a.dest for a in train.get_parser()._actions if a.dest != "help"]
+    assert sorted(dests) == sorted(f.name for f in fields(train.PretrainConfig))   # one flag per setting
     for action in train.get_parser()._actions:
         if action.dest == "help":
             continue
         assert action.help and action.option_strings[0] in shown, action.dest
-        assert f"args.{action.dest}" in source, f"--{action.dest} is never read"
+        assert f"cfg.{action.dest}" in source, f"--{action.dest} is never read"
 
 
 def test_pictures_grey_out_exactly_the_masked_units_with_the_shared_normalisation(tmp_path):
@@ -405,7 +409,7 @@ def test_teacher_is_wired_and_a_missing_or_misshapen_one_is_refused(tmp_path):
 def test_resume_from_another_models_checkpoint_is_refused(tmp_path):
     argv = [*TINY, "--num_images", "4", "--epochs", "1", "--warmup_epochs", "0", "--max_steps", "1"]
     run(tmp_path, *argv, "--model", "hivit_tiny", "--method", "mae")
-    msg = error_of([*argv, "--model", "vit_tiny", "--method", "mae", "--resume", "auto"], tmp_path)
+    msg = error_of([*argv, "--model", "vit_tiny", "--method", "mae", "--resume", "auto"], tmp_path, name="out")
     assert "written by --model hivit_tiny" in msg
 
 
@@ -415,7 +419,7 @@ def test_resume_with_another_effective_batch_is_refused_and_the_same_product_is_
     run(tmp_path, *argv, "--batch_size", "2", "--max_steps", "1")                    # effective batch 2 x 1 x 1
     assert train.load_checkpoint(str(tmp_path / "out" / "checkpoint-last.pth"))["world_size"] == 1
     msg = error_of([*argv, "--batch_size", "2", "--accum_iter", "2", "--max_steps", "2", "--resume", "auto"],
-                   tmp_path)
+                   tmp_path, name="out")
     assert "effective batch of 2" in msg and "this run has 4 (--accum_iter 1 -> 2)" in msg   # only the changed flag
     assert "resume with --batch_size 2 --accum_iter 1 on 1 process(es)" in msg             # how to continue
     records, _ = run(tmp_path, *argv, "--batch_size", "1", "--accum_iter", "2", "--max_steps", "2", "--resume", "auto")
@@ -471,12 +475,12 @@ def vit_teacher(tmp_path_factory):
 TINY_OF = {"mim": "hivit_tiny", "itpn": "itpn_tiny", "fast_itpn": "fast_itpn_tiny"}   # file of a method -> model
 
 
-@pytest.mark.parametrize("method", list(train.METHODS))
+@pytest.mark.parametrize("method", list(train.METHOD_FILE))
 def test_every_method_trains_every_parameter_on_its_tiny_model(method, vit_teacher):
     """All of --method's choices (the 12 M3I presets, FastMIM-P and both distillations included): one forward and
     backward through build_pretrainer, as train.py builds them."""
     teacher = vit_teacher if method in train.TEACHER_METHODS else None
-    assert runs(TINY_OF[train.METHODS[method]], method, backward=True, teacher=teacher)
+    assert runs(TINY_OF[train.METHOD_FILE[method]], method, backward=True, teacher=teacher)
 
 
 def test_compatibility_table_is_right_both_ways():
@@ -487,7 +491,7 @@ def test_compatibility_table_is_right_both_ways():
         assert runs("fast_itpn_tiny", method) and runs("itpn_tiny", method)
     assert runs("itpn_tiny", "itpn_pixel")
     for family in ("hivit", "vit", "itpn", "fast_itpn"):
-        own = {m for m in train.METHODS if train.METHODS[m] in ("mim", family)}
+        own = {m for m in train.METHOD_FILE if train.METHOD_FILE[m] in ("mim", family)}
         assert set(train.compatible_methods(family)) == own
 
 
@@ -512,3 +516,202 @@ def test_truncate_removes_the_last_blocks_and_loads_into_the_full_model():
     full.load_state_dict(cut.state_dict(), strict=False)
     with pytest.raises(ValueError, match="--truncate"):
         train.build_pretrainer("itpn_tiny", "itpn", mask_ratio=None, norm_pix_loss=None, teacher=None, truncate=1)
+
+
+# ---- reliability: data folders, flags, runs and checkpoints ---------------------------------------------------------
+
+def rgb_png(path, seed=0, size=(40, 40)):
+    write_png(path, np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def test_symlinks_are_followed_once_and_loops_are_cut(tmp_path):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    for i in range(3):
+        rgb_png(data / "sub" / f"{i}.png", i)
+    os.symlink("..", data / "sub" / "up")                                 # a loop: sub/up -> data
+    os.symlink(".", data / "self")                                        # a self-link
+    os.symlink(data / "sub" / "0.png", data / "alias.png")                # a second name of one file
+    with pytest.warns(UserWarning, match="already read"):
+        files = train.ImageFiles(str(data))
+    assert len(files) == 3                                                # each real file once
+
+
+def test_any_decoding_error_is_skipped_and_a_long_run_of_them_is_one_clear_message(tmp_path):
+    class Flaky(torch.utils.data.Dataset):
+        def __init__(self, bad):
+            self.bad = bad
+
+        def __len__(self):
+            return 60
+
+        def __getitem__(self, i):
+            if i in self.bad:
+                raise ZeroDivisionError("decoder bug")                      # not an OSError
+            return Image.new("RGB", (8, 8)), 0
+
+    views = train.SeededViews(Flaky({3}), lambda img, t: (T_to_tensor(img), t), seed=0)
+    with pytest.warns(UserWarning, match="ZeroDivisionError"):
+        _, _, skipped = views[3]
+    assert skipped == 1
+    with pytest.warns(UserWarning):
+        with pytest.raises(train.DataError, match="50 images in a row could not be read"):
+            train.SeededViews(Flaky(set(range(55))), lambda img, t: (img, t))[0]
+
+
+def T_to_tensor(img):
+    return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+
+
+def test_a_run_of_broken_files_inside_loader_workers_ends_in_one_line(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rgb_png(data / "a.png")
+    for i in range(60):
+        (data / f"b{i:02d}.png").write_bytes(b"broken")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        msg = error_of([*TINY[:4], "--num_workers", "1", "--data_path", str(data), "--model", "hivit_tiny",
+                        "--method", "mae", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "0"], tmp_path)
+    assert msg.startswith("error: 50 images in a row could not be read") and "Traceback" not in msg
+
+
+def test_high_bit_depth_images_are_scaled_by_their_modes_range_the_same_for_every_image(tmp_path):
+    dim = np.full((8, 8), 250, np.uint16)
+    dim[0, 0] = 300                                                       # max > 255: was rescaled per image
+    Image.fromarray(dim).save(tmp_path / "dim.png")
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dimmer.png")
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "half.tif")
+    files = train.ImageFiles(str(tmp_path))
+    pixel = {os.path.basename(p): np.asarray(files[i][0])[1, 1, 0] for i, p in enumerate(files.paths)}
+    assert pixel == {"dim.png": round(250 * 255 / 65535), "dimmer.png": round(200 * 255 / 65535), "half.tif": 128}
+
+
+def test_gif_frames_are_read_and_unreadable_folders_are_reported(tmp_path, monkeypatch):
+    data = tmp_path / "gifs"
+    data.mkdir()
+    frames = [Image.new("RGB", (16, 16), c) for c in ("red", "blue")]
+    frames[0].save(data / "anim.gif", save_all=True, append_images=frames[1:])
+    files = train.ImageFiles(str(data))
+    assert len(files) == 1 and np.asarray(files[0][0])[0, 0].tolist() == [255, 0, 0]   # the first frame
+    (data / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.warns(UserWarning, match="skipping folder .*locked.*Permission denied"):
+        train.ImageFiles(str(data))
+
+
+def test_an_empty_data_path_is_refused(tmp_path):
+    assert "--data_path is empty" in error_of(["--data_path", ""], tmp_path)
+
+
+def test_bad_output_dirs_are_refused_before_any_work(tmp_path, monkeypatch):
+    def error_with_output_dir(path):
+        with pytest.raises(SystemExit) as info:
+            train.main(["--output_dir", str(path)])
+        return str(info.value.code)
+
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: pytest.fail("the model was built"))
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in error_with_output_dir(tmp_path / "file")
+    assert "lies under the file" in error_with_output_dir(tmp_path / "file" / "run")
+    monkeypatch.setattr(train.os, "access", lambda path, mode: False)     # root can write anywhere: pretend
+    assert "is not writable" in error_with_output_dir(tmp_path / "ro")
+
+
+def test_missing_cuda_and_bad_thread_counts_are_messages(tmp_path, capsys):
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in error_of(["--device", "cuda"], tmp_path)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--threads", "0")
+    assert "--threads 0 is out of range" in capsys.readouterr().err
+
+
+def test_a_fresh_run_never_overwrites_a_finished_one(tmp_path):
+    argv = [*TINY, "--num_images", "4", "--epochs", "1", "--warmup_epochs", "0", "--model", "hivit_tiny",
+            "--method", "mae"]
+    run(tmp_path, *argv)
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    msg = error_of(argv, tmp_path, name="out")
+    assert "holds a run" in msg and "--resume auto" in msg and "--overwrite" in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before      # nothing touched
+    run(tmp_path, *argv, "--overwrite")
+    assert len(read_log(str(out))) == 1                                   # a new log, not two runs mixed
+
+
+def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
+    argv = [*TINY, "--epochs", "2", "--warmup_epochs", "0", "--model", "hivit_tiny", "--method", "mae"]
+    run(tmp_path, *argv, "--num_images", "8", "--max_steps", "1")
+    msg = error_of([*argv, "--num_images", "6", "--resume", "auto"], tmp_path, name="out")
+    assert "4 steps per epoch, this run has 3" in msg and "dataset changed size" in msg
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_tmp(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint-last.pth")
+    train.save_checkpoint(path, {"step": 1})
+
+    def no_space(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", no_space)
+    with pytest.raises(train.ConfigError, match="disk is full"):
+        train.save_checkpoint(path, {"step": 2})
+    assert train.load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_leftover_tmp_files_are_removed_when_a_run_starts(tmp_path):
+    argv = [*TINY, "--num_images", "4", "--epochs", "1", "--warmup_epochs", "0", "--model", "hivit_tiny",
+            "--method", "mae", "--max_steps", "1"]
+    run(tmp_path, *argv)
+    (tmp_path / "out" / "checkpoint-last.pth.tmp").write_bytes(b"half a checkpoint")
+    run(tmp_path, *argv, "--resume", "auto", "--max_steps", "2")
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_ctrl_c_stops_at_a_step_boundary_saves_and_resumes_bitwise(tmp_path, monkeypatch):
+    argv = [*TINY, "--num_images", "8", "--epochs", "2", "--warmup_epochs", "0", "--model", "hivit_tiny",
+            "--method", "mae", "--blr", "0.05"]                           # 4 steps per epoch
+    run(tmp_path, *argv, name="straight")
+    real_after_step = train.PretrainTask.after_step
+
+    def interrupted(self, progress):
+        real_after_step(self, progress)
+        if round(progress * 7) == 2:                                      # during step 2 of 8
+            os.kill(os.getpid(), __import__("signal").SIGINT)
+
+    monkeypatch.setattr(train.PretrainTask, "after_step", interrupted)
+    msg = error_of(argv, tmp_path, name="stopped")
+    assert "SIGINT" not in msg and "stopped at step 3" in msg and "--resume auto" in msg
+    assert train.load_checkpoint(str(tmp_path / "stopped" / "checkpoint-last.pth"))["step"] == 3
+    monkeypatch.setattr(train.PretrainTask, "after_step", real_after_step)
+    run(tmp_path, *argv, "--resume", "auto", name="stopped")
+    a = train.load_checkpoint(str(tmp_path / "straight" / "checkpoint-last.pth"))
+    b = train.load_checkpoint(str(tmp_path / "stopped" / "checkpoint-last.pth"))
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda p: torch.save(torch.ones(3), p), "holds a Tensor, not a checkpoint dict"),
+    (lambda p: open(p, "wb").write(os.urandom(256)), "is not a PyTorch checkpoint"),
+    (lambda p: open(p, "w").write("hello"), "is not a PyTorch checkpoint"),
+    (lambda p: torch.save({"model": {}, "step": 1}, p), "not a checkpoint written by this project"),
+    (lambda p: torch.save({"model": {}, "optimizer": {}, "step": 1, "args": argparse_namespace()}, p),
+     "pickled Python objects")])
+def test_files_that_are_not_checkpoints_get_one_message_each(tmp_path, content, expected):
+    path = str(tmp_path / "thing.pth")
+    content(path)
+    msg = error_of(["--resume", path], tmp_path)
+    assert msg.startswith("error: --resume") and expected in msg
+
+
+def argparse_namespace():
+    import argparse
+    return argparse.Namespace(model="itpn_tiny")
