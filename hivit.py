@@ -7,12 +7,14 @@ Paper:
 Implements:
     The HiViT backbone exactly as the released iTPN/HiViT code builds it (checkpoints load with identical
     outputs through `load_official`), a plain ViT that shares its attention block (HiViT Tab. 2 row (o); later
-    files use it as a frozen teacher and for iTPN-on-ViT), and the MAE seam `forward_features(x, ids_keep=...)`
-    that runs every stage on the visible units only.
+    files use it as a frozen teacher and for iTPN-on-ViT), and the encoder seam
+    `forward_features(x, *, ids_keep=None, mask=None, mask_token=None) -> list`: with ids_keep every stage runs on
+    the visible units only; the last entry is always the stage-3 tokens (B, N_vis, C).
 
 Sections:
-    1. Config and presets            <-> HiViT Tab. 7 (and the depth-notation trap, see PRESETS)
-    2. Primitives (DropPath, MLP, position tables) <-> Sec. 3.2 "positional information", MAE's sin-cos table
+    1. Config and presets            <-> HiViT Tab. 7 (and its depth notation, see PRESETS)
+    2. Primitives (DropPath, MLP, position tables, unit helpers) <-> Sec. 3.2 "positional information", MAE's
+       sin-cos table, BEiT's mask token
     3. Patch embedding into units     <-> Sec. 3.1, Fig. 2 (16x16 main patch = 4x4 inner patches of 4x4 px)
     4. MLP-only blocks                <-> Sec. 3.1 "MLP blocks in the early stages", Tab. 2 rows (b)-(d)
     5. Patch merging inside units     <-> Sec. 3.1 "patch merging", Fig. 2
@@ -33,14 +35,17 @@ Differences from the paper / official code:
       here they are `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) so each stage reads on its own.
       MLP-only blocks call their norm `norm` (official: `norm2`) and layer scale `gamma` (official: `gamma_2`).
       `load_official` renames; outputs are identical.
-    - Depth notation (reference Sec. 1.8): the HiViT paper counts two MLP blocks as one "block", so HiViT-B
-      "2-2-20" is 4+4 MLP blocks here. Presets store literal block counts.
+    - Depth notation: the HiViT paper counts two MLP blocks as one "block" (Tab. 7's parameter counts hold only in
+      that reading), so HiViT-B "2-2-20" is 4+4 MLP blocks here. Presets store literal block counts.
     - `relative_position_index` is recomputed, never stored (official: a persistent buffer). At a grid other than
-      the one the tables were built for, the bias table is resized bicubically to (2Hp-1)x(2Wp-1) (our choice;
-      the official segmentation loader does the same resize once, on load).
+      the one the tables were built for, the bias table is resized bicubically to (2Hp-1)x(2Wp-1) on the fly (our
+      choice; the official segmentation code resizes pre-trained tables once, when it loads them:
+      `seg/mmcv_custom/checkpoint.py`, `load_checkpoint`).
     - The APE is resized with the official DINO-style `scale_factor=(G+0.1)/G_0`. The official masked pixel
-      pre-training also resamples the table when units are dropped (reference Sec. 2.7); that quirk is off here
-      and available as `ape_quirk=True` for parity with released pixel pre-training checkpoints.
+      pre-training also resamples the table when units are dropped (official `itpn_pixel/models/models_itpn.py`,
+      `interpolate_pos_encoding`, called with N_vis != N tokens). That quirk is off here; `ape_quirk=True` turns it
+      on. Library only (no preset names it): it exists to reproduce released pixel pre-training outputs, as
+      `replace(preset, ape_quirk=True)`; tests/test_hivit.py shows it.
     - Plain ViT: mean pooling -> fc_norm -> head (like HiViT); an optional CLS token, pre-norm and QuickGELU make
       OpenAI-CLIP image encoders loadable as teachers (itpn.py). Its weights are not the official timm layout.
 
@@ -57,15 +62,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "HiViTConfig", "PRESETS", "ViTConfig", "VIT_PRESETS",
+    "LN_EPS", "HiViTConfig", "PRESETS", "ViTConfig", "VIT_PRESETS",
     "DropPath", "drop_path_rates", "MLP", "MLPBlock", "Attention", "AttentionBlock", "PatchEmbed", "PatchMerge",
     "HiViT", "VisionTransformer",
-    "sincos_pos_embed_2d", "resize_pos_embed", "relative_position_index", "units_to_map", "map_to_units", "select_units", "check_image_size",
-    "check_ids_keep",
-    "map_official_key", "unwrap_checkpoint", "load_official", "init_weights",
+    "sincos_pos_embed_2d", "init_sincos_", "resize_pos_embed", "relative_position_index", "units_to_map",
+    "map_to_units", "select_units", "mask_blend", "check_image_size", "check_ids_keep", "init_weights",
+    "map_official_key", "unwrap_checkpoint", "check_state_dict", "load_official", "count_params",
 ]
 
-# Official LayerNorm eps for the classification / pre-training models (the det/seg copies use torch's 1e-5).
+# LayerNorm eps of the official classification and pre-training models, and of every file in this project that
+# builds on them (the official det/seg copies use torch's default 1e-5).
 LN_EPS = 1e-6
 
 
@@ -84,20 +90,19 @@ class HiViTConfig:
     rpe: bool = True              # relative position bias in stage 3 (off in official pixel pre-training)
     drop_path_rate: float = 0.0   # stochastic depth, linear 0 -> rate over MLP + attention blocks (Sec. 4)
     layer_scale: float = 0.0      # init of per-channel residual scales gamma (iTPN-CLIP: 0.1); 0 = no gamma
-    ape_quirk: bool = False       # resample the APE at (G+0.1)/G when units are dropped (official pixel MIM, ref 2.7)
+    ape_quirk: bool = False       # resample the APE at (G+0.1)/G when units are dropped (official pixel MIM quirk)
     num_classes: int = 1000       # K; 0 = no head (backbone only)
 
 
-# HiViT paper Tab. 7. Depths are literal MLP-block counts: HiViT "1-1-10" = 2+2 MLP blocks (reference Sec. 1.8).
+# HiViT paper Tab. 7. Depths are literal MLP-block counts: HiViT "1-1-10" = 2+2 MLP blocks (see the header).
+# Parameter counts (1000-class head) are the official models' exact ones; the paper rounds them to 0.1M.
 PRESETS: dict[str, HiViTConfig] = {
     "tiny": HiViTConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2,
                         num_classes=10),
-    # paper Tab. 7 params / FLOPs; measured here (tests): 19.182M / 4.59, 37.526M / 9.04, 66.419M / 15.81,
-    # 266.763M / 63.66 GMACs at 224 (the paper rounds FLOPs up a little).
-    "hivit_t": HiViTConfig(embed_dim=384, mlp_depth1=2, mlp_depth2=2, depth=10, num_heads=6),   # 19.2M, 4.6G
-    "hivit_s": HiViTConfig(embed_dim=384, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=6),   # 37.5M, 9.1G
-    "hivit_b": HiViTConfig(embed_dim=512, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=8),   # 66.4M, 15.9G
-    "hivit_l": HiViTConfig(embed_dim=768, mlp_depth1=8, mlp_depth2=8, depth=36, num_heads=12),  # 266.8M, 63.8G
+    "hivit_t": HiViTConfig(embed_dim=384, mlp_depth1=2, mlp_depth2=2, depth=10, num_heads=6),   # 19.182M, 4.6G FLOPs
+    "hivit_s": HiViTConfig(embed_dim=384, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=6),   # 37.526M, 9.1G
+    "hivit_b": HiViTConfig(embed_dim=512, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=8),   # 66.419M, 15.9G
+    "hivit_l": HiViTConfig(embed_dim=768, mlp_depth1=8, mlp_depth2=8, depth=36, num_heads=12),  # 266.763M, 63.8G
 }
 
 
@@ -185,12 +190,23 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()        # (N, dim)
 
 
+@torch.no_grad()
+def init_sincos_(table: nn.Parameter, grid_hw: tuple[int, int]) -> None:
+    """Overwrite a (1, Hp*Wp, C) position table with MAE's sin-cos table; it stays a trainable parameter.
+
+    Every encoder's `init_pos_embed_sincos()` calls this: masked pre-training starts the APE from sin-cos and keeps
+    it trainable (official `itpn_pixel/models/models_itpn_mim.py`, `iTPNMaskedAutoencoder.__init__`; MAE freezes it).
+    """
+    table.copy_(sincos_pos_embed_2d(table.shape[-1], *grid_hw)[None])   # (1, N, C)
+
+
 def resize_pos_embed(table: torch.Tensor, grid_hw: tuple[int, int], *, force: bool = False) -> torch.Tensor:
     """Resize a square (1, G*G, C) position table to (1, Hp*Wp, C) as the official code does.
 
     Bicubic with DINO's `scale_factor = (Hp + 0.1) / G` (not `size=`): the +0.1 makes floor(G * scale) = Hp, and the
     sampling positions follow the scale factor, so the result is the official one bit for bit. With `force`, the
-    table is resampled even when the grid is unchanged (the official masked pre-training quirk, reference Sec. 2.7).
+    table is resampled even when the grid is unchanged: the official masked pre-training does this whenever units
+    are dropped (`itpn_pixel/models/models_itpn.py`, `interpolate_pos_encoding` sees N_vis != N tokens).
     """
     n, c = table.shape[1], table.shape[2]
     g = math.isqrt(n)
@@ -258,9 +274,24 @@ def map_to_units(x: torch.Tensor, inner: int) -> torch.Tensor:
 
 
 def select_units(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Keep the units ids (B, L) of a (B, N, ...) tensor -> (B, L, ...), e.g. ids_keep for the visible units."""
-    idx = ids.reshape(*ids.shape, *[1] * (t.ndim - 2)).expand(*ids.shape, *t.shape[2:])   # (B, L, ...)
-    return torch.gather(t, 1, idx)                                        # (B, L, ...)
+    """Keep entries `ids` along the index dim of t: ids (B, L) on a (B, N, ...) tensor -> (B, L, ...).
+
+    The index dim is the last dim of ids, so ids (B, nW, m) on a (B, nW, n, ...) tensor gives (B, nW, m, ...)
+    (fast_itpn.py's windows). Trailing dims of t are carried along (take_along_dim broadcasts them).
+    """
+    idx = ids.reshape(*ids.shape, *[1] * (t.ndim - ids.ndim))            # (B, L, 1, ...)
+    return torch.take_along_dim(t, idx, dim=ids.ndim - 1)                 # (B, L, ...)
+
+
+def mask_blend(x: torch.Tensor, m: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """x where m == 0, fill where m == 1: x * (1 - m) + fill * m, with m broadcast against x (1 = masked).
+
+    The one formula behind BEiT's mask token (the stage-3 input here, iTPN's distillation), Fast-iTPN's stem mask
+    token, SimMIM/FastMIM's masked RGB input and M3I's mixed image (mim.py). Written as the official code writes it
+    (`itpn_clip/modeling_pretrain.py`, `forward_features_for_pretraining`), so outputs match to the bit.
+    """
+    m = m.to(x.dtype)
+    return x * (1 - m) + fill.to(x.dtype) * m
 
 
 def init_weights(module: nn.Module) -> None:
@@ -317,9 +348,10 @@ class MLPBlock(nn.Module):
 # ---- 5. Patch merging inside units --------------------------------------------------------------------------------
 
 class PatchMerge(nn.Module):
-    """2x2 merge inside every unit: (B, N, h, w, c) -> (B, N, h/2, w/2, 2c). Swin's order TL, BL, TR, BR -> LN -> Linear.
+    """2x2 merge inside every unit: (B, N, h, w, c) -> (B, N, h/2, w/2, 2c). Swin's order TL, BL, TR, BR, LN, Linear.
 
-    The norm comes before the (bias-free) reduction, as in the official code (reference Sec. 1.3).
+    The norm comes before the (bias-free) reduction, as in the official `itpn_pixel/models/models_itpn.py`,
+    `PatchMerge`.
     """
 
     def __init__(self, dim: int, *, ln_eps: float = LN_EPS):
@@ -434,16 +466,15 @@ class HiViT(nn.Module):
         self.apply(init_weights)
         nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)         # fine-tune init; MIM: init_pos_embed_sincos
 
-    @torch.no_grad()
     def init_pos_embed_sincos(self) -> None:
-        """Start the (still trainable) APE from MAE's 2-D sin-cos table, as masked pre-training does (reference 2.1)."""
-        self.absolute_pos_embed.copy_(sincos_pos_embed_2d(self.absolute_pos_embed.shape[-1], *self.grid)[None])
+        """Start the (still trainable) APE from MAE's 2-D sin-cos table, as masked pre-training does."""
+        init_sincos_(self.absolute_pos_embed, self.grid)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the fine-tuning recipes exempt from weight decay (besides biases and norms)."""
         return {"absolute_pos_embed"} | {n for n, _ in self.named_parameters() if "relative_position_bias" in n}
 
-    # -- stage by stage (public, so itpn.py can build on each step) --
+    # -- the steps of forward_features, in order --
 
     def embed_units(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None):
         """Stem on the full image, then keep only visible units: ((B, N_vis, 4, 4, C/4), (Hp, Wp))."""
@@ -467,7 +498,7 @@ class HiViT(nn.Module):
         tokens = self.merge2(units)[:, :, 0, 0, :]                        # (B, N_vis, C), stride 16
         return f4, f8, tokens
 
-    def pos_embed(self, grid_hw: tuple[int, int], ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def pos_embed_for(self, grid_hw: tuple[int, int], ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """APE for this grid, gathered to the visible units: (1 or B, N_vis, C)."""
         ape = resize_pos_embed(self.absolute_pos_embed, grid_hw,
                                force=self.cfg.ape_quirk and ids_keep is not None)   # (1, N, C)
@@ -482,9 +513,8 @@ class HiViT(nn.Module):
         index = relative_position_index(grid_hw, device=self.absolute_pos_embed.device)[None]   # (1, N, N)
         if ids_keep is None:
             return index
-        b, n_vis = ids_keep.shape
-        rows = torch.gather(index.expand(b, -1, -1), 1, ids_keep[:, :, None].expand(-1, -1, index.shape[-1]))
-        return torch.gather(rows, 2, ids_keep[:, None, :].expand(-1, n_vis, -1))   # (B, N_vis, N_vis)
+        rows = select_units(index.expand(ids_keep.shape[0], -1, -1), ids_keep)   # (B, N_vis, N): kept queries
+        return torch.take_along_dim(rows, ids_keep[:, None, :], dim=2)       # (B, N_vis, N_vis): kept keys
 
     def forward_stage3(self, tokens: torch.Tensor, *, grid_hw, ids_keep=None) -> list[torch.Tensor]:
         """Run the attention blocks on (B, N_vis, C) tokens that already carry the APE; every block's output."""
@@ -497,7 +527,8 @@ class HiViT(nn.Module):
 
     def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
                          mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None):
-        """The MIM seam: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)].
+        """The encoder seam: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), then every stage-3 block's
+        output (B, N_vis, C)]; the last entry is the stage-3 tokens, the input of a head.
 
         ids_keep: (B, N_vis) unit indices; only these units are processed, in every stage (MAE-style dropping).
         mask, mask_token: (B, N) with 1 = masked and a (1, 1, C) token; the stage-3 input of masked units is
@@ -511,11 +542,9 @@ class HiViT(nn.Module):
         units, grid_hw = self.embed_units(x, ids_keep)
         f4, f8, tokens = self.forward_early(units)
         if mask is not None:
-            m = mask[:, :, None].to(tokens.dtype)                         # (B, N, 1)
-            tokens = tokens * (1 - m) + mask_token.to(tokens.dtype) * m   # (B, N, C)
-        tokens = tokens + self.pos_embed(grid_hw, ids_keep)
-        f16 = self.forward_stage3(tokens, grid_hw=grid_hw, ids_keep=ids_keep)[-1]
-        return [f4, f8, f16]
+            tokens = mask_blend(tokens, mask[:, :, None], mask_token)     # (B, N, C), mask (B, N, 1)
+        tokens = tokens + self.pos_embed_for(grid_hw, ids_keep)
+        return [f4, f8, *self.forward_stage3(tokens, grid_hw=grid_hw, ids_keep=ids_keep)]
 
     def forward(self, x):
         if self.head is None:
@@ -551,13 +580,13 @@ class VisionTransformer(nn.Module):
             if t is not None:
                 nn.init.trunc_normal_(t, std=0.02)
 
-    @torch.no_grad()
     def init_pos_embed_sincos(self) -> None:
         """Start the (trainable) patch position table from MAE's 2-D sin-cos table (MAE freezes it; we do not)."""
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid)[None])
+        init_sincos_(self.pos_embed, self.grid)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "cls_pos_embed"}
+        """Position tables and the CLS token (those this model has) are exempt from weight decay, as in MAE."""
+        return {"pos_embed"} | ({"cls_token", "cls_pos_embed"} if self.cls_token is not None else set())
 
     def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
                          mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None):
@@ -571,8 +600,7 @@ class VisionTransformer(nn.Module):
         grid_hw = check_image_size(x, self.cfg.patch_size)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)          # (B, N, C)
         if mask is not None:
-            m = mask[:, :, None].to(tokens.dtype)                         # (B, N, 1)
-            tokens = tokens * (1 - m) + mask_token.to(tokens.dtype) * m   # (B, N, C)
+            tokens = mask_blend(tokens, mask[:, :, None], mask_token)     # (B, N, C), mask (B, N, 1)
         tokens = tokens + resize_pos_embed(self.pos_embed, grid_hw)       # (B, N, C)
         if ids_keep is not None:
             check_ids_keep(ids_keep, batch_size=x.shape[0], num_units=tokens.shape[1])
@@ -639,13 +667,32 @@ def unwrap_checkpoint(ckpt: dict) -> dict:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in ckpt.items()}
 
 
+def check_state_dict(found: dict, expected: dict, *, what: str, hint: str, names: dict | None = None,
+                     allow_missing: tuple[str, ...] = ()) -> None:
+    """Raise unless `found` (key -> tensor) fills `expected` (key -> shape) key for key, shape for shape.
+
+    First a KeyError naming every missing key and every unexpected one (under `names[key]`, the checkpoint's own
+    name, when given), then a ValueError naming every shape mismatch with both shapes. `allow_missing`: key prefixes
+    that may stay at their init. `what` says what failed to match, `hint` what the user should check. Every strict
+    loader of this project (hivit, itpn, fast_itpn, itpn's teachers) reports through this one function.
+    """
+    unexpected = sorted((names or {}).get(k, k) for k in set(found) - set(expected))
+    missing = sorted(k for k in set(expected) - set(found) if not k.startswith(tuple(allow_missing)))
+    if unexpected or missing:
+        raise KeyError(f"{what}: missing keys {missing}, unexpected keys {unexpected} ({hint})")
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k])}"
+             for k, v in found.items() if tuple(v.shape) != tuple(expected[k])]
+    if wrong:
+        raise ValueError(f"{what}: shape mismatch ({hint}): " + "; ".join(wrong))
+
+
 def load_official(model: nn.Module, state_dict: dict, *, allow_missing: tuple[str, ...] = ()) -> list[str]:
     """Strictly load an official HiViT/iTPN classifier checkpoint into a HiViT; returns the ignored keys.
 
-    Raises KeyError naming every missing key (our name) and unexpected key (the file's name), and ValueError naming every key whose shape differs
-    (with both shapes). Ignored, and returned: `relative_position_index` buffers and the pre-training-only keys in
-    PRETRAIN_ONLY_PREFIXES. `allow_missing`: key prefixes our model may keep at init (e.g. ("head.", "fc_norm.")
-    when fine-tuning from a pre-training checkpoint).
+    Errors (check_state_dict) name missing keys by our name and unexpected keys by the file's name. Ignored, and
+    returned: `relative_position_index` buffers and the pre-training-only keys in PRETRAIN_ONLY_PREFIXES.
+    `allow_missing`: key prefixes our model may keep at init (e.g. ("head.", "fc_norm.") when fine-tuning from a
+    pre-training checkpoint).
     """
     cfg = model.cfg
     ours = model.state_dict()
@@ -656,25 +703,20 @@ def load_official(model: nn.Module, state_dict: dict, *, allow_missing: tuple[st
             ignored.append(key)
             continue
         mapped[new], source[new] = value, key
-    unexpected = sorted(source[k] for k in set(mapped) - set(ours))     # named as in the checkpoint file
-    missing = sorted(k for k in set(ours) - set(mapped) if not k.startswith(tuple(allow_missing)))
-    if unexpected or missing:
-        raise KeyError(f"official checkpoint does not match {type(model).__name__}: missing keys {missing}, "
-                       f"unexpected keys {unexpected} (check the preset: depths, rpe, layer_scale, num_classes)")
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
-             for k, v in mapped.items() if v.shape != ours[k].shape]
-    if wrong:
-        raise ValueError("shape mismatch (build the model at the checkpoint's img_size / width): " + "; ".join(wrong))
+    check_state_dict(mapped, {k: v.shape for k, v in ours.items()}, names=source, allow_missing=allow_missing,
+                     what=f"official checkpoint does not match {type(model).__name__}",
+                     hint="check the preset: depths, rpe, layer_scale, num_classes, and build the model at the "
+                          "checkpoint's img_size")
     model.load_state_dict(mapped, strict=not allow_missing)
     return ignored
 
 
 # ---- 10. Smoke demo -----------------------------------------------------------------------------------------------
 
-def count_params(cfg) -> int:
-    """Parameter count of a preset without allocating memory (meta device)."""
+def count_params(model_class: type[nn.Module], cfg) -> int:
+    """Parameter count of `model_class(cfg)` without allocating memory (meta device); any file's model."""
     with torch.device("meta"):
-        model = HiViT(cfg) if isinstance(cfg, HiViTConfig) else VisionTransformer(cfg)
+        model = model_class(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -682,13 +724,14 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = HiViT(PRESETS["tiny"])
     x = torch.randn(2, 3, 64, 64)
-    f4, f8, f16 = model.forward_features(x)
-    print(f"tiny HiViT on {tuple(x.shape)}: stage 1 {tuple(f4.shape)}, stage 2 {tuple(f8.shape)}, "
-          f"stage 3 {tuple(f16.shape)}")
+    feats = model.forward_features(x)                                    # [f4, f8, each stage-3 block's output]
+    print(f"tiny HiViT on {tuple(x.shape)}: stage 1 {tuple(feats[0].shape)}, stage 2 {tuple(feats[1].shape)}, "
+          f"stage 3 {tuple(feats[-1].shape)} ({len(feats) - 2} blocks)")
     ids_keep = torch.rand(2, 16).argsort(dim=1)[:, :4]                    # keep 4 of 16 units (75% masked)
     print("visible units only:", [tuple(f.shape) for f in model.forward_features(x, ids_keep=ids_keep)])
     loss = model(x).logsumexp(dim=1).mean()
     loss.backward()
     print(f"forward + backward ok, loss {loss.item():.4f}")
     for name, cfg in {**PRESETS, **VIT_PRESETS}.items():
-        print(f"{name:9s} {count_params(cfg) / 1e6:9.3f}M parameters")
+        model_class = HiViT if isinstance(cfg, HiViTConfig) else VisionTransformer
+        print(f"{name:9s} {count_params(model_class, cfg) / 1e6:9.3f}M parameters")

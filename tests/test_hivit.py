@@ -1,5 +1,6 @@
 """Oracles for hivit.py: paper/official sizes, visible-unit equivalence, an independent official forward, loading."""
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,6 @@ import torch.nn.functional as F
 import hivit
 from hivit import PRESETS, HiViT, HiViTConfig, VisionTransformer, VIT_PRESETS, load_official
 from conftest import gmacs, official_layout
-
 
 
 def meta_model(cfg):
@@ -49,7 +49,7 @@ def test_visible_units_equal_full_then_select():
     with torch.no_grad():
         full_units, grid = model.embed_units(x)
         f4, f8, tokens = model.forward_early(full_units)
-        v4, v8, v16 = model.forward_features(x, ids_keep=ids_keep)
+        v4, v8, *_, v16 = model.forward_features(x, ids_keep=ids_keep)   # [f4, f8, every stage-3 block]
 
         def select(t):
             idx = ids_keep.reshape(3, 5, *([1] * (t.ndim - 2))).expand(-1, -1, *t.shape[2:])
@@ -61,7 +61,7 @@ def test_visible_units_equal_full_then_select():
         full_index = hivit.relative_position_index(grid)
         assert torch.equal(model.rpe_index(grid, ids_keep), torch.stack([full_index[i][:, i] for i in ids_keep]))
         # stage 3 on the selected tokens (with their APE and RPE) is what the seam returns
-        sel = select(tokens + model.pos_embed(grid))
+        sel = select(tokens + model.pos_embed_for(grid))
         ref = model.forward_stage3(sel, grid_hw=grid, ids_keep=ids_keep)[-1]
         assert torch.equal(v16, ref)
         # and it is NOT the same as attending over all units (stage 3 does mix units)
@@ -80,7 +80,7 @@ def test_masked_unit_pixels_do_not_reach_visible_units():
             assert torch.equal(a, b)
 
 
-# ---- independent oracle: the official forward written from the reference (flat blocks.{i}, official names) ----
+# ---- independent oracle: the official classifier's forward, written out on its own key names (flat blocks.{i}) ----
 
 def official_forward(sd, *, n1, n2, depth, heads, img=64):
     """Functional re-statement of the official iTPN(num_outs=1) classifier, reading official keys directly."""
@@ -102,7 +102,7 @@ def official_forward(sd, *, n1, n2, depth, heads, img=64):
     merges = {n1, n1 + n2 + 1}
     for i in range(n1 + n2 + 2):
         p = f"blocks.{i}"
-        if i in merges:                                                   # Swin order x0 (0,0), x1 (1,0), x2 (0,1), x3 (1,1)
+        if i in merges:                                                   # Swin order (0,0), (1,0), (0,1), (1,1)
             x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
             x = lin(ln(x, p + ".norm"), p + ".reduction")
         else:
@@ -209,7 +209,7 @@ def test_input_sizes(size):
     h, w = (size, size) if isinstance(size, int) else size
     model = HiViT(PRESETS["tiny"]).eval()
     with torch.no_grad():
-        f4, f8, f16 = model.forward_features(torch.randn(1, 3, h, w))
+        f4, f8, *_, f16 = model.forward_features(torch.randn(1, 3, h, w))
         assert f16.shape == (1, (h // 16) * (w // 16), 64)
         assert hivit.units_to_map(f4, (h // 16, w // 16)).shape == (1, 16, h // 4, w // 4)
         assert torch.isfinite(model(torch.randn(1, 3, h, w))).all()
@@ -244,7 +244,7 @@ def test_mask_token_path_replaces_masked_stage3_inputs():
     with torch.no_grad():
         a = model.forward_features(x, mask=mask, mask_token=token)
         b = model.forward_features(y, mask=mask, mask_token=token)
-    torch.testing.assert_close(a[2], b[2])                               # stage 3 never sees unit 3's pixels
+    torch.testing.assert_close(a[-1], b[-1])                             # stage 3 never sees unit 3's pixels
     assert not torch.allclose(a[0], b[0])                                # ... but stages 1-2 do (documented)
     with pytest.raises(ValueError, match="together"):
         model.forward_features(x, mask=mask)
@@ -272,7 +272,7 @@ def test_sincos_table_layout():
 def test_resize_pos_embed_identity_and_quirk():
     table = torch.randn(1, 196, 8)
     assert hivit.resize_pos_embed(table, (14, 14)) is table
-    quirk = hivit.resize_pos_embed(table, (14, 14), force=True)          # reference 2.7: resampled at 14.1/14
+    quirk = hivit.resize_pos_embed(table, (14, 14), force=True)          # official pixel MIM: resampled at 14.1/14
     assert quirk.shape == table.shape and not torch.allclose(quirk, table)
     assert hivit.resize_pos_embed(table, (32, 20)).shape == (1, 640, 8)
 
@@ -339,15 +339,16 @@ def test_dropped_units_on_the_meta_device():
 
 
 def test_ape_quirk_runs_through_the_model():
-    """cfg.ape_quirk (reference 2.7): with units dropped, the stage-3 input carries the table resampled at
-    (G+0.1)/G, gathered; without dropping, or with the quirk off, the raw table."""
+    """cfg.ape_quirk (library only; official `interpolate_pos_encoding` in masked pixel pre-training): with units
+    dropped, the stage-3 input carries the table resampled at (G+0.1)/G, gathered; without dropping, or with the
+    quirk off, the raw table. How to use it: build from `replace(preset, ape_quirk=True)`."""
     torch.manual_seed(0)
-    cfg = HiViTConfig(**{**vars(PRESETS["tiny"]), "ape_quirk": True})
+    cfg = replace(PRESETS["tiny"], ape_quirk=True)
     model = HiViT(cfg).eval()
     ids_keep = torch.tensor([[0, 5, 9, 15]])
     resampled = hivit.resize_pos_embed(model.absolute_pos_embed, (4, 4), force=True)   # (1, 16, C)
-    torch.testing.assert_close(model.pos_embed((4, 4), ids_keep), resampled[:, ids_keep[0]])
-    assert torch.equal(model.pos_embed((4, 4)), model.absolute_pos_embed)
+    torch.testing.assert_close(model.pos_embed_for((4, 4), ids_keep), resampled[:, ids_keep[0]])
+    assert torch.equal(model.pos_embed_for((4, 4)), model.absolute_pos_embed)
     plain = HiViT(PRESETS["tiny"]).eval()
     plain.load_state_dict(model.state_dict())
     x = torch.randn(1, 3, 64, 64)
@@ -370,3 +371,36 @@ def test_relative_bias_at_another_grid_is_the_resized_table():
     torch.testing.assert_close(bias, torch.ones_like(bias))             # a constant table stays constant
     same = attn.relative_bias(hivit.relative_position_index((4, 4))[None], (4, 4))
     assert torch.equal(same, torch.ones(1, 1, 16, 16))
+
+
+def test_no_weight_decay_names_are_parameter_names():
+    """finetune.py's optimizer looks these names up: each must be a real parameter of the model it came from."""
+    models = [HiViT(PRESETS["tiny"]), HiViT(replace(PRESETS["tiny"], rpe=False)),
+              VisionTransformer(VIT_PRESETS["vit_tiny"]),
+              VisionTransformer(replace(VIT_PRESETS["vit_tiny"], class_token=True))]
+    for model in models:
+        names = model.no_weight_decay()
+        assert names and names <= set(dict(model.named_parameters())), names - set(dict(model.named_parameters()))
+    assert {"absolute_pos_embed", "blocks.1.attn.relative_position_bias_table"} <= models[0].no_weight_decay()
+    assert models[3].no_weight_decay() == {"pos_embed", "cls_token", "cls_pos_embed"}
+
+
+def test_seam_lists_every_stage3_block_and_select_units_matches_indexing():
+    """forward_features = [f4, f8, block 1, ..., block D]; select_units equals plain per-sample indexing, for
+    (B, L) unit indices and for (B, nW, m) indices inside windows (fast_itpn.py)."""
+    torch.manual_seed(0)
+    model = HiViT(replace(PRESETS["tiny"], depth=3)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        units, grid = model.embed_units(x)
+        _, _, tokens = model.forward_early(units)
+        blocks = model.forward_stage3(tokens + model.pos_embed_for(grid), grid_hw=grid)
+    assert len(feats) == 2 + 3 and all(torch.equal(a, b) for a, b in zip(feats[2:], blocks))
+    t = torch.randn(2, 6, 4, 4, 5)
+    ids = torch.tensor([[5, 0, 2], [1, 1, 4]])
+    assert torch.equal(hivit.select_units(t, ids), torch.stack([t[b, ids[b]] for b in range(2)]))
+    w = torch.randn(2, 3, 7, 5)                                           # (B, nW, n, C)
+    idx = torch.randint(0, 7, (2, 3, 4))                                  # (B, nW, m)
+    ref = torch.stack([torch.stack([w[b, j, idx[b, j]] for j in range(3)]) for b in range(2)])
+    assert torch.equal(hivit.select_units(w, idx), ref)
