@@ -8,95 +8,51 @@ Paper:
         arXiv 2211.09807); its inter-view branch follows SiameseIM (Tao et al., arXiv 2206.01204).
 
 Implements:
-    The shared pieces of masked image modeling (unit masking, pixel / HOG / teacher targets, losses) and three
-    pre-training methods as nn.Modules that wrap any encoder of hivit.py / itpn.py / fast_itpn.py through its public
-    seam. M3I is one configurable module; the 12 self-supervised rows of M3I Tab. 2 are presets of it.
-    Encoder contract: `forward_features(x, ids_keep=None)[-1] -> (B, N_vis, C)`, `cfg.embed_dim` = C, optional
-    `cfg.patch_size` (16 otherwise), and `init_pos_embed_sincos()`, which every method calls at construction (before
-    any EMA copy is made) to start the position table from MAE's 2-D sin-cos table: build the method, then load
-    weights.
+    The shared pieces of masked image modeling (unit masking, pixel / HOG / teacher targets, losses, the EMA rule)
+    and three pre-training methods that wrap any encoder of hivit.py / itpn.py / fast_itpn.py through the encoder
+    seam: `forward_features(x, ids_keep=None)[-1]` -> (B, N_vis, C), `cfg.embed_dim` = C, optional
+    `cfg.patch_size` (16 otherwise) and `init_pos_embed_sincos()`. M3I is one configurable module; the 12
+    self-supervised rows of M3I Tab. 2 are presets of it.
 
 Sections:
-    1. Config and presets             <-> MAE Tab. 1, FastMIM Tab. 11, M3I Tab. 2 / Sec. 3.4
+    1. Config                          <-> MAE Tab. 1, FastMIM Tab. 11, M3I Sec. 3.4
     2. Masking (one convention)        <-> MAE Sec. 3 "random sampling", BEiT blockwise masking, FastMIM Sec. 4.1
     3. Pixel targets                   <-> MAE Sec. 3 "reconstruction target" (norm_pix_loss)
     4. HOG target                      <-> FastMIM Sec. 4.1, MaskFeat Sec. 3
     5. Losses                          <-> M3I Sec. 3.1: Gaussian -> L2, Boltzmann -> softmax CE / InfoNCE
     6. Decoders and heads              <-> MAE Fig. 1, FastMIM Tab. 16, M3I Sec. 3.4 / Fig. 2, CAE attention pooling
-    7. Momentum (EMA) teacher          <-> M3I Sec. 3.4 "target encoder", BYOL/MoCo EMA rule
+    7. Momentum (EMA) teacher          <-> M3I Sec. 3.4 "target encoder", BYOL/MoCo EMA rule, iTPN Sec. 3.3
     8. MAE                             <-> MAE Sec. 3
     9. SimMIM / FastMIM / FastMIM-P    <-> FastMIM Sec. 4.1-4.2, Tab. 1c (depth truncation)
-    10. M3I and its 12 special cases   <-> M3I Sec. 3.3-3.4, Fig. 2, Tab. 2
-    11. METHODS: what train.py builds
+    10. M3I                            <-> M3I Sec. 3.3-3.4, Fig. 2
+    11. Presets and METHODS            <-> MAE Tab. 1, FastMIM Tab. 11 / Sec. 4.2, M3I Tab. 2 (the 12 rows)
     12. __main__ smoke demo
 
 Shapes:
     B batch, C encoder width (stage 3), H, W image size, Hp, Wp grid of units (16x16 px: the encoder's last-stage
-    patch), N = Hp*Wp units, N_vis visible units, D decoder width, P = p*p*3 pixels of one unit, K classes,
-    T text length. mask: (B, N) float in original unit order, **1 = removed (masked), 0 = kept (visible)**.
+    patch), N = Hp*Wp units, N_vis visible units, D decoder width, P = p*p*3 pixels of one unit.
+    mask: (B, N) float in original unit order, **1 = removed (masked), 0 = kept (visible)**.
     ids_keep (B, N_vis), ids_restore (B, N) as in MAE (see section 2).
 
-Differences from the papers / official code (and our choices where the papers are silent):
-    - Visible count: `round(N * (1 - mask_ratio))` (MAE: int()); equal for every paper setting (196 * 0.25 = 49),
-      but int() silently loses a unit to float error (10 * (1 - 0.9) = 0.999..).
-    - Position table: every method starts it from the 2-D sin-cos table (`init_pos_embed_sincos`) and keeps it
-      TRAINABLE, as iTPN's pixel pre-training does; MAE freezes its sin-cos table (requires_grad=False).
-    - MAE on HiViT: no CLS token (HiViT has none); a LayerNorm is applied to the encoder output before the decoder
-      (the plain ViT already ends with one; a second is harmless). Decoder init is PyTorch/trunc-normal, not Xavier.
-    - SimMIM here means FastMIM's formulation at 224 px (mask the RGB input with a learnable 3-d token, all tokens
-      encoded, light decoder, pixel target) with a smooth-L1 loss on masked units (SimMIM proper: L1, 32-px mask
-      units, ratio 0.6, mask token in embedding space).
-    - HOG is always computed in fp32 with autocast disabled (FastMIM's copy raises under AMP), from the normalised
-      input, per colour channel (27 = 3 x 9 values per cell); per-cell L2 normalisation is tied to norm_pix_loss
-      exactly as in FastMIM's code.
-    - FastMIM-P: the resolution schedule `img_sizes` is a list of (fraction of training, side) pairs; nothing in
-      this file is built for one resolution (HOG cells, masks, position tables and relative-position tables are
-      all derived from the input each call), so a switch needs no rebuild and keeps every optimizer moment.
-    - FastMIM's released ViT-B pre-trains with 6 heads (12 when fine-tuning); here the encoder keeps its preset.
-      The fastmim_p preset uses the Swin-L decoder (4b512d) and Swin-L schedule (128/160/192 for 200/100/100 ep).
-    - Depth truncation (FastMIM Tab. 1c) is done by building the encoder with fewer blocks
-      (`truncate_encoder_config`); fine-tuning loads it into the full-depth model, the last k blocks fresh.
-    - M3I (no code released; reference notes Sec. 3.6 list the open points). Our choices:
-      * train.py hands one crop per image, (B, 3, H, W), or two photometric variants of the SAME crop,
-        (B, 2, 3, H, W). The second, "other" view is cut from it here by a random resized crop + flip
-        (`random_resized_views`), so the crop geometry that the decoder positions need is known exactly.
-        Target view v_k = the crop itself. No per-view colour augmentation beyond what train.py supplies.
-      * Mixing: per-sample random unit mask with `mix_ratio` 0.5 of the units from image j = sigma(i), sigma a
-        random batch permutation; both halves are exact counts. No "which image" embedding (paper mentions none).
-      * Dense feature targets: the EMA encoder on the full target view, LayerNorm without affine (SiameseIM),
-        L2 loss on ALL target positions (not only the positions hidden by the other image); no UniGrad term.
-      * One 4-block decoder shared by images i and j: visible tokens of that image + one query per target-view
-        unit; positions are 4-d (row, col, log scale h, log scale w) in units of the INPUT view's patches from its
-        top-left corner, sin-cos encoded then a learnable Linear, used for visible tokens and queries alike.
-      * Global-feature rows (c, f, i, l): attention pooling + Linear on the encoder tokens, target = GAP of the
-        EMA features; rows f, i, l: InfoNCE with tau = 0.2 over the batch (the negatives prevent collapse); row c
-        (global distillation): L2 on the vectors, the reference table's stated alternative to UniGrad for that row
-        (UniGrad, listed for rows b-l, is not implemented; dense rows use L2 on the LayerNorm-ed target instead).
-      * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of the InfoNCE global-feature rows
-        (f, i, l; and the text target) depends on the world size; gathering keys across ranks is out of scope.
-      * The full "m3i" preset has its category and text targets OFF by default (train.py's data is unlabelled):
-        set num_classes / text_target and pass labels / captions to turn them on. out["mask"] is then the mix
-        (1 = unit from image j), and out["pred"] image i's dense prediction.
-      * Category target (needs labels): attention pooling over the image's own tokens + Linear, logits against a
-        learned category embedding (K x C), softmax CE with each image's own label (no label mixing).
-      * Text target (needs captions): bytes -> 2-layer transformer -> mean pool; CLIP-style InfoNCE against the
-        attention-pooled image vector. Loss terms are summed with weight 1 (paper Eq. 4 is an unweighted sum).
-      * EMA momentum: constant `momentum`, or SiameseIM's cosine ramp to 1 when train.py passes `progress`.
+Differences from the papers / official code (each is explained where it is made):
+    - Visible count `round(N * (1 - mask_ratio))` (MAE: int(), which loses a unit to float error at 10 * 0.1).
+    - Every method starts the position table from the 2-D sin-cos table and keeps it TRAINABLE, as iTPN's pixel
+      pre-training does (MAE freezes it). Build the method first, then load weights.
+    - MAE on HiViT: no CLS token; a LayerNorm on the encoder output; trunc-normal decoder init, not Xavier.
+    - "simmim" is FastMIM's formulation at 224 px (masked RGB input, smooth-L1 on masked units), not SimMIM proper.
+    - HOG in fp32 with autocast off, per colour channel; FastMIM's released ViT-B pre-trains with 6 heads, here the
+      encoder keeps its preset; FastMIM-P switches resolution without a rebuild.
+    - M3I (no code released): the self-supervised M3I and the 12 rows of Tab. 2 are built; its supervised
+      category and text targets are not (pre-training here reads unlabelled images). The choices the paper leaves
+      open (views, mixing, decoder positions, losses; no UniGrad) are listed in the M3I docstring.
 
 Run:
     python mim.py                                                      # CPU smoke demo, every method, ~20 s
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae  # pre-training (train.py drives this file)
-    # train.py builds and drives a method like this (PRETRAINER CONTRACT, README "Seams"):
-    cfg = replace(mim.PRESETS[name], ...)                   # e.g. mask_ratio=args.mask_ratio
-    encoder = HiViT(replace(hivit.PRESETS[model], num_classes=0, depth=...))   # no head: every param must train;
-                                                            # FastMIM depth truncation: mim.truncate_encoder_config
-    pretrainer = mim.METHODS[name](encoder, cfg=cfg)        # "mae", "simmim", "fastmim", "fastmim_p", "m3i",
-                                                            # and the 12 "m3i_a_..." .. "m3i_l_..." presets;
-                                                            # sets the encoder's sin-cos table: load weights after
-    side = mim.img_size_at(cfg, progress=epoch / epochs)    # crop size of this epoch (FastMIM 128, FastMIM-P steps)
-    out = pretrainer(imgs)                                  # imgs (B, 3, H, W) or (B, 2, 3, H, W) if num_views == 2
-    out = pretrainer(imgs, labels=y, captions=t)            # only if cfg.num_classes > 0 / cfg.text_target
-    pretrainer.ema_update(progress=step / total_steps)      # after each optimizer step, if the method has it
+    # How train.py builds and drives a method (README "Seams"): an encoder without a head, then
+    pretrainer = mim.METHODS[name](encoder, cfg=mim.PRESETS[name])   # tiny CPU models: mim.tiny_decoder(cfg)
+    out = pretrainer(imgs)           # imgs (B, 3, H, W), or (B, 2, 3, H, W) when pretrainer.num_views == 2
+    pretrainer.ema_update(progress=step / total_steps)                # after each optimizer step, if it has one
 """
 
 import copy
@@ -109,20 +65,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hivit import AttentionBlock, check_image_size, select_units, sincos_pos_embed_2d
+from hivit import LN_EPS, AttentionBlock, check_image_size, mask_blend, select_units, sincos_pos_embed_2d
 
 __all__ = [
-    "MIMConfig", "PRESETS", "M3I_PRESET_NAMES", "METHODS", "tiny_decoder", "img_size_at", "truncate_encoder_config",
+    "MIMConfig", "tiny_decoder", "img_size_at", "truncate_encoder_config",
     "random_masking", "block_masking", "ids_from_mask", "mask_units", "mask_to_map",
-    "patchify", "unpatchify", "norm_pix", "masked_mean", "HOG_BINS", "HOG_CELL", "hog", "hog_targets", "hog_picture",
-    "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES", "DENSE_LOSSES",
-    "LightDecoder", "MAEDecoder", "view_pos_embed", "QueryDecoder", "AttentionPool", "tokenize_captions",
-    "TextEncoder", "make_teacher", "ema_update_", "cosine_momentum", "pixel_recon",
+    "patchify", "unpatchify", "norm_pix", "masked_mean", "pixel_recon", "HOG_BINS", "HOG_CELL", "hog", "hog_targets",
+    "hog_picture", "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES",
+    "DENSE_LOSSES", "LightDecoder", "unshuffle", "MAEDecoder", "view_pos_embed", "QueryDecoder", "AttentionPool",
+    "make_teacher", "ema_update_", "cosine_momentum",
     "MAE", "FastMIM", "random_resized_views", "view_coords", "mix_images", "M3I",
+    "PRESETS", "M3I_PRESET_NAMES", "METHODS",
 ]
 
 
-# ---- 1. Config and presets ----------------------------------------------------------------------------------------
+# ---- 1. Config ----------------------------------------------------------------------------------------------------
 
 @dataclass
 class MIMConfig:
@@ -137,46 +94,9 @@ class MIMConfig:
     decoder_heads: int = 16           # decoder heads (FastMIM: D / 32)
     input_view: str = "same"          # M3I Tab. 2: "same" = intra-view (input is the target view), "other" = inter
     mix_ratio: float = 0.0            # M3I Sec. 3.4: fraction of units taken from image j; 0 = no mixing
-    num_classes: int = 0              # M3I category target over K classes (needs labels); 0 = off
-    text_target: bool = False         # M3I text target (needs captions as byte tokens); off by default
     momentum: float = 0.995           # EMA teacher momentum m0 (SiameseIM: cosine to 1); 1.0 = frozen teacher
-    temperature: float = 0.2          # tau of InfoNCE (MoCo v3-like, reference Tab. 2 row i)
+    temperature: float = 0.2          # tau of InfoNCE (MoCo v3's 0.2; our choice for M3I Tab. 2 rows f, i, l)
     img_sizes: tuple = ((0.0, 224),)  # (fraction of training, side in px) schedule; FastMIM 128, FastMIM-P 3 steps
-
-
-# The 12 self-supervised instantiations of M3I Tab. 2 (reference Sec. 3.5): input (same/other view, full/masked),
-# target (dense pixels / dense feature / global feature) and loss. Masked intra-view rows use MAE's 0.75, masked
-# inter-view rows SiameseIM's 118/196 ~ 0.6 blockwise; both are our choice (paper: not given).
-_M3I = MIMConfig(decoder_dim=512, decoder_depth=4, decoder_heads=16, loss_on_masked=False, mask_ratio=0.0)
-_PIX, _DENSE = dict(target="pixel", loss="l2"), dict(target="dense_feature", loss="l2")
-_GLOBAL = dict(target="global_feature", loss="info_nce")
-_INTRA_MASK, _INTER_MASK = dict(mask_ratio=0.75), dict(mask_ratio=0.6, mask_pattern="block")
-M3I_TABLE2: dict[str, MIMConfig] = {
-    "m3i_a_auto_encoder": replace(_M3I, **_PIX),                                          # 77.5 IN / 0.0 COCO
-    "m3i_b_dense_distillation": replace(_M3I, **_DENSE),                                  # 78.8 / 32.4
-    "m3i_c_global_distillation": replace(_M3I, target="global_feature", loss="l2"),       # 77.1 / 27.9 (MSE)
-    "m3i_d_mim_pixel": replace(_M3I, **_PIX, **_INTRA_MASK, loss_on_masked=True),         # 83.1 / 46.8 (~ MAE)
-    "m3i_e_mim_feat": replace(_M3I, **_DENSE, **_INTRA_MASK),                             # 83.3 / 47.4
-    "m3i_f_mim_global": replace(_M3I, **_GLOBAL, **_INTRA_MASK),                          # 83.2 / 47.5
-    "m3i_g_novel_view_synthesis": replace(_M3I, **_PIX, input_view="other"),              # 78.8 / 33.0
-    "m3i_h_dense_instance_discrimination": replace(_M3I, **_DENSE, input_view="other"),   # 83.2 / 50.1
-    "m3i_i_instance_discrimination": replace(_M3I, **_GLOBAL, input_view="other"),        # 83.0 / 46.4
-    "m3i_j_siamese_im_pixel": replace(_M3I, **_PIX, **_INTER_MASK, input_view="other"),   # 78.9 / 38.1
-    "m3i_k_siamese_im_feat": replace(_M3I, **_DENSE, **_INTER_MASK, input_view="other"),  # 83.7 / 49.8 (SiameseIM)
-    "m3i_l_instance_discrimination_mask": replace(_M3I, **_GLOBAL, **_INTER_MASK, input_view="other"),  # 82.9/46.2
-}
-M3I_PRESET_NAMES = tuple(M3I_TABLE2)
-
-PRESETS: dict[str, MIMConfig] = {
-    "mae": MIMConfig(),                                                     # MAE: 8b512d decoder, norm-pix, 0.75
-    "simmim": MIMConfig(loss="smooth_l1", decoder_dim=256, decoder_depth=1, decoder_heads=8),   # full input, 224
-    "fastmim": MIMConfig(target="hog", decoder_dim=256, decoder_depth=1, decoder_heads=8,        # Tab. 11, ViT-B
-                         img_sizes=((0.0, 128),)),                                              # 1b256d, 128 px
-    "fastmim_p": MIMConfig(target="hog", decoder_dim=512, decoder_depth=4, decoder_heads=16,     # Sec. 4.2, Swin-L:
-                           img_sizes=((0.0, 128), (0.5, 160), (0.75, 192))),                     # 200/100/100 ep
-    "m3i": replace(_M3I, **_DENSE, mix_ratio=0.5, input_view="other"),     # Sec. 3.4 (+ num_classes / text_target)
-    **M3I_TABLE2,
-}
 
 
 def tiny_decoder(cfg: MIMConfig) -> MIMConfig:
@@ -392,7 +312,6 @@ def hog_targets(hog_map: torch.Tensor, patch: int = 16) -> torch.Tensor:
     return x.reshape(b, (ch // s) * (cw // s), k * s * s)                 # (B, N, 108)
 
 
-
 def hog_picture(per_unit: torch.Tensor, grid_hw: tuple[int, int], patch: int = 16) -> torch.Tensor:
     """Per-unit HOG (B, N, 27 * s * s) -> (B, 3, H, W) picture in [0, 1] for the logs (classic HOG rendering).
 
@@ -413,6 +332,7 @@ def hog_picture(per_unit: torch.Tensor, grid_hw: tuple[int, int], patch: int = 1
     img = img.reshape(b, 3, hp * patch, wp * patch)                       # (B, 3, H, W)
     peak = img.flatten(1).amax(dim=1).clamp(min=1e-6)                    # (B,) brightest pixel per image
     return img / peak[:, None, None, None]                                # (B, 3, H, W) in [0, 1]
+
 
 # ---- 5. Losses (M3I Sec. 3.1: Gaussian P -> L2, Boltzmann P -> softmax cross-entropy) ------------------------------
 # Dense losses map (B, N, d) predictions and targets to a per-unit (B, N) loss; the method decides where to average
@@ -463,9 +383,6 @@ def check_dense_loss(cfg) -> None:
 
 # ---- 6. Decoders and heads ----------------------------------------------------------------------------------------
 
-LN_EPS = 1e-6     # LayerNorm eps of MAE / iTPN pre-training heads
-
-
 class LightDecoder(nn.Module):
     """FastMIM's decoder (Tab. 16, "1b256d"): Linear C -> D, `depth` AttentionBlocks, LayerNorm, Linear D -> out.
 
@@ -490,6 +407,19 @@ class LightDecoder(nn.Module):
         return self.run(self.embed(tokens))                               # (B, N, out)
 
 
+def unshuffle(visible: torch.Tensor, fill: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+    """MAE's un-shuffle: visible tokens (B, N_vis, D) in ids_keep order, plus `fill` (1, 1, D) for every removed
+    unit, back in original unit order (B, N, D).
+
+    [kept, removed] is the shuffled order of ids_shuffle; gathering it with ids_restore = argsort(ids_shuffle) puts
+    each token back at its unit (MAE `models_mae.py`, `forward_decoder`). itpn.py's pixel decoder uses it too.
+    """
+    b, n_vis, _ = visible.shape
+    fill = fill.expand(b, ids_restore.shape[1] - n_vis, -1)              # (B, N - N_vis, D)
+    x = torch.cat([visible, fill], dim=1)                                 # (B, N, D) in shuffled order
+    return select_units(x, ids_restore)                                   # (B, N, D) in original unit order
+
+
 class MAEDecoder(LightDecoder):
     """MAE's decoder (Fig. 1): visible tokens + a shared mask token per removed unit, un-shuffled, + fixed sin-cos."""
 
@@ -500,12 +430,8 @@ class MAEDecoder(LightDecoder):
 
     def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         """tokens (B, N_vis, C) in ids_keep order -> predictions (B, N, out) for every unit, original order."""
-        x = self.embed(tokens)                                            # (B, N_vis, D)
-        b, n_vis, d = x.shape
-        n = ids_restore.shape[1]
-        x = torch.cat([x, self.mask_token.expand(b, n - n_vis, -1)], dim=1)   # (B, N, D) in shuffled order
-        x = torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, d))    # (B, N, D) original order
-        x = x + sincos_pos_embed_2d(d, *grid_hw).to(x)                   # fixed table, built for this grid
+        x = unshuffle(self.embed(tokens), self.mask_token, ids_restore)  # (B, N, D)
+        x = x + sincos_pos_embed_2d(x.shape[-1], *grid_hw).to(x)         # fixed table, built for this grid
         return self.run(x)                                                # (B, N, out)
 
 
@@ -562,45 +488,6 @@ class AttentionPool(nn.Module):
         return self.proj(pooled[:, 0])                                    # (B, out)
 
 
-TEXT_PAD, TEXT_START = 0, 1      # special token ids; byte b is token b + 2
-TEXT_VOCAB = 256 + 2             # bytes + the two special tokens
-
-
-def tokenize_captions(captions: list[str], length: int = 32) -> torch.Tensor:
-    """UTF-8 bytes as tokens (no tokenizer dependency): (B, T) long, a start token first, padded with TEXT_PAD."""
-    out = torch.full((len(captions), length), TEXT_PAD, dtype=torch.long)
-    for i, text in enumerate(captions):
-        ids = [TEXT_START] + [byte + 2 for byte in text.encode("utf-8")][:length - 1]
-        out[i, :len(ids)] = torch.tensor(ids)
-    return out
-
-
-class TextEncoder(nn.Module):
-    """Small text encoder for M3I's text target: byte embedding + learned positions, transformer, masked mean, Linear.
-
-    The paper uses a 12-layer BERT-Base-like encoder trained jointly; this is a 2-layer stand-in for captions of a
-    built-in or small dataset (the start token keeps every row non-empty, so the padding mask never hides all keys).
-    """
-
-    def __init__(self, *, dim: int, depth: int = 2, num_heads: int, out_dim: int, max_len: int = 32):
-        super().__init__()
-        self.embed = nn.Embedding(TEXT_VOCAB, dim)
-        self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
-        nn.init.trunc_normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, num_heads, dim_feedforward=4 * dim, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.proj = nn.Linear(dim, out_dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pad = tokens == TEXT_PAD                                          # (B, T)
-        x = self.embed(tokens) + self.pos[:, :tokens.shape[1]]            # (B, T, dim)
-        x = self.norm(self.blocks(x, src_key_padding_mask=pad))           # (B, T, dim)
-        keep = (~pad).to(x.dtype)[:, :, None]                             # (B, T, 1)
-        return self.proj((x * keep).sum(dim=1) / keep.sum(dim=1))         # (B, out)
-
-
 # ---- 7. Momentum (EMA) teacher ------------------------------------------------------------------------------------
 
 def make_teacher(encoder: nn.Module) -> nn.Module:
@@ -612,9 +499,14 @@ def make_teacher(encoder: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """theta_teacher <- m * theta_teacher + (1 - m) * theta_student, in place, parameter by parameter (BYOL/MoCo)."""
+    """theta_teacher <- m * theta_teacher + (1 - m) * theta_student, in place, parameter by parameter.
+
+    The rule of BYOL / MoCo, SiameseIM and iTPN (Sec. 3.3), computed exactly as written (not with `lerp_`, whose
+    rounding differs by up to ~5e-7), so a test can check it bit for bit. Buffers are copied from the student.
+    Every momentum teacher of the project (M3I here, iTPN's paper method) is updated by this one function.
+    """
     for t, s in zip(teacher.parameters(), student.parameters()):
-        t.lerp_(s.detach().to(t.dtype), 1 - momentum)
+        t.copy_(momentum * t + (1 - momentum) * s.detach().to(t.dtype))
     for t, s in zip(teacher.buffers(), student.buffers()):
         t.copy_(s)
 
@@ -693,8 +585,8 @@ class FastMIM(nn.Module):
 
     def mask_input(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """X_hat = X * (1 - M) + [MASK] * M with M the unit mask upsampled to pixels (FastMIM Sec. 4.1)."""
-        m = mask_to_map(mask, check_image_size(imgs, self.patch), self.patch)[:, None].to(imgs.dtype)  # (B,1,H,W)
-        return imgs * (1 - m) + self.mask_token.to(imgs.dtype) * m
+        m = mask_to_map(mask, check_image_size(imgs, self.patch), self.patch)[:, None]   # (B, 1, H, W)
+        return mask_blend(imgs, m, self.mask_token)                       # (B, 3, H, W)
 
     def forward(self, imgs: torch.Tensor) -> dict:
         grid_hw = check_image_size(imgs, self.patch)
@@ -716,7 +608,7 @@ class FastMIM(nn.Module):
         return out
 
 
-# ---- 10. M3I and its 12 special cases -----------------------------------------------------------------------------
+# ---- 10. M3I -------------------------------------------------------------------------------------------------------
 
 LOG_SCALE = 10.0    # SiameseIM embeds 10 * ln(scale), so that scales 0.5..2 span a useful angle range
 
@@ -774,20 +666,43 @@ def view_coords(grid_hw: tuple[int, int], boxes: torch.Tensor | None = None, fli
 def mix_images(x_i: torch.Tensor, x_j: torch.Tensor, mix: torch.Tensor, patch: int = 16) -> torch.Tensor:
     """M3I Sec. 3.4: I_mix = m * I_i + (1 - m) * I_j with m constant on p x p units; here mix (B, N) = 1 - m, i.e.
     mix 1 = the unit comes from image j (= removed from image i, the mask convention from image i's side)."""
-    m = mask_to_map(mix, check_image_size(x_i, patch), patch)[:, None].to(x_i.dtype)   # (B, 1, H, W)
-    return x_i * (1 - m) + x_j * m
+    m = mask_to_map(mix, check_image_size(x_i, patch), patch)[:, None]   # (B, 1, H, W)
+    return mask_blend(x_i, m, x_j)                                        # (B, 3, H, W)
 
 
 class M3I(nn.Module):
-    """M3I (Sec. 3.3-3.4, Fig. 2) and, through its config, the 12 self-supervised rows of Tab. 2.
+    """M3I (Sec. 3.3-3.4, Fig. 2), self-supervised, and through its config the 12 self-supervised rows of Tab. 2.
 
     Full M3I: slot i mixes its own target view v_i with another view u_sigma(i) of image j = sigma(i); the encoder
     sees all units of the mix; image i predicts the EMA features of v_i (intra-view), image j those of v_sigma(i)
-    (inter-view); optional category (labels) and text (captions) targets through attention pooling.
-    Tab. 2 rows use one input: the target view ("same") or the other view ("other"), full or masked.
+    (inter-view). Tab. 2 rows use one input: the target view ("same") or the other view ("other"), full or masked.
+    The paper's supervised targets (category embeddings, a text encoder) are not built: there are no labels here.
 
-    forward(imgs (B, 3, H, W) or (B, 2, 3, H, W), *, labels (B,) = None, captions (B, T) = None) ->
-        {"loss", "mask" (B, N): mixing or input mask, "pred": image i's prediction, "logs": the loss terms}.
+    Our choices where the paper is silent (no code was released):
+    * train.py hands one crop per image, (B, 3, H, W), or two photometric variants of the SAME crop,
+      (B, 2, 3, H, W). The second, "other" view is cut from it here by a random resized crop + flip
+      (`random_resized_views`), so the crop geometry that the decoder positions need is known exactly.
+      Target view v_k = the crop itself. No per-view colour augmentation beyond what train.py supplies.
+    * Mixing: per-sample random unit mask with `mix_ratio` 0.5 of the units from image j = sigma(i), sigma a
+      random batch permutation; both halves are exact counts. No "which image" embedding (the paper mentions none).
+    * Dense feature targets: the EMA encoder on the full target view, LayerNorm without affine (SiameseIM),
+      L2 loss on ALL target positions (not only the positions hidden by the other image); no UniGrad term.
+    * One 4-block decoder shared by images i and j: visible tokens of that image + one query per target-view
+      unit; positions are 4-d (row, col, log scale h, log scale w) in units of the INPUT view's patches from its
+      top-left corner, sin-cos encoded then a learnable Linear, used for visible tokens and queries alike.
+    * Global-feature rows (c, f, i, l): attention pooling + Linear on the encoder tokens, target = GAP of the
+      EMA features; rows f, i, l: InfoNCE with tau = 0.2 over the batch (the negatives prevent collapse); row c
+      (global distillation): L2 on the vectors. UniGrad (SiameseIM's loss) is not implemented: dense rows use L2
+      on the LayerNorm-ed target instead.
+    * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of rows f, i, l depends on the world
+      size; gathering keys across ranks is out of scope.
+    * Masked rows: intra-view rows (d-f) drop MAE's 0.75 at random, inter-view rows (j-l) SiameseIM's 118/196 ~ 0.6
+      in BEiT blocks (the paper gives neither ratio).
+    * Loss terms are summed with weight 1 (Eq. 4 is an unweighted sum). EMA momentum: constant `momentum`, or
+      SiameseIM's cosine ramp to 1 when train.py passes `progress`.
+
+    forward(imgs (B, 3, H, W) or (B, 2, 3, H, W)) -> {"loss", "mask" (B, N): mixing or input mask (with mixing,
+    1 = unit from image j), "pred": image i's prediction, "logs": one loss term per image}.
     """
 
     def __init__(self, encoder: nn.Module, *, cfg: MIMConfig):
@@ -800,24 +715,16 @@ class M3I(nn.Module):
         self.num_views = 2 if (cfg.input_view == "other" or cfg.mix_ratio > 0) else 1
         self.patch = getattr(encoder.cfg, "patch_size", 16)
         c = encoder.cfg.embed_dim
-        heads = max(1, c // 64)                                           # head dim 64, as the encoders
         self.norm = nn.LayerNorm(c, eps=LN_EPS)
         # target encoder: identity for pixels, a momentum copy of the encoder for features (Sec. 3.4)
         self.teacher = make_teacher(encoder) if cfg.target in ("dense_feature", "global_feature") else None
         if cfg.target == "global_feature":                                # Tab. 2 rows c, f, i, l
-            self.global_head = AttentionPool(c, num_heads=heads, out_dim=c)
+            self.global_head = AttentionPool(c, num_heads=max(1, c // 64), out_dim=c)   # head dim 64, as encoders
         else:                                                             # dense pixels or dense features
             check_dense_loss(cfg)
             out_dim = self.patch ** 2 * 3 if cfg.target == "pixel" else c
             self.decoder = QueryDecoder(c, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
                                         num_heads=cfg.decoder_heads, out_dim=out_dim)
-        if cfg.num_classes > 0:                                           # category target: learned embedding (K, C)
-            self.category_pool = AttentionPool(c, num_heads=heads, out_dim=c)
-            self.category_embed = nn.Parameter(torch.zeros(cfg.num_classes, c))
-            nn.init.trunc_normal_(self.category_embed, std=0.02)
-        if cfg.text_target:
-            self.text_pool = AttentionPool(c, num_heads=heads, out_dim=c)
-            self.text_encoder = TextEncoder(dim=c, num_heads=heads, out_dim=c)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -843,74 +750,100 @@ class M3I(nn.Module):
             return feats.mean(dim=1)                                      # (B, C) global average pooling (Fig. 1)
         return F.layer_norm(feats, feats.shape[-1:])                      # (B, N, C) LN without affine (SiameseIM)
 
-    def image_loss(self, tokens, *, ids, query_coords, target, who, mask, grid_hw):
-        """Loss of one image's prediction. tokens (B, L, C) at units ids (B, L); who (B,) = whose target it is."""
+    def image_loss(self, tokens, *, unit_ids, query_coords, targets, target_ids, mask, grid_hw):
+        """Loss of one image of the input: its tokens (B, L, C) sit at units unit_ids (B, L) of the input view;
+        sample b predicts the target of sample target_ids[b] (itself for image i, sigma(b) for image j)."""
         if self.cfg.target == "global_feature":
             pred = self.global_head(tokens)                               # (B, C)
             if self.cfg.loss == "info_nce":                               # Boltzmann: the batch is the candidates
-                per_sample = info_nce_loss(pred, target, positive=who, temperature=self.cfg.temperature)
+                per_sample = info_nce_loss(pred, targets, positive=target_ids, temperature=self.cfg.temperature)
             else:                                                         # Gaussian on the vectors (no negatives)
-                per_sample = LOSSES[self.cfg.loss](pred.float(), target[who])   # (B,)
+                per_sample = LOSSES[self.cfg.loss](pred.float(), targets[target_ids])   # (B,)
             return per_sample.mean(), pred
-        grid = view_coords(grid_hw).to(tokens.device).expand(ids.shape[0], -1, -1)   # (B, N, 4) input-view grid
-        token_coords = select_units(grid, ids)                            # (B, L, 4) where the tokens sit
+        grid = view_coords(grid_hw).to(tokens.device).expand(unit_ids.shape[0], -1, -1)   # (B, N, 4) input grid
+        token_coords = select_units(grid, unit_ids)                       # (B, L, 4) where the tokens sit
         pred = self.decoder(tokens, token_coords, query_coords)           # (B, N, out) one per target unit
-        per_unit = LOSSES[self.cfg.loss](pred.float(), target[who])       # (B, N)
+        per_unit = LOSSES[self.cfg.loss](pred.float(), targets[target_ids])   # (B, N)
         return (masked_mean(per_unit, mask) if self.cfg.loss_on_masked else per_unit.mean()), pred
 
-    def forward(self, imgs: torch.Tensor, *, labels: torch.Tensor | None = None,
-                captions: torch.Tensor | None = None) -> dict:
+    def forward(self, imgs: torch.Tensor) -> dict:
         cfg = self.cfg
-        if (labels is None) != (cfg.num_classes == 0) or (captions is None) == cfg.text_target:
-            raise ValueError("pass labels exactly when cfg.num_classes > 0 and captions exactly when cfg.text_target")
         if self.num_views == 2 and (imgs.ndim != 5 or imgs.shape[1] != 2):
             raise ValueError(f"this M3I config (input_view {cfg.input_view!r}, mix_ratio {cfg.mix_ratio}) takes two "
                              f"views per image, imgs (B, 2, 3, H, W); got shape {tuple(imgs.shape)}")
-        view = imgs[:, 0] if imgs.ndim == 5 else imgs                     # v: the target view (B, 3, H, W)
-        source = imgs[:, -1] if imgs.ndim == 5 else imgs                  # same crop, maybe other colours
-        grid_hw = check_image_size(view, self.patch)
-        b, n, dev = view.shape[0], grid_hw[0] * grid_hw[1], view.device
-        target = self.targets(view)
-        own = torch.arange(b, device=dev)
-        same = view_coords(grid_hw).to(dev).expand(b, -1, -1)             # (B, N, 4) identity geometry
+        target_view = imgs[:, 0] if imgs.ndim == 5 else imgs             # v: the target view (B, 3, H, W)
+        crop = imgs[:, -1] if imgs.ndim == 5 else imgs                    # the same crop, maybe other colours
+        grid_hw = check_image_size(target_view, self.patch)
+        b, n, dev = target_view.shape[0], grid_hw[0] * grid_hw[1], target_view.device
+        targets = self.targets(target_view)
+        samples = torch.arange(b, device=dev)                             # image i predicts its own target
+        target_grid = view_coords(grid_hw).to(dev).expand(b, -1, -1)      # (B, N, 4) target view in its own frame
         if self.num_views == 2:
-            other, boxes, flip = random_resized_views(source)             # u: another view of each image
+            other_view, boxes, flip = random_resized_views(crop)          # u: another view of each image
             other_coords = view_coords(grid_hw, boxes, flip)              # (B, N, 4) v's units in u's frame
         if cfg.mix_ratio > 0:                                             # Sec. 3.4: two images, one input
             sigma = torch.randperm(b, device=dev)                        # image j of slot i is sigma(i)
             _, _, mix = random_masking(b, n, cfg.mix_ratio, device=dev)  # (B, N): 1 = unit from image j
-            tokens = self.norm(self.encoder.forward_features(mix_images(view, other[sigma], mix, self.patch))[-1])
-            ids_i, ids_j = ids_from_mask(mix)[0], ids_from_mask(1 - mix)[0]   # (B, N - n_j), (B, n_j)
-            images = [("i", select_units(tokens, ids_i), ids_i, same, own),                # intra-view
-                      ("j", select_units(tokens, ids_j), ids_j, other_coords[sigma], sigma)]   # inter-view
+            mixed = mix_images(target_view, other_view[sigma], mix, self.patch)
+            tokens = self.norm(self.encoder.forward_features(mixed)[-1])  # (B, N, C): every unit of the mix
+            units_i, units_j = ids_from_mask(mix)[0], ids_from_mask(1 - mix)[0]   # (B, N - n_j), (B, n_j)
+            images = [("i", select_units(tokens, units_i), units_i, target_grid, samples),       # intra-view
+                      ("j", select_units(tokens, units_j), units_j, other_coords[sigma], sigma)]  # inter-view
             mask = mix
         else:                                                             # Tab. 2: one input, maybe masked
-            x, coords = (view, same) if cfg.input_view == "same" else (other, other_coords)
+            x, query_coords = (target_view, target_grid) if cfg.input_view == "same" else (other_view, other_coords)
             ids_keep, _, mask = mask_units(b, grid_hw, mask_ratio=cfg.mask_ratio, pattern=cfg.mask_pattern,
                                            device=dev)
             # (mask_ratio 0 keeps every unit, in shuffled order: same result, one code path)
             tokens = self.norm(self.encoder.forward_features(x, ids_keep=ids_keep)[-1])   # (B, N_vis, C)
-            images = [("i", tokens, ids_keep, coords, own)]
-        text = self.text_encoder(captions) if cfg.text_target else None   # (B, C)
+            images = [("i", tokens, ids_keep, query_coords, samples)]
         logs, preds = {}, []
-        for name, tok, ids, query_coords, who in images:
-            logs[f"loss_{name}"], pred = self.image_loss(tok, ids=ids, query_coords=query_coords, target=target,
-                                                           who=who, mask=mask, grid_hw=grid_hw)
+        for name, image_tokens, unit_ids, query_coords, target_ids in images:
+            logs[f"loss_{name}"], pred = self.image_loss(image_tokens, unit_ids=unit_ids, query_coords=query_coords,
+                                                         targets=targets, target_ids=target_ids, mask=mask,
+                                                         grid_hw=grid_hw)
             preds.append(pred)
-            if cfg.num_classes > 0:                                       # category target: softmax CE (Sec. 3.1)
-                logits = self.category_pool(tok) @ self.category_embed.t()   # (B, K)
-                logs[f"loss_cls_{name}"] = cross_entropy_loss(logits, labels[who]).mean()
-            if cfg.text_target:                                           # text target: InfoNCE over the batch
-                logs[f"loss_text_{name}"] = info_nce_loss(self.text_pool(tok), text, positive=who,
-                                                          temperature=cfg.temperature).mean()
         loss = sum(logs.values())                                         # Eq. 4: unweighted sum of the terms
         return {"loss": loss, "mask": mask, "pred": preds[0], "logs": {k: v.detach() for k, v in logs.items()}}
 
 
-# ---- 11. METHODS: what train.py builds ----------------------------------------------------------------------------
-# Name -> class; the class is built as METHODS[name](encoder, cfg=PRESETS[name]) (see the header). A plain dict of
-# direct references (grep finds every class), not a registry.
+# ---- 11. Presets and METHODS: what train.py builds ----------------------------------------------------------------
 
+# The 12 self-supervised instantiations of M3I Tab. 2: input (same/other view, full/masked), target (dense pixels,
+# dense feature, global feature) and loss (our choices, see M3I). IN top-1 / COCO AP^box of the paper in comments.
+_M3I = MIMConfig(decoder_dim=512, decoder_depth=4, decoder_heads=16, loss_on_masked=False, mask_ratio=0.0)
+_PIX, _DENSE = dict(target="pixel", loss="l2"), dict(target="dense_feature", loss="l2")
+_GLOBAL = dict(target="global_feature", loss="info_nce")
+_INTRA_MASK, _INTER_MASK = dict(mask_ratio=0.75), dict(mask_ratio=0.6, mask_pattern="block")
+M3I_TABLE2: dict[str, MIMConfig] = {
+    "m3i_a_auto_encoder": replace(_M3I, **_PIX),                                          # 77.5 IN / 0.0 COCO
+    "m3i_b_dense_distillation": replace(_M3I, **_DENSE),                                  # 78.8 / 32.4
+    "m3i_c_global_distillation": replace(_M3I, target="global_feature", loss="l2"),       # 77.1 / 27.9 (MSE)
+    "m3i_d_mim_pixel": replace(_M3I, **_PIX, **_INTRA_MASK, loss_on_masked=True),         # 83.1 / 46.8 (~ MAE)
+    "m3i_e_mim_feat": replace(_M3I, **_DENSE, **_INTRA_MASK),                             # 83.3 / 47.4
+    "m3i_f_mim_global": replace(_M3I, **_GLOBAL, **_INTRA_MASK),                          # 83.2 / 47.5
+    "m3i_g_novel_view_synthesis": replace(_M3I, **_PIX, input_view="other"),              # 78.8 / 33.0
+    "m3i_h_dense_instance_discrimination": replace(_M3I, **_DENSE, input_view="other"),   # 83.2 / 50.1
+    "m3i_i_instance_discrimination": replace(_M3I, **_GLOBAL, input_view="other"),        # 83.0 / 46.4
+    "m3i_j_siamese_im_pixel": replace(_M3I, **_PIX, **_INTER_MASK, input_view="other"),   # 78.9 / 38.1
+    "m3i_k_siamese_im_feat": replace(_M3I, **_DENSE, **_INTER_MASK, input_view="other"),  # 83.7 / 49.8 (SiameseIM)
+    "m3i_l_instance_discrimination_mask": replace(_M3I, **_GLOBAL, **_INTER_MASK, input_view="other"),  # 82.9/46.2
+}
+M3I_PRESET_NAMES = tuple(M3I_TABLE2)
+
+PRESETS: dict[str, MIMConfig] = {
+    "mae": MIMConfig(),                                                     # MAE: 8b512d decoder, norm-pix, 0.75
+    "simmim": MIMConfig(loss="smooth_l1", decoder_dim=256, decoder_depth=1, decoder_heads=8),   # full input, 224
+    "fastmim": MIMConfig(target="hog", decoder_dim=256, decoder_depth=1, decoder_heads=8,        # Tab. 11, ViT-B
+                         img_sizes=((0.0, 128),)),                                              # 1b256d, 128 px
+    "fastmim_p": MIMConfig(target="hog", decoder_dim=512, decoder_depth=4, decoder_heads=16,     # Sec. 4.2, Swin-L:
+                           img_sizes=((0.0, 128), (0.5, 160), (0.75, 192))),                     # 200/100/100 ep
+    "m3i": replace(_M3I, **_DENSE, mix_ratio=0.5, input_view="other"),     # Sec. 3.4, self-supervised targets
+    **M3I_TABLE2,
+}
+
+# Name -> class; a method is built as METHODS[name](encoder, cfg=PRESETS[name]) (header, Run). A plain dict of
+# direct references (grep finds every class), not a registry.
 METHODS: dict[str, type[nn.Module]] = {"mae": MAE, "simmim": FastMIM, "fastmim": FastMIM, "fastmim_p": FastMIM,
                                        "m3i": M3I, **{name: M3I for name in M3I_PRESET_NAMES}}
 
@@ -925,16 +858,12 @@ if __name__ == "__main__":
     encoder_cfg = replace(HIVIT_PRESETS["tiny"], num_classes=0)           # no head: every parameter trains
     for name in ["mae", "simmim", "fastmim", "fastmim_p", "m3i", *M3I_PRESET_NAMES]:
         cfg = tiny_decoder(PRESETS[name])
-        if name == "m3i":
-            cfg = replace(cfg, num_classes=10, text_target=True)          # category + text targets on
         model = METHODS[name](HiViT(encoder_cfg), cfg=cfg)
-        extra = {"labels": torch.tensor([3, 7]), "captions": tokenize_captions(["a red disc", "two squares"])} \
-            if name == "m3i" else {}
         side = max(16, img_size_at(cfg, progress=0.9) * 64 // 224 // 16 * 16)   # schedule scaled 224 -> 64 px
         x = torch.nn.functional.interpolate(imgs, size=side) if side != 64 else imgs
         if model.num_views == 2:                                          # M3I: two views of each image
             x = torch.stack([x, x.flip(3)], dim=1)                        # (B, 2, 3, H, W)
-        out = model(x, **extra)
+        out = model(x)
         out["loss"].backward()
         logs = " ".join(f"{k} {v:.3f}" for k, v in out.get("logs", {}).items())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
