@@ -5,23 +5,24 @@ Paper:
     supplementary material) and its journal version Fast-iTPN (TPAMI 2024, arXiv 2211.12735 v2, Sec. 3 = iTPN).
 
 Implements:
-    The iTPN backbone (HiViT in iTPN notation, from hivit.py), the C-MLP feature pyramid of Eq. 3 exactly as the
-    released code builds it, its dense stride-4..64 outputs for detection/segmentation, iTPN on a plain ViT
-    (supplementary Sec. 3), and three pre-training recipes: the paper's MIM + multi-stage MFM with an EMA teacher
-    (Eq. 4, not in the released code), the official pixel recipe, and frozen-teacher (CLIP) distillation.
-    `load_official` loads the released fine-tuning, pixel pre-training and CLIP pre-training checkpoints.
+    The iTPN backbone (hivit.py's HiViT, or a plain ViT: supplementary Sec. 3), the C-MLP feature pyramid of Eq. 3
+    exactly as the released code builds it, its dense stride-4..64 outputs for detection/segmentation, and three
+    pre-training recipes: the paper's MIM + multi-stage MFM with an EMA teacher (Eq. 4, not in the released code),
+    the official pixel recipe and frozen-teacher (CLIP) distillation. `load_official` loads the released
+    fine-tuning, pixel pre-training and CLIP pre-training checkpoints.
 
 Sections:
-    1. Config and presets                <-> paper Tab. 1 / supplementary Tab. 7 (iTPN-B 3-3-24, iTPN-L 2-2-40)
+    1. Configs: architecture and pre-training recipe <-> paper Tab. 1 / supplementary Tab. 7, Sec. 3.3-3.4
     2. Pyramid primitives (PatchSplit)   <-> Sec. 3.2 "up-sampling", Fig. 2
     3. Feature pyramid                   <-> Eq. 3, Fig. 2, supplementary Sec. 2 (C-MLP, no convolution)
     4. Dense outputs (strides 4..64)     <-> Sec. 4.3 (the pre-trained pyramid is the detection/segmentation neck)
     5. The iTPN model (+ plain ViT)      <-> Sec. 3.2, supplementary Sec. 3 / Tab. 11
-    6. Official pixel recipe             <-> Sec. 3.3 (MIM on the summed pyramid), reference 2.3-2.4
+    6. Official pixel recipe             <-> Sec. 3.3 (MIM on the summed pyramid)
     7. Paper method: MIM + MFM, EMA teacher <-> Eq. 4, Sec. 3.3
-    8. Frozen-teacher distillation       <-> Sec. 3.4 (CLIP teacher), reference 3
-    9. Loading official checkpoints      <-> released iTPN checkpoints
-    10. __main__ smoke demo
+    8. Frozen-teacher distillation       <-> Sec. 3.4 (CLIP teacher), Fast-iTPN Sec. 4.3 (cosine loss)
+    9. Recipe presets and METHODS        <-> Sec. 3.3-3.4
+    10. Loading official checkpoints     <-> released iTPN checkpoints
+    11. __main__ smoke demo
 
 Shapes:
     B batch, C stage-3 width (stage 1 = C/4, stage 2 = C/2), F pyramid width (fpn_dim), D decoder width,
@@ -30,143 +31,133 @@ Shapes:
     A unit tensor is (B, N, h, w, c). Pyramid levels are named by stride: p4, p8, p16 (official order p16, p8, p4).
     mask: (B, N) float, 1 = removed (masked), 0 = kept (visible).
 
-Pre-training API (the PRETRAINER CONTRACT, README "Seams"; train.py builds one of these):
-    iTPNPixelPretrainer(cfg)                   official pixel recipe            METHODS["itpn_pixel"]
-    iTPNPaperPretrainer(cfg)                   paper Eq. 4 (MIM + lambda MFM)   METHODS["itpn"]; has ema_update()
-    iTPNDistillPretrainer(cfg, teacher_path=)  frozen-teacher distillation      METHODS["itpn_distill"]
-    train.py: `itpn.METHODS[name](preset)`, plus `teacher_path=` for "itpn_distill". Each applies its recipe's
-    overrides to the size preset (RECIPES, e.g. no RPE for pixel pre-training) and keeps the result in `.cfg`.
-    out = pretrainer(imgs (B, 3, H, W), ImageNet-normalised) -> {"loss", "mask" (B, N), "pred" (pixel recipes:
-    (B, N, 768) norm-pix units; distillation: (B, N, T)), "recon" (pixel recipes: (B, 3, H, W) in the normalised
-    input space), "logs" (loss_mim, loss_mfm / loss_main, loss_aux)}; the paper method adds "ids_masked" (B, N_m)
-    and "mfm_targets" (the teacher's per-stage targets). Teachers have requires_grad=False.
-    Fine-tuning from our checkpoints: keys `encoder.backbone.*` are an iTPN classifier's `backbone.*`.
-
-Differences from the paper / official code (reference Sec. 7 checklist, item by item where it applies):
-    - [7.1] The paper method (Eq. 4) is NOT in the released code (reference 2.5); built here from the paper. Our
-      choices: the EMA teacher (m = 0.996, constant) copies the backbone only (the paper takes targets "from the
-      last layer of each stage", which the backbone alone produces; the pyramid is not copied); it encodes only
-      the masked units (ids_keep = masked indices; exact for stages 1-2, which never mix units, tested). The
-      student's pyramid holds visible units only, so the MAE decoder fills the masked units and one linear head
-      per stage (h^{pt,s}) maps each masked unit's decoder state to that stage's sub-token grid (4x4xC/4, 2x2xC/2,
-      1x1xC). Targets are layer-normalised per sub-token (no affine); L_MFM = sum over the 3 stages of the L2
-      loss; loss = L_MIM + 0.3 L_MFM.
-    - [7.1] Official pixel recipe: one 512-d, 8-block, 16-head decoder on the sum of the three levels, each level
-      given the same mask token (a masked unit's input is 3 * mask_token), norm-pix L2 on masked units only, no
-      RPE during pixel pre-training. [7.2] The APE is sin-cos-initialised and trainable (as official); its
-      resampling quirk (reference 2.7) is off by default: cfg.ape_quirk=True reproduces released pixel outputs.
-    - [7.3] Distillation as released: stages 1-2 see every unit, masked units become a mask token at the stage-3
-      input (BEiT block masking, 75 of 196 units, min block 16 scaled to the grid), ALL units are supervised,
-      main + aux losses with equal weights; smooth-L1 (iTPN) or, as an option from the Fast-iTPN paper (no code
-      released), cosine. The pyramid prediction of a masked unit sees its own pixels through the stage-1/2
-      laterals (reference 3.7); no other unit does (tested).
-    - [7.4] Teacher input: the student's ImageNet-normalised batch is de-normalised, re-normalised with the teacher's
-      statistics (CLIP or ImageNet) and resized so the teacher's token grid equals the student's unit grid. The
-      official code feeds a separately lanczos-resized image that its CLIP teacher effectively sees as (x+1)/2:
-      not replicated. Target = last layer (+ CLIP projection), then LayerNorm without affine (official, eps 1e-5).
-      [7.11] The teacher width T is read from the teacher file (no --teacher_dim to get wrong).
-    - [7.5] Aux head: taps the output of block int(0.75 * depth) (0-based; 19 of 24 for iTPN-B) and adds 2
-      attention blocks with LayerNorm eps 1e-5, as released.
-    - [7.6] Presets count MLP blocks literally (iTPN notation: 3-3-24); itpn_t / itpn_s are the HiViT-T/S sizes.
-    - Eq. 3: the paper up-samples V^{s+1}; the released code (followed here: checkpoint layout) up-samples the raw
-      stage-3 tokens U^16 in the 16 -> 8 step and V^8 in the 8 -> 4 step, with a learned PatchSplit (LN, linear,
-      depth-to-space). Every pyramid block is a C-MLP (MLP ratio 4, no drop path).
+Differences from the paper / official code (the docstring of each recipe has the details):
+    - The paper method (Eq. 4) is not in the released code: it is built here from the paper, our choices are
+      listed in iTPNPaperPretrainer.
+    - Pixel recipe as released, without its APE resampling quirk (hivit.py's `ape_quirk`, library only).
+    - Distillation as released, except the teacher's input (the student's batch, re-normalised for the teacher).
+      The cosine loss the Fast-iTPN paper uses is the recipe preset "itpn_distill_cosine".
+    - Eq. 3 up-samples V^{s+1}; the released code (followed here: checkpoint layout) up-samples the raw stage-3
+      tokens U^16 in the 16 -> 8 step and V^8 in the 8 -> 4 step. Every pyramid block is a C-MLP.
     - A classifier (num_classes > 0) has no pyramid, like the official fine-tuning model (num_outs=1); a backbone
-      (num_classes = 0) carries it, like the pre-training and det/seg models (num_outs=3..5).
-    - [7.10] Dense outputs: "det" = the pyramid itself as the neck (no FPN), strides 32/64 by avg-pool; "seg" = each
-      level concatenated with the backbone feature of its stride, stride 32 by max-pool. The official det/seg
-      backbones use LayerNorm eps 1e-5 (ours 1e-6): the pixel det layout loads (keys, shapes) into
-      iTPN(num_classes=0, fpn_depth=1, rpe=False) but its outputs then differ slightly; the seg layouts (APE at
-      196 with RPE at 32x32) are not supported. `load_official` is strict: using a depth-2 pyramid checkpoint with
-      the det recipe's fpn_depth=1 means dropping the `block_*.1` keys on purpose (official: silently).
-    - Plain-ViT iTPN (supplementary Sec. 3): layers 4 and 7 (of 12; scaled for other depths) are up-sampled 4x and
-      2x by PatchSplit (our choice of up-sampler: learned and per unit, so still leak-free). Like the pyramid, the
-      up-samplers exist only when num_classes = 0; a plain-ViT classifier is the ViT alone.
+      (num_classes = 0) carries it, like the pre-training and det/seg models. Dense outputs: see pyramid_maps.
+    - Plain-ViT iTPN (supplementary Sec. 3, presets "itpn_vit_*"): layers 4 and 7 of 12 are up-sampled by
+      PatchSplit (our choice of up-sampler: learned and per unit, so still leak-free).
     - Module names differ from the official ones (e.g. `pyramid.lateral8` for `align_dim_16to8`, `aux_blocks` for
-      `cls_pt_layers`); `load_official` renames. Optimizer, schedule, layer decay [7.7] and data live elsewhere.
+      `cls_pt_layers`); `load_official` renames.
 
 Run:
     python itpn.py                                                      # CPU smoke demo, ~10 s
     torchrun --nproc_per_node 8 train.py --model itpn_b --method itpn   # pre-training (train.py)
+    # How train.py builds a pre-trainer (README "Seams"; it follows mim.py's PRETRAINER CONTRACT):
+    pretrainer = itpn.METHODS[name](itpn.PRESETS[model], cfg=itpn.PRETRAIN_PRESETS[name])   # tiny CPU models:
+    # cfg=itpn.tiny_decoder(...); the distillation recipes also take teacher_path=. Checkpoint keys
+    # `encoder.backbone.*` are an iTPN classifier's `backbone.*`.
 """
 
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hivit import (
-    HiViT, HiViTConfig, VIT_PRESETS, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
-    check_image_size, drop_path_rates, init_weights, map_official_key, sincos_pos_embed_2d, units_to_map,
-    unwrap_checkpoint,
+    LN_EPS, HiViT, HiViTConfig, VIT_PRESETS, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
+    check_image_size, check_state_dict, count_params, drop_path_rates, init_weights, map_official_key, select_units,
+    sincos_pos_embed_2d, units_to_map, unwrap_checkpoint,
 )
 from hivit import load_official as load_official_hivit
 from mim import (
-    LOSSES, block_masking, l2_loss, make_teacher, masked_mean, norm_pix, patchify, pixel_recon, random_masking,
+    LOSSES, block_masking, ema_update_, l2_loss, make_teacher, masked_mean, norm_pix, patchify, pixel_recon,
+    random_masking, unshuffle,
 )
 
 __all__ = [
-    "iTPNConfig", "PRESETS", "RECIPES", "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
-    "encode_backbone", "LevelEmbed", "iTPNPixelPretrainer", "iTPNPaperPretrainer", "FrozenTeacher", "load_teacher",
-    "DISTILL_MASK_RATIO", "distillation_mask", "iTPNDistillPretrainer", "METHODS", "map_itpn_key", "load_official", "count_params",
+    "iTPNConfig", "PRESETS", "backbone_config", "iTPNPretrainConfig", "tiny_decoder",
+    "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
+    "LevelEmbed", "iTPNPixelPretrainer", "iTPNPaperPretrainer",
+    "DISTILL_MASK_RATIO", "distillation_mask", "FrozenTeacher", "load_teacher", "PyramidDistillation",
+    "iTPNDistillPretrainer", "PRETRAIN_PRESETS", "METHODS", "map_itpn_key", "load_official",
     "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD",
 ]
 
-LN_EPS = 1e-6                       # official LayerNorm eps of the classification / pre-training models
 UNIT = 16                           # px per unit (main patch)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)    # student input normalisation
-DISTILL_MASK_RATIO = 75 / 196       # BEiT block masking of the CLIP recipe: 75 of 196 units (reference 3.5)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)   # OpenAI CLIP
+# BEiT block masking of the official CLIP recipe: 75 of 196 units (`itpn_clip/run_itpn_pretraining.py`,
+# `--num_mask_patches`).
+DISTILL_MASK_RATIO = 75 / 196
 
 
-# ---- 1. Config and presets ----------------------------------------------------------------------------------------
+# ---- 1. Configs: the architecture, and the pre-training recipe ----------------------------------------------------
 
 @dataclass
 class iTPNConfig(HiViTConfig):
     """HiViT fields (img_size, embed_dim, depths, heads, rpe, layer_scale, ape_quirk, num_classes, ...) plus these."""
     fpn_dim: int = 256              # F, width of every pyramid level
     fpn_depth: int = 2              # C-MLP fusion blocks per top-down step (pixel pre-training 2, CLIP 1, det 1)
-    plain_vit: bool = False         # Supp. Sec. 3: plain ViT/16 backbone (depth, heads, C), layers 4, 7 up-sampled
+    plain_vit: bool = False         # supp. Sec. 3: plain ViT/16 backbone (depth, heads, C), layers 4, 7 up-sampled
+
+
+# iTPN notation counts MLP blocks literally (3-3-24 = 3 + 3 MLP blocks, 24 attention blocks), unlike the HiViT
+# paper's. itpn_t / itpn_s are the HiViT-T / -S sizes (paper Tab. 4: 19M, 38M; no official code for them).
+# Parameter counts with a 1000-class head are the official models' exact ones (paper: 79M, 288M).
+PRESETS: dict[str, iTPNConfig] = {
+    "tiny": iTPNConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2, num_classes=10,
+                       fpn_dim=32, fpn_depth=1),
+    "itpn_t": iTPNConfig(embed_dim=384, mlp_depth1=2, mlp_depth2=2, depth=10, num_heads=6),   # = HiViT-T, 19.182M
+    "itpn_s": iTPNConfig(embed_dim=384, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=6),   # = HiViT-S, 37.526M
+    "itpn_b": iTPNConfig(embed_dim=512, mlp_depth1=3, mlp_depth2=3, depth=24, num_heads=8),   # 78.558M, 17.8G
+    "itpn_l": iTPNConfig(embed_dim=768, mlp_depth1=2, mlp_depth2=2, depth=40, num_heads=12),  # 288.494M, 61.2G
+    # Supplementary Sec. 3: iTPN on a plain ViT/16 (no MLP stages, no RPE); "itpn_vit_tiny" is the CPU size.
+    "itpn_vit_tiny": iTPNConfig(img_size=64, embed_dim=64, mlp_depth1=0, mlp_depth2=0, depth=2, num_heads=2,
+                                rpe=False, num_classes=10, fpn_dim=32, fpn_depth=1, plain_vit=True),
+    "itpn_vit_b": iTPNConfig(embed_dim=768, mlp_depth1=0, mlp_depth2=0, depth=12, num_heads=12, rpe=False,
+                             plain_vit=True),
+}
+
+
+def backbone_config(cfg: iTPNConfig) -> HiViTConfig | ViTConfig:
+    """The backbone alone: HiViT's config, or for `plain_vit` a ViT/16 with the same width, depth, heads and head.
+
+    iTPN builds its backbone from it; so can any user of the backbone alone (mim.py's methods wrap
+    `HiViT(...)` / `hivit.VisionTransformer(...)` of it, with num_classes=0).
+    """
+    if cfg.plain_vit:
+        return ViTConfig(img_size=cfg.img_size, patch_size=UNIT, embed_dim=cfg.embed_dim, depth=cfg.depth,
+                         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate,
+                         num_classes=cfg.num_classes)
+    return HiViTConfig(**{f.name: getattr(cfg, f.name) for f in fields(HiViTConfig)})
+
+
+@dataclass
+class iTPNPretrainConfig:
+    """One pre-training recipe of section 6-8; each recipe reads the fields it needs (presets: section 9)."""
     mask_ratio: float = 0.75        # pixel / paper recipes: fraction of units dropped (random masking)
     decoder_dim: int = 512          # D, pixel decoder width (official 512)
     decoder_depth: int = 8          # pixel decoder attention blocks (official 8)
     decoder_heads: int = 16         # pixel decoder heads (official 16, head_dim 32)
     mfm_weight: float = 0.3         # lambda of Eq. 4 (paper method only)
     ema_momentum: float = 0.996     # m of the EMA teacher, t <- m t + (1 - m) s (paper Sec. 3.3)
-    distill_mask_ratio: float = DISTILL_MASK_RATIO   # distillation: block-masked fraction (75 of 196, ref. 3.5)
-    distill_loss: str = "smooth_l1"     # "smooth_l1" (iTPN, official) or "cosine" (Fast-iTPN paper)
+    distill_mask_ratio: float = DISTILL_MASK_RATIO   # distillation: block-masked fraction (75 of 196 units)
+    distill_loss: str = "smooth_l1"  # distillation: "smooth_l1" (iTPN, official) or "cosine" (Fast-iTPN paper)
 
 
-# iTPN notation counts MLP blocks literally (3-3-24 = 3 + 3 MLP blocks, 24 attention blocks; reference 1.8).
-# Sizes with a 1000-class head: iTPN-B 78.558M / 17.82 GMACs, iTPN-L 288.494M / 61.12 GMACs at 224 px.
-PRESETS: dict[str, iTPNConfig] = {
-    "tiny": iTPNConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2, num_classes=10,
-                       fpn_dim=32, fpn_depth=1, decoder_dim=32, decoder_depth=1, decoder_heads=2),
-    "itpn_t": iTPNConfig(embed_dim=384, mlp_depth1=2, mlp_depth2=2, depth=10, num_heads=6),   # = HiViT-T, 19.2M
-    "itpn_s": iTPNConfig(embed_dim=384, mlp_depth1=4, mlp_depth2=4, depth=20, num_heads=6),   # = HiViT-S, 37.5M
-    "itpn_b": iTPNConfig(embed_dim=512, mlp_depth1=3, mlp_depth2=3, depth=24, num_heads=8),   # 78.558M
-    "itpn_l": iTPNConfig(embed_dim=768, mlp_depth1=2, mlp_depth2=2, depth=40, num_heads=12),  # 288.494M
-}
-
-# What each official pre-training recipe sets on top of a size preset (reference 2 and 3.6); `.cfg` of a
-# pre-trainer shows the result. The paper gives no architecture change for Eq. 4, so it follows the pixel recipe.
-RECIPES: dict[str, dict] = {
-    "pixel": dict(num_classes=0, rpe=False),                          # itpn_*_dec512d8b: no RPE, fpn_depth 2
-    "paper": dict(num_classes=0, rpe=False),
-    "distill": dict(num_classes=0, rpe=True, layer_scale=0.1, fpn_depth=1),   # clip_tpn_*: RPE, gamma 0.1, depth 1
-}
+def tiny_decoder(cfg: iTPNPretrainConfig) -> iTPNPretrainConfig:
+    """The same recipe with a 1-block 32-d pixel decoder: for the tiny CPU presets (tests, `python train.py`)."""
+    return replace(cfg, decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
 # ---- 2. Pyramid primitives ----------------------------------------------------------------------------------------
 
 class PatchSplit(nn.Module):
-    """Learned up-sampling inside every unit: (B, N, h, w, c) -> (B, N, s*h, s*w, F). LN -> Linear(c, s*s*F) -> shuffle.
+    """Learned up-sampling inside every unit: (B, N, h, w, c) -> (B, N, s*h, s*w, F). LN, Linear(c, s*s*F), shuffle.
 
     The inverse direction of PatchMerge, but not its inverse order: channel group k = s*row_offset + col_offset goes
-    to sub-position (row_offset, col_offset) (official). Per unit only, so masked units never mix with visible ones.
+    to sub-position (row_offset, col_offset) (official `itpn_pixel/models/models_itpn.py`, `PatchSplit`). Per unit
+    only, so masked units never mix with visible ones.
     """
 
     def __init__(self, dim: int, *, out_dim: int, scale: int = 2, ln_eps: float = LN_EPS):
@@ -184,10 +175,16 @@ class PatchSplit(nn.Module):
         return x.reshape(b, n, h * s, w * s, -1)                          # (B, N, s*h, s*w, F)
 
 
+
 def c_mlp(dim: int, *, ln_eps: float) -> MLPBlock:
-    """The pyramid's only block type: a C-MLP (LN -> fc F->4F -> GELU -> fc, residual), ratio 4 (reference 2.2)."""
+    """The pyramid's only block type: a C-MLP (LN -> fc F->4F -> GELU -> fc, residual), ratio 4, no drop path.
+
+    Official: `BlockWithRPE` with num_heads=0 (`itpn_pixel/models/models_itpn.py`), i.e. hivit.py's MLPBlock.
+    """
     return MLPBlock(dim, mlp_ratio=4.0, ln_eps=ln_eps)
 
+
+# ---- 3. Feature pyramid (Eq. 3) -----------------------------------------------------------------------------------
 
 # ---- 3. Feature pyramid (Eq. 3) -----------------------------------------------------------------------------------
 
@@ -225,22 +222,26 @@ class FeaturePyramid(nn.Module):
         return [self.out16(v16), self.out8(v8), self.out4(v4)]
 
 
+
 # ---- 4. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
 
 def pyramid_maps(levels, grid_hw, *, mode: str = "det", backbone=None) -> dict[str, torch.Tensor]:
     """Turn full-image pyramid levels [p16, p8, p4] (unit tensors) into image-layout maps keyed "p4".."p64".
 
-    mode "det" (official Mask R-CNN backbone, reference 6.1): F channels at every stride; p32 = avg_pool(p16, 2) and
-        p64 = avg_pool(p32, 2). The pyramid is the neck: no extra FPN.
-    mode "seg" (official UPerNet backbone, reference 6.3): each level is concatenated with the backbone feature of
-        its stride, `backbone` = [f4, f8, f16 as (B, N, 1, 1, C)], giving F+C/4, F+C/2, F+C; p32 = max_pool(p16, 2).
-    Used by iTPN.forward_pyramid (section 5) and by fast_itpn.py (any backbone giving the same unit tensors).
+    mode "det" (official Mask R-CNN backbone, `det/mmdet/models/backbones/iTPN_pixel.py`): F channels at every
+        stride; p32 = avg_pool(p16, 2) and p64 = avg_pool(p32, 2). The pyramid is the neck: no extra FPN.
+    mode "seg" (official UPerNet backbone, `seg/backbone/iTPN.py`): each level is concatenated with the backbone
+        feature of its stride, `backbone` = the encoder seam's list [f4, f8, ..., f16] of the same forward, giving
+        F+C/4, F+C/2, F+C channels; p32 = max_pool(p16, 2).
+    The official det/seg backbones use LayerNorm eps 1e-5 (ours 1e-6): the pixel det layout loads (keys, shapes)
+    into iTPN(num_classes=0, fpn_depth=1, rpe=False) but its outputs then differ slightly; the seg layouts (APE at
+    196 units with RPE at 32x32) are not supported. Used by iTPN.forward_pyramid and fast_itpn.py.
     """
     if mode not in ("det", "seg"):
         raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
     p16, p8, p4 = levels
     if mode == "seg":
-        f4, f8, f16 = backbone
+        f4, f8, f16 = backbone[0], backbone[1], backbone[-1][:, :, None, None, :]   # f16 as (B, N, 1, 1, C)
         p16, p8, p4 = (torch.cat([p, f], dim=-1) for p, f in ((p16, f16), (p8, f8), (p4, f4)))   # (B, N, h, w, F+c)
     maps = {"p4": units_to_map(p4, grid_hw), "p8": units_to_map(p8, grid_hw),     # (B, ., H/4, W/4), (.., H/8, W/8)
             "p16": units_to_map(p16, grid_hw)}                                    # (B, ., H/16, W/16)
@@ -261,16 +262,13 @@ class PlainViTUnits(nn.Module):
     stride-8 (C/2) unit tensors HiViT would give, so the same pyramid and heads apply. For other depths the taps
     scale with depth/12. The up-samplers exist only with the pyramid (num_classes == 0): a classifier never uses
     them, and parameters without a gradient would break DDP fine-tuning (find_unused_parameters=False); its
-    `encode` then returns f4 = f8 = None.
+    seam list then starts with f4 = f8 = None.
     """
 
     def __init__(self, cfg: iTPNConfig):
         super().__init__()
-        self.cfg = cfg
         c = cfg.embed_dim
-        self.vit = VisionTransformer(ViTConfig(img_size=cfg.img_size, patch_size=UNIT, embed_dim=c, depth=cfg.depth,
-                                               num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                                               drop_path_rate=cfg.drop_path_rate, num_classes=cfg.num_classes))
+        self.vit = VisionTransformer(backbone_config(cfg))
         self.grid = self.vit.grid
         self.taps = (max(1, round(cfg.depth * 4 / 12)), max(1, round(cfg.depth * 7 / 12)))   # 1-based layers
         self.up4 = self.up8 = None
@@ -289,43 +287,28 @@ class PlainViTUnits(nn.Module):
     def forward(self, x):
         return self.vit(x)
 
-    def encode(self, x, *, ids_keep=None, mask=None, mask_token=None):
+    def forward_features(self, x, *, ids_keep=None, mask=None, mask_token=None) -> list:
+        """HiViT's seam on a ViT: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), every block's tokens]."""
         outs = self.vit.forward_features(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
         if self.up4 is None:                                              # classifier: no strides 4 and 8
-            return None, None, outs
+            return [None, None, *outs]
         f4 = self.up4(outs[self.taps[0] - 1][:, :, None, None, :])        # (B, N_vis, 4, 4, C/4)
         f8 = self.up8(outs[self.taps[1] - 1][:, :, None, None, :])        # (B, N_vis, 2, 2, C/2)
-        return f4, f8, outs
-
-
-def encode_backbone(backbone: nn.Module, x: torch.Tensor, *, ids_keep=None, mask=None, mask_token=None):
-    """Run a HiViT (or PlainViTUnits) backbone: (f4, f8, list of every stage-3 block's output (B, N_vis, C)).
-
-    Written from HiViT's public steps because iTPN needs more than `forward_features` gives: every attention
-    block's output (the distillation's 3/4-depth tap) and the BEiT mask-token path at the stage-3 input.
-    """
-    if isinstance(backbone, PlainViTUnits):
-        return backbone.encode(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
-    units, grid_hw = backbone.embed_units(x, ids_keep)                    # (B, N_vis, 4, 4, C/4)
-    f4, f8, tokens = backbone.forward_early(units)                        # MLP-only stages 1-2, both merges
-    if mask is not None:                                                  # Sec. 3.4: mask tokens at stage 3
-        m = mask[:, :, None].to(tokens.dtype)                             # (B, N, 1)
-        tokens = tokens * (1 - m) + mask_token.to(tokens.dtype) * m       # (B, N, C)
-    tokens = tokens + backbone.pos_embed(grid_hw, ids_keep)               # (B, N_vis, C)
-    return f4, f8, backbone.forward_stage3(tokens, grid_hw=grid_hw, ids_keep=ids_keep)
+        return [f4, f8, *outs]
 
 
 class iTPN(nn.Module):
     """iTPN = HiViT backbone (+ feature pyramid when num_classes == 0, + head when num_classes > 0).
 
-    forward(x) -> (B, K) logits (classifier); forward_features(x, ids_keep=) -> [f4, f8, f16] (the HiViT seam);
-    forward_levels(x, ids_keep=) -> [p16, p8, p4] unit tensors; forward_pyramid(x) -> dict of (B, F, H/s, W/s) maps.
+    forward(x) -> (B, K) logits (classifier); forward_features(x, ...) -> the backbone's seam list [f4, f8, every
+    stage-3 block's tokens]; forward_levels(x, ...) -> [p16, p8, p4] unit tensors; forward_pyramid(x) -> dict of
+    (B, F, H/s, W/s) maps.
     """
 
     def __init__(self, cfg: iTPNConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = PlainViTUnits(cfg) if cfg.plain_vit else HiViT(cfg)
+        self.backbone = PlainViTUnits(cfg) if cfg.plain_vit else HiViT(backbone_config(cfg))
         self.grid = self.backbone.grid                                    # (Hp, Wp) the position tables are for
         self.pyramid = None
         if cfg.num_classes == 0:
@@ -333,7 +316,7 @@ class iTPN(nn.Module):
             self.pyramid.apply(init_weights)
 
     def init_pos_embed_sincos(self) -> None:
-        """Start the backbone's (trainable) APE from MAE's 2-D sin-cos table, as pixel pre-training does (ref. 2.1)."""
+        """Start the backbone's (trainable) APE from MAE's 2-D sin-cos table, as pixel pre-training does."""
         self.backbone.init_pos_embed_sincos()
 
     def no_weight_decay(self) -> set[str]:
@@ -343,16 +326,11 @@ class iTPN(nn.Module):
         """Relative-position index for extra attention blocks on all N units (None without RPE)."""
         return None if self.cfg.plain_vit else self.backbone.rpe_index(grid_hw)
 
-    def encode(self, x, *, ids_keep=None, mask=None, mask_token=None):
-        """(f4, f8, every stage-3 block's output); see `encode_backbone`."""
-        return encode_backbone(self.backbone, x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
-
-    def forward_features(self, x, *, ids_keep=None, mask=None, mask_token=None):
-        """The HiViT seam (mim.py): [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)].
-
-        A plain-ViT classifier has no up-samplers: its f4 and f8 are None (f16 is there)."""
-        f4, f8, outs = self.encode(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
-        return [f4, f8, outs[-1]]
+    def forward_features(self, x, *, ids_keep=None, mask=None, mask_token=None) -> list:
+        """The encoder seam of hivit.py: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), then every stage-3
+        block's tokens (B, N_vis, C)], the last entry the stage-3 output. ids_keep drops units; mask + mask_token
+        replace the stage-3 input of masked units (BEiT). A plain-ViT classifier gives f4 = f8 = None."""
+        return self.backbone.forward_features(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
 
     def require_pyramid(self) -> FeaturePyramid:
         if self.pyramid is None:
@@ -360,18 +338,16 @@ class iTPN(nn.Module):
                              "num_classes=0 for pre-training, detection or segmentation")
         return self.pyramid
 
-    def forward_levels(self, x, *, ids_keep=None) -> list[torch.Tensor]:
-        """Pyramid levels of the kept units: [p16 (B, N_vis, 1, 1, F), p8 (.., 2, 2, F), p4 (.., 4, 4, F)]."""
-        f4, f8, outs = self.encode(x, ids_keep=ids_keep)
-        return self.require_pyramid()(f4, f8, outs[-1])
+    def forward_levels(self, x, *, ids_keep=None, mask=None, mask_token=None) -> list[torch.Tensor]:
+        """Pyramid levels of the encoded units: [p16 (B, N_vis, 1, 1, F), p8 (.., 2, 2, F), p4 (.., 4, 4, F)]."""
+        feats = self.forward_features(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
+        return self.require_pyramid()(feats[0], feats[1], feats[-1])
 
     def forward_pyramid(self, x, *, mode: str = "det") -> dict[str, torch.Tensor]:
         """Dense maps for detection ("det": p4..p64, F channels) or segmentation ("seg": p4..p32); see pyramid_maps."""
-        grid_hw = check_image_size(x)
-        f4, f8, outs = self.encode(x)
-        levels = self.require_pyramid()(f4, f8, outs[-1])
-        backbone = [f4, f8, outs[-1][:, :, None, None, :]] if mode == "seg" else None   # f16 as (B, N, 1, 1, C)
-        return pyramid_maps(levels, grid_hw, mode=mode, backbone=backbone)
+        feats = self.forward_features(x)
+        levels = self.require_pyramid()(feats[0], feats[1], feats[-1])
+        return pyramid_maps(levels, check_image_size(x), mode=mode, backbone=feats)
 
     def forward(self, x):
         return self.backbone(x)                                           # (B, K): mean pool -> fc_norm -> head
@@ -383,7 +359,8 @@ class LevelEmbed(nn.Module):
     """One pyramid level -> one vector per unit: LN(F) -> Linear(F, D/(h*w)) per sub-token, then space-to-depth.
 
     A (2, 2, F) level becomes 4 sub-tokens of D/4 channels flattened row-major into D, so every level lands in the
-    same (B, N, D) space and the three levels can be summed (official `decoder_embed`, reference 2.3 and 3.2).
+    same (B, N, D) space and the three levels can be summed (official `decoder_embed`: pixel decoder in
+    `itpn_pixel/models/models_itpn_mim.py`, `forward_decoder`; CLIP head in `itpn_clip/modeling_pretrain.py`).
     """
 
     def __init__(self, fpn_dim: int, *, out_dim: int, ln_eps: float = LN_EPS):
@@ -397,22 +374,26 @@ class LevelEmbed(nn.Module):
 
 
 class iTPNPixelPretrainer(nn.Module):
-    """Official pixel recipe (reference 2): masked units dropped, pyramid -> summed levels -> decoder -> pixels.
+    """Official pixel recipe (`itpn_pixel/models/models_itpn_mim.py`, `iTPNMaskedAutoencoder`): masked units dropped,
+    pyramid -> summed levels -> decoder -> pixels.
 
-    out = self(imgs): "loss" norm-pix L2 on masked units, "mask" (B, N), "pred" (B, N, 16*16*3) normalised
-    pixels per unit (mim.patchify order), "recon" (B, 3, H, W) de-normalised with each unit's own mean/std (so it
-    shows the *original* statistics of masked units: for pictures only), "logs".
+    As released: MAE's random masking (`mask_ratio` 0.75); one 512-d, 8-block, 16-head decoder on the sum of the
+    three levels, each level given the same mask token (a masked unit's input is 3 * mask_token); norm-pix L2 on
+    masked units only; no RPE during pixel pre-training; the APE starts from sin-cos and stays trainable.
+    out = self(imgs): "loss", "mask" (B, N), "pred" (B, N, 16*16*3) normalised pixels per unit (mim.patchify
+    order), "recon" (B, 3, H, W) de-normalised with each unit's own mean/std (so it shows the *original*
+    statistics of masked units: for pictures only), "logs".
     """
 
-    RECIPE = "pixel"
+    ARCH_OVERRIDES = dict(num_classes=0, rpe=False)    # what the recipe sets on a size preset (itpn_*_dec512d8b)
     num_views = 1
 
-    def __init__(self, cfg: iTPNConfig):
+    def __init__(self, arch: iTPNConfig, *, cfg: iTPNPretrainConfig):
         super().__init__()
-        self.cfg = cfg = replace(cfg, **RECIPES[self.RECIPE])
-        self.encoder = iTPN(cfg)
-        self.encoder.init_pos_embed_sincos()                              # reference 2.1: sin-cos start, trainable
-        f, d = cfg.fpn_dim, cfg.decoder_dim
+        self.cfg = cfg
+        self.encoder = iTPN(replace(arch, **self.ARCH_OVERRIDES))
+        self.encoder.init_pos_embed_sincos()                              # sin-cos start, trainable (official)
+        f, d = self.encoder.cfg.fpn_dim, cfg.decoder_dim
         self.decoder_embed = nn.ModuleList(LevelEmbed(f, out_dim=d // (s * s)) for s in (1, 2, 4))   # p16, p8, p4
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         # Fixed sin-cos table, stored as a frozen parameter as in the official checkpoints (other grids: recomputed).
@@ -429,14 +410,10 @@ class iTPNPixelPretrainer(nn.Module):
     def decode(self, levels, ids_restore, grid_hw):
         """Visible-unit levels [p16, p8, p4] -> decoder states of all N units (B, N, D)."""
         x = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # Sec. 3.3: summed (B, N_vis, D)
-        b, n_vis, d = x.shape
-        n = ids_restore.shape[1]
         # Official: each level gets the same mask token before the sum, so a masked unit's input is 3 * mask_token.
-        fill = (self.mask_token * len(levels)).expand(b, n - n_vis, -1)  # (B, N - N_vis, D)
-        x = torch.cat([x, fill], dim=1)                                   # (B, N, D), shuffled order
-        x = torch.gather(x, 1, ids_restore[:, :, None].expand(-1, -1, d))   # (B, N, D), original unit order
+        x = unshuffle(x, self.mask_token * len(levels), ids_restore)      # (B, N, D), original unit order
         pos = self.decoder_pos_embed if tuple(grid_hw) == self.encoder.grid else \
-            sincos_pos_embed_2d(d, *grid_hw)[None].to(x)                  # (1, N, D)
+            sincos_pos_embed_2d(x.shape[-1], *grid_hw)[None].to(x)        # (1, N, D)
         x = x + pos
         for blk in self.decoder_blocks:
             x = blk(x)
@@ -450,8 +427,7 @@ class iTPNPixelPretrainer(nn.Module):
         grid_hw = check_image_size(imgs)
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], grid_hw[0] * grid_hw[1], self.cfg.mask_ratio,
                                                      device=imgs.device)
-        f4, f8, outs = self.encoder.encode(imgs, ids_keep=ids_keep)      # visible units only, in every stage
-        levels = self.encoder.pyramid(f4, f8, outs[-1])                  # masks aligned: same N_vis units per level
+        levels = self.encoder.forward_levels(imgs, ids_keep=ids_keep)    # visible units only, in every stage
         hidden = self.decode(levels, ids_restore, grid_hw)               # (B, N, D)
         pred = self.decoder_pred(hidden)                                  # (B, N, P)
         loss = masked_mean(l2_loss(pred, norm_pix(patchify(imgs))), mask)   # norm_pix_loss (official: always on)
@@ -468,21 +444,25 @@ class iTPNPixelPretrainer(nn.Module):
 # ---- 7. Paper method (Eq. 4): MIM + multi-stage masked feature modeling with an EMA teacher -----------------------
 
 class iTPNPaperPretrainer(iTPNPixelPretrainer):
-    """Eq. 4: L = L_MIM + lambda * sum_s L_MFM^s, lambda = 0.3 (not in the released code; our reading of Sec. 3.3).
+    """Eq. 4: L = L_MIM + lambda * sum_s L_MFM^s, lambda = 0.3; not in the released code, built from Sec. 3.3.
 
-    The teacher is an EMA copy of the backbone (`ema_update`: t = m t + (1 - m) s, m = 0.996) that sees only the
-    masked units and gives the last-layer features of each stage. A linear head per stage maps each masked unit's
-    decoder state to that stage's sub-token grid: (4, 4, C/4), (2, 2, C/2), (1, 1, C). out["logs"] has loss_mim
-    and loss_mfm; out["pred"] / "recon" are the pixel prediction as in the pixel recipe. Also, for inspection and
-    tests: out["ids_masked"] (B, N_m) the units the teacher saw, and out["mfm_targets"] [stride 4, 8, 16] the
-    layer-normed teacher targets (B, N_m, h, w, c), no grad, in ids_masked order.
+    Our choices where the paper is brief:
+    * The teacher is an EMA copy of the backbone only (`ema_update`: t = m t + (1 - m) s, m = 0.996 constant): the
+      paper takes the targets "from the last layer of each stage", which the backbone alone produces.
+    * The teacher encodes only the masked units (ids_keep = the masked indices); for stages 1-2, which never mix
+      units, this equals encoding the full image and selecting them (tested).
+    * The student's pyramid holds the visible units only, so the MAE decoder fills the masked units, and one linear
+      head per stage (h^{pt,s}) maps each masked unit's decoder state to that stage's sub-token grid: (4, 4, C/4),
+      (2, 2, C/2), (1, 1, C). Targets are layer-normalised per sub-token (no affine); L_MFM sums the L2 losses of
+      the 3 stages. The architecture is the pixel recipe's (the paper gives no change for Eq. 4).
+    out["logs"] has loss_mim and loss_mfm; out["pred"] / "recon" are the pixel prediction as in the pixel recipe.
+    Also, for inspection and tests: out["ids_masked"] (B, N_m) the units the teacher saw, and out["mfm_targets"]
+    [stride 4, 8, 16] the layer-normed teacher targets (B, N_m, h, w, c), no grad, in ids_masked order.
     """
 
-    RECIPE = "paper"
-
-    def __init__(self, cfg: iTPNConfig):
-        super().__init__(cfg)
-        c, d = self.cfg.embed_dim, self.cfg.decoder_dim
+    def __init__(self, arch: iTPNConfig, *, cfg: iTPNPretrainConfig):
+        super().__init__(arch, cfg=cfg)
+        c, d = self.encoder.cfg.embed_dim, cfg.decoder_dim
         self.stage_shapes = ((4, 4, c // 4), (2, 2, c // 2), (1, 1, c))   # stride 4, 8, 16 target grids
         self.mfm_heads = nn.ModuleList(nn.Linear(d, h * w * ch) for h, w, ch in self.stage_shapes)   # h^{pt,s}
         self.mfm_heads.apply(init_weights)
@@ -493,26 +473,20 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
         self.teacher.eval()                                               # the teacher never drops paths
         return self
 
-    @torch.no_grad()
     def ema_update(self, progress: float | None = None) -> None:
-        """Paper Sec. 3.3: teacher <- m * teacher + (1 - m) * student, parameter by parameter.
+        """Paper Sec. 3.3: teacher <- m * teacher + (1 - m) * student, with mim.py's one EMA rule.
 
         The paper gives one constant m (0.996), so `progress` (train.py passes step / total) is not used here; the
-        argument exists so that every pre-trainer with a momentum teacher is driven the same way. Not
-        mim.ema_update_: its lerp_ differs from m t + (1 - m) s by up to ~5e-7 (rounding), and this rule is tested
-        exactly."""
-        m = self.cfg.ema_momentum
-        for t, s in zip(self.teacher.parameters(), self.encoder.backbone.parameters()):
-            t.copy_(m * t + (1 - m) * s.detach())
+        argument exists so that every pre-trainer with a momentum teacher is driven the same way."""
+        ema_update_(self.teacher, self.encoder.backbone, self.cfg.ema_momentum)
 
     def forward(self, imgs):
         out, hidden, ids_masked = self.forward_mim(imgs)                 # ids_masked (B, N_m)
         with torch.no_grad():                                             # Sec. 3.3: the teacher sees masked units only
-            t4, t8, t_outs = encode_backbone(self.teacher, imgs, ids_keep=ids_masked)
+            feats = self.teacher.forward_features(imgs, ids_keep=ids_masked)   # [t4, t8, ..., t16]
             targets = [F.layer_norm(t, t.shape[-1:])                      # per sub-token, no affine (our choice)
-                       for t in (t4, t8, t_outs[-1][:, :, None, None, :])]   # (B, N_m, h, w, c) per stage
-        d = hidden.shape[-1]
-        h_masked = torch.gather(hidden, 1, ids_masked[:, :, None].expand(-1, -1, d))   # (B, N_m, D)
+                       for t in (feats[0], feats[1], feats[-1][:, :, None, None, :])]   # (B, N_m, h, w, c)
+        h_masked = select_units(hidden, ids_masked)                       # (B, N_m, D)
         loss_mfm = 0.0
         for head, target in zip(self.mfm_heads, targets):
             pred = head(h_masked).reshape(target.shape)                   # (B, N_m, h, w, c)
@@ -527,20 +501,23 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
 # ---- 8. Frozen-teacher distillation (the paper's CLIP variant) ----------------------------------------------------
 
 def distillation_mask(batch_size: int, grid_hw: tuple[int, int], *, mask_ratio: float = DISTILL_MASK_RATIO):
-    """BEiT block mask of the distillation recipes (reference 3.5): (B, N), 1 = masked.
+    """BEiT block mask of the distillation recipes: (B, N), 1 = masked.
 
-    75 of 196 units at 224 px with blocks of at least 16 units; at other grids both numbers scale with N.
+    75 of 196 units at 224 px with blocks of at least 16 units (BEiT's `MaskingGenerator` settings in the official
+    CLIP recipe); at other grids both numbers scale with N.
     """
     n = grid_hw[0] * grid_hw[1]
     return block_masking(batch_size, grid_hw, round(mask_ratio * n), min_block=max(1, round(16 * n / 196)))
 
 
 class FrozenTeacher(nn.Module):
-    """A frozen ViT that maps the student's batch to per-unit targets (B, N, T) (reference 3.3).
+    """A frozen ViT that maps the student's batch to per-unit targets (B, N, T).
 
     imgs (ImageNet-normalised, as train.py feeds the student) -> raw pixels -> the teacher's own normalisation ->
     resized so the teacher's token grid equals the student's unit grid -> last layer (+ CLIP projection) ->
-    LayerNorm without affine (eps 1e-5, official).
+    LayerNorm without affine (eps 1e-5), as the official target (`itpn_clip/clip/create_clip.py`). The official
+    code feeds the teacher a separately resized image that its CLIP input scaling effectively sees as (x+1)/2 of a
+    [0, 1] image; that is not replicated.
     """
 
     def __init__(self, vit: VisionTransformer, *, proj: torch.Tensor | None, pixel_mean, pixel_std):
@@ -567,6 +544,7 @@ class FrozenTeacher(nn.Module):
         if self.proj is not None:
             tokens = tokens @ self.proj                                   # (B, N, T)
         return F.layer_norm(tokens, tokens.shape[-1:], eps=1e-5)
+
 
 
 def clip_to_vit_state_dict(sd: dict) -> tuple[ViTConfig, dict, torch.Tensor]:
@@ -630,11 +608,13 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
     return cfg, {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}   # classifier head unused
 
 
+
 def load_teacher(path: str) -> FrozenTeacher:
     """Build a FrozenTeacher from a local file: an OpenAI-CLIP image encoder or a project ViT (see the two mappers).
 
-    Never downloads. Raises FileNotFoundError for a missing file, KeyError for missing/unexpected keys and
-    ValueError naming every tensor whose shape disagrees with the architecture read from the file.
+    Never downloads. Raises FileNotFoundError for a missing file, then (hivit.check_state_dict) KeyError for
+    missing/unexpected keys and ValueError naming every tensor whose shape disagrees with the architecture read
+    from the file.
     """
     if not path or not os.path.isfile(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} not found: pass a local file (an OpenAI-CLIP visual "
@@ -648,88 +628,120 @@ def load_teacher(path: str) -> FrozenTeacher:
         (cfg, sd), proj = project_to_vit_state_dict(ckpt), None
         mean, std = IMAGENET_MEAN, IMAGENET_STD                           # trained on the student's normalisation
     vit = VisionTransformer(cfg)
-    ours = vit.state_dict()
-    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
-    if missing or unexpected:
-        raise KeyError(f"teacher {path}: missing keys {missing}, unexpected keys {unexpected}")
-    wrong = [f"{k}: expected {tuple(ours[k].shape)}, got {tuple(v.shape)}" for k, v in sd.items()
-             if v.shape != ours[k].shape]
-    if proj is not None and proj.shape[0] != cfg.embed_dim:
-        wrong.append(f"proj: expected ({cfg.embed_dim}, T), got {tuple(proj.shape)}")
-    if wrong:
-        raise ValueError(f"teacher {path} does not match a ViT of width {cfg.embed_dim}, depth {cfg.depth}, patch "
-                         f"{cfg.patch_size} (read from the file): " + "; ".join(wrong))
+    expected = {k: v.shape for k, v in vit.state_dict().items()}
+    found = dict(sd)
+    if proj is not None:                                                  # CLIP's projection: (C, any T)
+        expected["proj"], found["proj"] = (cfg.embed_dim, proj.shape[-1]), proj
+    check_state_dict(found, expected, what=f"teacher {path} does not match a ViT of width {cfg.embed_dim}, depth "
+                                           f"{cfg.depth}, patch {cfg.patch_size} (read from the file)",
+                     hint="an OpenAI-CLIP visual state_dict or a ViT checkpoint written by this project")
     vit.load_state_dict(sd)
     return FrozenTeacher(vit, proj=proj, pixel_mean=mean, pixel_std=std)
 
 
-class iTPNDistillPretrainer(nn.Module):
-    """Frozen-teacher distillation (reference 3): block masking, mask tokens at stage 3, two heads on all units.
+class PyramidDistillation(nn.Module):
+    """Frozen-teacher distillation on a pyramid: what iTPN's recipe (Sec. 3.4) and Fast-iTPN's (fast_itpn.py) share.
 
-    main = lm_head(norm(sum of the three levels, each space-to-depth'ed to C per unit)) and
-    aux  = aux_head(aux_norm(2 attention blocks on the stage-3 output after block int(0.75 * depth))),
-    both (B, N, T), compared with the teacher's target by smooth-L1 (iTPN) or cosine (Fast-iTPN), equal weights.
+    The teacher (`load_teacher`) maps the batch to per-unit targets (B, N, T). The main head reads the pyramid:
+    each level is space-to-depth'ed to C per unit (LevelEmbed) and the three are summed, then LN and Linear(C, T)
+    (official `itpn_clip/modeling_pretrain.py`: `decoder_embed`, `norm`, `lm_head`). The loss is the recipe's
+    `distill_loss` averaged over ALL units, as released. A subclass builds `self.encoder` (with its pyramid).
+    """
+
+    num_views = 1
+
+    def __init__(self, *, cfg: iTPNPretrainConfig, teacher_path: str, embed_dim: int, fpn_dim: int):
+        super().__init__()
+        if cfg.distill_loss not in ("smooth_l1", "cosine"):
+            raise ValueError(f"distill_loss must be 'smooth_l1' or 'cosine', got {cfg.distill_loss!r}")
+        self.cfg = cfg
+        self.teacher = load_teacher(teacher_path)                         # frozen, requires_grad=False, always eval
+        c = embed_dim
+        self.decoder_embed = nn.ModuleList(LevelEmbed(fpn_dim, out_dim=c // (s * s)) for s in (1, 2, 4))
+        self.norm = nn.LayerNorm(c, eps=LN_EPS)
+        self.lm_head = nn.Linear(c, self.teacher.out_dim)
+        for part in (self.decoder_embed, self.norm, self.lm_head):
+            part.apply(init_weights)
+
+    def main_prediction(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """[p16, p8, p4] over all N units -> (B, N, T): summed level embeddings (the teacher's grid), LN, head."""
+        merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # (B, N, C)
+        return self.lm_head(self.norm(merged))                            # (B, N, T)
+
+    def distill_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Smooth-L1 (official `itpn_clip/engine_for_pretraining.py`) or 1 - cos (Fast-iTPN paper), all units."""
+        return LOSSES[self.cfg.distill_loss](pred, target).mean()
+
+
+class iTPNDistillPretrainer(PyramidDistillation):
+    """Frozen-teacher distillation as released (`itpn_clip/modeling_pretrain.py`, `iTPNClipDistill`).
+
+    Block masking (`distillation_mask`); stages 1-2 see every unit and masked units become a mask token at the
+    stage-3 input (BEiT-style, `forward_features_for_pretraining`); two heads supervise ALL units with equal
+    weights: main = the pyramid head of PyramidDistillation, and aux = aux_head(aux_norm(2 attention blocks on the
+    output of stage-3 block int(0.75 * depth), 0-based: 19 of 24 for iTPN-B)), the 2 blocks with LayerNorm eps 1e-5
+    as released. The pyramid prediction of a masked unit sees its own pixels through the stage-1/2 laterals (as in
+    the official code); no other unit does, and the aux head does not (tested). The teacher width T is read from
+    the teacher file.
     out = {"loss", "mask" (B, N), "pred" main (B, N, T), "logs": {loss_main, loss_aux}}.
     """
 
-    RECIPE = "distill"
-    num_views = 1
+    ARCH_OVERRIDES = dict(num_classes=0, rpe=True, layer_scale=0.1, fpn_depth=1)   # clip_tpn_*: RPE, gamma 0.1
 
-    def __init__(self, cfg: iTPNConfig, *, teacher_path: str):
-        super().__init__()
-        self.cfg = cfg = replace(cfg, **RECIPES[self.RECIPE])
-        if cfg.distill_loss not in ("smooth_l1", "cosine"):
-            raise ValueError(f"distill_loss must be 'smooth_l1' or 'cosine', got {cfg.distill_loss!r}")
-        self.teacher = load_teacher(teacher_path)
-        self.encoder = iTPN(cfg)
-        c, t = cfg.embed_dim, self.teacher.out_dim
+    def __init__(self, arch: iTPNConfig, *, cfg: iTPNPretrainConfig, teacher_path: str):
+        arch = replace(arch, **self.ARCH_OVERRIDES)
+        super().__init__(cfg=cfg, teacher_path=teacher_path, embed_dim=arch.embed_dim, fpn_dim=arch.fpn_dim)
+        self.encoder = iTPN(arch)
+        c = arch.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c))             # replaces masked units at the stage-3 input
-        self.decoder_embed = nn.ModuleList(LevelEmbed(cfg.fpn_dim, out_dim=c // (s * s)) for s in (1, 2, 4))
-        self.norm = nn.LayerNorm(c, eps=LN_EPS)
-        self.lm_head = nn.Linear(c, t)
-        # Early supervision (reference 3.1): tap after block int(0.75 * depth), 0-based, + 2 fresh attention blocks
-        # with the next two drop-path rates of the main schedule and torch's default LayerNorm eps 1e-5 (official).
-        self.aux_index = int(0.75 * cfg.depth)
-        first = cfg.mlp_depth1 + cfg.mlp_depth2 + self.aux_index
-        dpr = drop_path_rates(cfg.drop_path_rate, cfg.mlp_depth1 + cfg.mlp_depth2 + cfg.depth)[first:first + 2]
-        rpe_grid = self.encoder.grid if cfg.rpe and not cfg.plain_vit else None
+        # Early supervision: tap after block int(0.75 * depth), 0-based, + 2 fresh attention blocks with the next two
+        # drop-path rates of the main schedule and torch's default LayerNorm eps 1e-5 (official `cls_pt_layers`).
+        self.aux_index = int(0.75 * arch.depth)
+        n_early = 0 if arch.plain_vit else arch.mlp_depth1 + arch.mlp_depth2   # blocks before stage 3
+        first = n_early + self.aux_index
+        dpr = drop_path_rates(arch.drop_path_rate, n_early + arch.depth)[first:first + 2]
+        rpe_grid = self.encoder.grid if arch.rpe and not arch.plain_vit else None
         self.aux_blocks = nn.ModuleList(
-            AttentionBlock(c, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=p,
-                           layer_scale=cfg.layer_scale, rpe_grid=rpe_grid, ln_eps=1e-5) for p in dpr)
+            AttentionBlock(c, num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, drop_path=p,
+                           layer_scale=arch.layer_scale, rpe_grid=rpe_grid, ln_eps=1e-5) for p in dpr)
         self.aux_norm = nn.LayerNorm(c, eps=LN_EPS)
-        self.aux_head = nn.Linear(c, t)
-        for part in (self.decoder_embed, self.norm, self.lm_head, self.aux_blocks, self.aux_norm, self.aux_head):
+        self.aux_head = nn.Linear(c, self.teacher.out_dim)
+        for part in (self.aux_blocks, self.aux_norm, self.aux_head):
             part.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def forward(self, imgs):
         grid_hw = check_image_size(imgs)
         mask = distillation_mask(imgs.shape[0], grid_hw, mask_ratio=self.cfg.distill_mask_ratio).to(imgs.device)
-        f4, f8, outs = self.encoder.encode(imgs, mask=mask, mask_token=self.mask_token)   # all N units
-        levels = self.encoder.pyramid(f4, f8, outs[-1])                  # [p16, p8, p4], (B, N, h, w, F)
-        merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # to the teacher grid (B, N, C)
-        main = self.lm_head(self.norm(merged))                            # (B, N, T)
-        aux = outs[self.aux_index]                                        # (B, N, C)
+        feats = self.encoder.forward_features(imgs, mask=mask, mask_token=self.mask_token)   # all N units
+        levels = self.encoder.pyramid(feats[0], feats[1], feats[-1])     # [p16, p8, p4], (B, N, h, w, F)
+        main = self.main_prediction(levels)                               # (B, N, T)
+        aux = feats[2 + self.aux_index]                                   # (B, N, C): after block aux_index
         rpe_index = self.encoder.rpe_index(grid_hw)
         for blk in self.aux_blocks:
             aux = blk(aux, rpe_index=rpe_index, grid_hw=grid_hw)
         aux = self.aux_head(self.aux_norm(aux))                           # (B, N, T)
         target = self.teacher(imgs)                                       # (B, N, T), no grad
-        loss_fn = LOSSES[self.cfg.distill_loss]
-        loss_main, loss_aux = loss_fn(main, target).mean(), loss_fn(aux, target).mean()   # all units (official)
+        loss_main, loss_aux = self.distill_loss(main, target), self.distill_loss(aux, target)
         return {"loss": loss_main + loss_aux, "mask": mask, "pred": main,
                 "logs": {"loss_main": loss_main.detach(), "loss_aux": loss_aux.detach()}}
 
 
-METHODS = {"itpn": iTPNPaperPretrainer, "itpn_pixel": iTPNPixelPretrainer, "itpn_distill": iTPNDistillPretrainer}
+# ---- 9. Recipe presets and METHODS: what train.py builds ----------------------------------------------------------
+
+# Method name -> recipe; a pre-trainer is built as METHODS[name](PRESETS[size], cfg=PRETRAIN_PRESETS[name]) (header).
+PRETRAIN_PRESETS: dict[str, iTPNPretrainConfig] = {
+    "itpn": iTPNPretrainConfig(),                                         # Eq. 4: pixel MIM + 0.3 MFM, EMA 0.996
+    "itpn_pixel": iTPNPretrainConfig(),                                   # official itpn_*_dec512d8b: 8b512d, 0.75
+    "itpn_distill": iTPNPretrainConfig(),                                 # official CLIP recipe: smooth-L1
+    "itpn_distill_cosine": iTPNPretrainConfig(distill_loss="cosine"),     # the loss of the Fast-iTPN paper
+}
+METHODS: dict[str, type[nn.Module]] = {"itpn": iTPNPaperPretrainer, "itpn_pixel": iTPNPixelPretrainer,
+                                       "itpn_distill": iTPNDistillPretrainer,
+                                       "itpn_distill_cosine": iTPNDistillPretrainer}
 
 
-# ---- 9. Loading official checkpoints ------------------------------------------------------------------------------
+# ---- 10. Loading official checkpoints -----------------------------------------------------------------------------
 
 # Official prefix -> ours, for everything outside the backbone (the backbone goes through hivit.map_official_key).
 # Names are in a pre-trainer's namespace; an iTPN backbone uses the "encoder." ones without that prefix.
@@ -762,6 +774,7 @@ def map_itpn_key(key: str, cfg: iTPNConfig) -> str | None:
     return key                                                            # mask_token, decoder_*, norm, lm_head
 
 
+
 def load_official(model: nn.Module, state_dict: dict) -> list[str]:
     """Strictly load a released iTPN checkpoint; returns the official keys that were ignored.
 
@@ -769,8 +782,10 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
     - iTPN backbone (num_classes = 0)   <- any pre-training layout: backbone + pyramid, the heads are ignored;
     - iTPNPixelPretrainer               <- `itpn_*_pixel_pretrain` (build with ape_quirk=True for output parity);
     - iTPNDistillPretrainer             <- `itpn_*_clip_pretrain` (our teacher is not in the file, it stays).
-    Raises KeyError naming missing/unexpected keys and ValueError naming every shape mismatch (both shapes).
-    The paper pre-trainer has no official layout (the released code has no MFM) and raises TypeError.
+    Errors (hivit.check_state_dict) name missing and unexpected keys by our names and every shape mismatch. Strict
+    also means that using a depth-2 pyramid checkpoint with fpn_depth=1 (the official det recipe) drops the
+    `block_*.1` keys on purpose, where the official code drops them silently. The paper pre-trainer has no official
+    layout (the released code has no MFM) and raises TypeError.
     """
     if isinstance(model, iTPN) and model.cfg.num_classes > 0:
         return load_official_hivit(model.backbone, state_dict)
@@ -780,45 +795,33 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
                         f"classifier, a pixel pre-trainer and a CLIP pre-trainer only")
     sd = unwrap_checkpoint(state_dict)                                    # where official scripts keep the weights
     is_backbone = isinstance(model, iTPN)
-    ours = model.state_dict()
+    arch = model.cfg if is_backbone else model.encoder.cfg
     mapped, ignored = {}, []
     for key, value in sd.items():
-        new = map_itpn_key(key, model.cfg)
+        new = map_itpn_key(key, arch)
         if new is not None and is_backbone:
             new = new[len("encoder."):] if new.startswith("encoder.") else None   # heads: not part of a backbone
         if new is None:
             ignored.append(key)
             continue
         mapped[new] = value
-    expected = {k for k in ours if not k.startswith("teacher.")}          # the frozen teacher comes from its own file
-    unexpected, missing = sorted(set(mapped) - expected), sorted(expected - set(mapped))
-    if unexpected or missing:
-        raise KeyError(f"official checkpoint does not match {type(model).__name__}: missing keys {missing}, "
-                       f"unexpected keys {unexpected} (check the preset: depths, fpn_depth, rpe, layer_scale)")
-    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}" for k, v in mapped.items()
-             if v.shape != ours[k].shape]
-    if wrong:
-        raise ValueError("shape mismatch (img_size, widths or teacher dim differ): " + "; ".join(wrong))
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not k.startswith("teacher.")}                          # the frozen teacher comes from its own file
+    check_state_dict(mapped, expected, what=f"official checkpoint does not match {type(model).__name__}",
+                     hint="check the preset: depths, fpn_depth, rpe, layer_scale, img_size, and the teacher's width")
     model.load_state_dict(mapped, strict=not isinstance(model, iTPNDistillPretrainer))
     return ignored
 
 
-# ---- 10. Smoke demo -----------------------------------------------------------------------------------------------
-
-def count_params(cfg: iTPNConfig) -> int:
-    """Parameter count of an iTPN preset without allocating memory (meta device)."""
-    with torch.device("meta"):
-        model = iTPN(cfg)
-    return sum(p.numel() for p in model.parameters())
-
+# ---- 11. Smoke demo -----------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     import tempfile
 
     torch.manual_seed(0)
-    cfg = PRESETS["tiny"]
+    arch = PRESETS["tiny"]
     x = torch.randn(2, 3, 64, 64)
-    backbone = iTPN(replace(cfg, num_classes=0))
+    backbone = iTPN(replace(arch, num_classes=0))
     levels = backbone.forward_levels(x)
     print("pyramid levels (p16, p8, p4):", [tuple(p.shape) for p in levels])
     print("dense maps:", {k: tuple(v.shape) for k, v in backbone.forward_pyramid(x).items()})
@@ -826,15 +829,19 @@ if __name__ == "__main__":
         teacher_path = os.path.join(tmp, "teacher.pth")
         torch.save(VisionTransformer(ViTConfig(img_size=64, embed_dim=32, depth=1, num_heads=2,
                                                num_classes=0)).state_dict(), teacher_path)
-        pretrainers = {"itpn_pixel": iTPNPixelPretrainer(cfg), "itpn": iTPNPaperPretrainer(cfg),
-                       "itpn_distill": iTPNDistillPretrainer(cfg, teacher_path=teacher_path)}
+        pretrainers = {}
+        for name, method in METHODS.items():
+            teacher = {"teacher_path": teacher_path} if issubclass(method, PyramidDistillation) else {}
+            pretrainers[name] = method(arch, cfg=tiny_decoder(PRETRAIN_PRESETS[name]), **teacher)
+    pretrainers["itpn_vit_tiny pixel"] = iTPNPixelPretrainer(PRESETS["itpn_vit_tiny"],
+                                                             cfg=tiny_decoder(PRETRAIN_PRESETS["itpn_pixel"]))
     for name, model in pretrainers.items():
         out = model(x)
         out["loss"].backward()
         logs = ", ".join(f"{k} {v.item():.3f}" for k, v in out["logs"].items())
-        print(f"{name:13s} loss {out['loss'].item():.4f} ({logs}), pred {tuple(out['pred'].shape)}, "
+        print(f"{name:20s} loss {out['loss'].item():.4f} ({logs}), pred {tuple(out['pred'].shape)}, "
               f"mask {tuple(out['mask'].shape)}")
     pretrainers["itpn"].ema_update()
-    for name in ("itpn_b", "itpn_l"):
-        print(f"{name}: classifier {count_params(PRESETS[name]) / 1e6:.3f}M, backbone + pyramid "
-              f"{count_params(replace(PRESETS[name], num_classes=0)) / 1e6:.3f}M parameters")
+    for name in ("itpn_b", "itpn_l", "itpn_vit_b"):
+        print(f"{name}: classifier {count_params(iTPN, PRESETS[name]) / 1e6:.3f}M, backbone + pyramid "
+              f"{count_params(iTPN, replace(PRESETS[name], num_classes=0)) / 1e6:.3f}M parameters")

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 import itpn
 import mim
 from hivit import PRESETS as HIVIT_PRESETS
-from hivit import VIT_PRESETS, HiViT, ViTConfig, VisionTransformer, sincos_pos_embed_2d
+from hivit import VIT_PRESETS, HiViT, ViTConfig, VisionTransformer, count_params, sincos_pos_embed_2d
 from itpn import (
-    PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPixelPretrainer,
+    PRESETS, PRETRAIN_PRESETS, FeaturePyramid, PatchSplit, iTPN, iTPNDistillPretrainer, iTPNPixelPretrainer,
     load_official, load_teacher,
 )
 from mim import mask_to_map
@@ -60,11 +60,13 @@ def smooth_batch(b=2, side=64, seed=0):
     return F.interpolate(torch.randn(b, 3, 8, 8, generator=g), size=(side, side), mode="bilinear")
 
 
-def build(method, teacher_path, cfg=TINY):
+def build(method, teacher_path, arch=TINY, **recipe):
+    """A pre-trainer as train.py builds it: size preset + the method's recipe preset (tiny decoder) + overrides."""
     torch.manual_seed(0)
-    if method == "itpn_distill":
-        return iTPNDistillPretrainer(cfg, teacher_path=teacher_path)
-    return itpn.METHODS[method](cfg)
+    cfg = replace(itpn.tiny_decoder(PRETRAIN_PRESETS[method]), **recipe)
+    if issubclass(itpn.METHODS[method], itpn.PyramidDistillation):
+        return itpn.METHODS[method](arch, cfg=cfg, teacher_path=teacher_path)
+    return itpn.METHODS[method](arch, cfg=cfg)
 
 
 # ---- sizes: paper / official models ----
@@ -85,22 +87,22 @@ def test_parameter_counts_and_gmacs(name, params_m, paper_gmacs, layout):
 @pytest.mark.parametrize("size", ["base", "large"])
 def test_pretrainer_sizes_match_official(size, tmp_path):
     preset = PRESETS["itpn_b" if size == "base" else "itpn_l"]
-    teacher_dim = 512 if size == "base" else 768                        # CLIP-B/16 vs CLIP-L/14 (reference 3)
+    teacher_dim = 512 if size == "base" else 768                        # CLIP-B/16 vs CLIP-L/14 (official recipes)
     path = str(tmp_path / "clip.pth")
     torch.save(clip_state_dict(out_dim=teacher_dim), path)
     with torch.device("meta"):
-        pixel = iTPNPixelPretrainer(preset)
-        distill = iTPNDistillPretrainer(preset, teacher_path=path)
+        pixel = iTPNPixelPretrainer(preset, cfg=PRETRAIN_PRESETS["itpn_pixel"])
+        distill = iTPNDistillPretrainer(preset, cfg=PRETRAIN_PRESETS["itpn_distill"], teacher_path=path)
     assert sum(p.numel() for p in pixel.parameters()) == official_layout(f"itpn_{size}_pixel_pretrain")["n_params"]
     n = sum(p.numel() for k, p in distill.named_parameters() if not k.startswith("teacher."))
     assert n == official_layout(f"itpn_{size}_clip_pretrain")["n_params"]
-    assert itpn.count_params(replace(PRESETS["itpn_t"], num_classes=1000)) == 19_181_668   # = HiViT-T
+    assert count_params(iTPN, replace(PRESETS["itpn_t"], num_classes=1000)) == 19_181_668   # = HiViT-T
 
 
 def test_itpn_s_is_hivit_s():
     """itpn_s / itpn_t are the HiViT-S / -T sizes (4-4-20, 384-d): the same 37.5M parameters with a 1000 head."""
     assert PRESETS["itpn_s"].num_classes == 1000
-    assert itpn.count_params(PRESETS["itpn_s"]) == 37_526_464
+    assert count_params(iTPN, PRESETS["itpn_s"]) == 37_526_464
     with torch.device("meta"):
         assert sum(p.numel() for p in HiViT(HIVIT_PRESETS["hivit_s"]).parameters()) == 37_526_464
 
@@ -111,7 +113,7 @@ def test_plain_vit_variant_taps_layers_4_and_7_of_12():
     model = iTPN(replace(TINY, plain_vit=True, depth=12, num_classes=0)).eval()
     vit, x = model.backbone.vit, torch.randn(1, 3, 32, 32)               # 2 x 2 units
     with torch.no_grad():
-        f4, f8, _ = model.encode(x)
+        f4, f8 = model.forward_features(x)[:2]
         ref = vit.forward_features(x)                                     # every block's output (B, N, C)
         up4 = [model.backbone.up4(r[:, :, None, None, :]) for r in ref]   # (B, N, 4, 4, C/4) per block
         up8 = [model.backbone.up8(r[:, :, None, None, :]) for r in ref]   # (B, N, 2, 2, C/2) per block
@@ -133,7 +135,7 @@ def test_pyramid_strides_and_channels():
         assert det[f"p{s}"].shape == (2, f, 64 // s, 96 // s)
     for s, ch in ((4, f + c // 4), (8, f + c // 2), (16, f + c), (32, f + c)):
         assert seg[f"p{s}"].shape == (2, ch, 64 // s, 96 // s)
-    torch.testing.assert_close(det["p32"], F.avg_pool2d(det["p16"], 2))  # det: avg-pool, seg: max-pool (ref 6)
+    torch.testing.assert_close(det["p32"], F.avg_pool2d(det["p16"], 2))  # det: avg-pool, seg: max-pool (official)
     torch.testing.assert_close(seg["p32"], F.max_pool2d(seg["p16"], 2))
     torch.testing.assert_close(seg["p4"][:, :f], det["p4"])              # seg = pyramid level ++ backbone feature
     levels = model.forward_levels(x)
@@ -167,7 +169,7 @@ def test_pyramid_has_no_spatial_mixing():
 
 
 def official_pyramid_forward(sd, f4, f8, x16, *, fpn_depth):
-    """The released pyramid written from the reference description (2.2) with the official key names."""
+    """The released pyramid (official `itpn_pixel/models/models_itpn.py`) written out on its own key names."""
     def ln(x, p):
         return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
 
@@ -250,7 +252,7 @@ def test_every_trainable_parameter_gets_a_gradient(method, teacher_path):
 @pytest.mark.parametrize("method", ["itpn_pixel", "itpn_distill"])
 def test_plain_vit_variant_trains_every_parameter(method, teacher_path):
     """Supplementary Sec. 3: the same pyramid and heads on a plain ViT (layers up-sampled to strides 4 and 8)."""
-    model = build(method, teacher_path, cfg=replace(TINY, plain_vit=True))
+    model = build(method, teacher_path, arch=replace(TINY, plain_vit=True))
     model(smooth_batch())["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     levels = model.encoder.forward_levels(torch.randn(1, 3, 64, 64))
@@ -259,14 +261,14 @@ def test_plain_vit_variant_trains_every_parameter(method, teacher_path):
 
 @pytest.mark.parametrize("plain_vit", [False, True])
 def test_pixel_pretraining_starts_the_ape_from_sincos(plain_vit):
-    """Reference 2.1: the APE starts as MAE's 2-D sin-cos table (HiViT's and the plain ViT's) and stays trainable;
+    """Pixel pre-training: the APE starts as MAE's 2-D sin-cos table (HiViT's and the plain ViT's) and stays trainable;
     iTPN.init_pos_embed_sincos is the public way (it goes through hivit's own init_pos_embed_sincos)."""
     expected = sincos_pos_embed_2d(TINY.embed_dim, 4, 4)[None]            # (1, N, C)
 
     def ape(encoder):
         return encoder.backbone.vit.pos_embed if plain_vit else encoder.backbone.absolute_pos_embed
 
-    model = build("itpn_pixel", None, cfg=replace(TINY, plain_vit=plain_vit))
+    model = build("itpn_pixel", None, arch=replace(TINY, plain_vit=plain_vit))
     assert ape(model.encoder).requires_grad
     torch.testing.assert_close(ape(model.encoder).detach(), expected, rtol=0, atol=0)
     encoder = iTPN(replace(TINY, plain_vit=plain_vit, num_classes=0))   # fine-tuning init: random, not sin-cos
@@ -308,8 +310,8 @@ def test_teacher_targets_at_stages_1_2_equal_full_image_then_select():
     x = smooth_batch()
     ids_masked = torch.rand(2, 16).argsort(dim=1)[:, :12]                 # (B, N_m)
     with torch.no_grad():
-        m4, m8, _ = itpn.encode_backbone(model.teacher, x, ids_keep=ids_masked)
-        a4, a8, _ = itpn.encode_backbone(model.teacher, x)
+        m4, m8 = model.teacher.forward_features(x, ids_keep=ids_masked)[:2]
+        a4, a8 = model.teacher.forward_features(x)[:2]
     idx = ids_masked[:, :, None, None, None]
     torch.testing.assert_close(m4, torch.gather(a4, 1, idx.expand(-1, -1, *a4.shape[2:])), rtol=0, atol=1e-6)
     torch.testing.assert_close(m8, torch.gather(a8, 1, idx.expand(-1, -1, *a8.shape[2:])), rtol=0, atol=1e-6)
@@ -320,8 +322,8 @@ def test_paper_loss_is_mim_plus_lambda_times_the_summed_stage_losses(mfm_weight)
     """Eq. 4 recomputed from public pieces: L_MIM is the pixel recipe's loss, L_MFM = sum over the 3 stages of the
     L2 between each stage head's prediction of the masked units and the layer-normed teacher features of those
     units, and L = L_MIM + lambda L_MFM with lambda = 0.3 by default."""
-    cfg = TINY if mfm_weight is None else replace(TINY, mfm_weight=mfm_weight)
-    model, pixel = build("itpn", None, cfg=cfg).eval(), build("itpn_pixel", None, cfg=cfg).eval()   # same init
+    recipe = {} if mfm_weight is None else {"mfm_weight": mfm_weight}
+    model, pixel = build("itpn", None, **recipe).eval(), build("itpn_pixel", None, **recipe).eval()   # same init
     assert model.cfg.mfm_weight == (0.3 if mfm_weight is None else mfm_weight)
     x = smooth_batch()
     torch.manual_seed(3)
@@ -333,10 +335,11 @@ def test_paper_loss_is_mim_plus_lambda_times_the_summed_stage_losses(mfm_weight)
         torch.testing.assert_close(logs["loss_mim"], pixel(x)["loss"])
         torch.manual_seed(3)
         _, hidden, ids_masked = model.forward_mim(x)                      # (B, N, D), (B, N_m)
-        t4, t8, t_outs = itpn.encode_backbone(model.teacher, x, ids_keep=ids_masked)
+        feats = model.teacher.forward_features(x, ids_keep=ids_masked)  # [t4, t8, ..., t16]
+        t4, t8, t16 = feats[0], feats[1], feats[-1]
         h = torch.gather(hidden, 1, ids_masked[:, :, None].expand(-1, -1, hidden.shape[-1]))   # (B, N_m, D)
         ref = 0.0
-        for head, t in zip(model.mfm_heads, (t4, t8, t_outs[-1][:, :, None, None, :])):
+        for head, t in zip(model.mfm_heads, (t4, t8, t16[:, :, None, None, :])):
             t = F.layer_norm(t, t.shape[-1:])
             ref = ref + ((head(h).reshape(t.shape) - t) ** 2).mean()
     assert ids_masked.shape == (2, 12) and torch.equal(ids_masked, out["ids_masked"])
@@ -392,7 +395,8 @@ def test_decoder_input_equals_the_official_per_level_mask_token_formulation():
     """Official: every level gets the mask token, is un-shuffled, then the levels are summed. Ours: sum the visible
     levels, fill masked units with 3 * mask_token, un-shuffle once. Same tensor, bit for bit."""
     torch.manual_seed(0)
-    model = iTPNPixelPretrainer(replace(TINY, decoder_depth=0)).eval()  # decode = norm(input + position)
+    recipe = replace(itpn.tiny_decoder(PRETRAIN_PRESETS["itpn_pixel"]), decoder_depth=0)
+    model = iTPNPixelPretrainer(TINY, cfg=recipe).eval()                 # decode = norm(input + position)
     levels = [torch.randn(2, 5, s, s, TINY.fpn_dim) for s in (1, 2, 4)] # 5 visible of 16 units
     ids_restore = torch.rand(2, 16).argsort(dim=1)                        # (B, N)
     official = 0
@@ -420,15 +424,16 @@ def test_masked_pixels_change_no_prediction_in_the_mim_path(method):
 
 def test_mask_alignment_and_leak_in_the_distillation_path(teacher_path):
     """Mask tokens at stage 3: a masked unit's pixels change only that unit, at every pyramid level and in the
-    main prediction (its own, via the stage-1/2 laterals, reference 3.7), never any other unit or the aux head."""
+    main prediction (its own, via the stage-1/2 laterals, as in the official code), never any other unit or the aux
+    head."""
     model = build("itpn_distill", teacher_path).eval()
     x = smooth_batch()
     torch.manual_seed(5)
     mask = model(x)["mask"]
     x2 = perturb_masked_units(x, mask)
     with torch.no_grad():
-        levels = [model.encoder.encode(xi, mask=mask, mask_token=model.mask_token) for xi in (x, x2)]
-        maps = [itpn.pyramid_maps(model.encoder.pyramid(f4, f8, outs[-1]), (4, 4)) for f4, f8, outs in levels]
+        feats = [model.encoder.forward_features(xi, mask=mask, mask_token=model.mask_token) for xi in (x, x2)]
+        maps = [itpn.pyramid_maps(model.encoder.pyramid(f[0], f[1], f[-1]), (4, 4)) for f in feats]
     for name, scale in (("p4", 4), ("p8", 2), ("p16", 1)):
         changed = (maps[0][name] - maps[1][name]).abs().amax(dim=1) > 0   # (B, 4*scale, 4*scale)
         assert not (changed & (mask_to_map(mask, (4, 4), scale) == 0)).any(), name   # aligned: inside masked units
@@ -460,9 +465,11 @@ def test_overfits_one_batch(method, steps, teacher_path):
 
 
 def test_cosine_distillation_loss_and_the_aux_tap_at_three_quarters_depth(teacher_path):
-    """distill_loss="cosine" (Fast-iTPN): each loss is the mean over all B*N units of 1 - cos(pred, target); the
-    aux head reads the output of block int(0.75 * depth) = 6 (0-based) of 8, then 2 blocks, norm, head."""
-    model = build("itpn_distill", teacher_path, cfg=replace(TINY, depth=8, distill_loss="cosine")).eval()
+    """The "itpn_distill_cosine" preset (Fast-iTPN's loss): each loss is the mean over all B*N units of
+    1 - cos(pred, target); the aux head reads the output of block int(0.75 * depth) = 6 (0-based) of 8, then 2
+    blocks, norm, head."""
+    model = build("itpn_distill_cosine", teacher_path, arch=replace(TINY, depth=8)).eval()
+    assert model.cfg.distill_loss == "cosine" and type(model) is iTPNDistillPretrainer
     x = smooth_batch()
     torch.manual_seed(5)
     out = model(x)
@@ -475,7 +482,7 @@ def test_cosine_distillation_loss_and_the_aux_tap_at_three_quarters_depth(teache
     with torch.no_grad():
         target = model.teacher(x)                                         # (B, N, T)
         torch.testing.assert_close(logs["loss_main"], one_minus_cos_mean(out["pred"], target))
-        _, _, outs = model.encoder.encode(x, mask=out["mask"], mask_token=model.mask_token)
+        outs = model.encoder.forward_features(x, mask=out["mask"], mask_token=model.mask_token)[2:]   # blocks
         rpe_index = model.encoder.rpe_index((4, 4))
         aux_losses = []
         for tap in (5, 6, 7):
@@ -607,7 +614,7 @@ def test_teacher_errors_are_clear(tmp_path):
     sd["transformer.resblocks.0.mlp.c_proj.weight"] = torch.zeros(48, 128)   # wrong width in one block
     path = str(tmp_path / "bad.pth")
     torch.save(sd, path)
-    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc2\.weight: expected \(32, 128\), got \(48, 128\)"):
+    with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc2\.weight: checkpoint \(48, 128\) vs model \(32, 128\)"):
         load_teacher(path)
     with pytest.raises(ValueError, match="neither an OpenAI-CLIP"):
         torch.save({"foo": torch.zeros(1)}, path)
@@ -628,8 +635,9 @@ def test_load_official_round_trip(layout, kind, tmp_path):
     preset = PRESETS["itpn_b"]
     with torch.device("meta"):
         model = {"classifier": lambda: iTPN(preset),
-                 "pixel": lambda: iTPNPixelPretrainer(preset),
-                 "distill": lambda: iTPNDistillPretrainer(preset, teacher_path=path)}[kind]()
+                 "pixel": lambda: iTPNPixelPretrainer(preset, cfg=PRETRAIN_PRESETS["itpn_pixel"]),
+                 "distill": lambda: iTPNDistillPretrainer(preset, cfg=PRETRAIN_PRESETS["itpn_distill"],
+                                                          teacher_path=path)}[kind]()
     model = model.to_empty(device="cpu")                                  # skip the (slow) random init
     sd = layout_tensors(layout, device="cpu")
     ignored = load_official(model, {"model": sd})
@@ -639,7 +647,7 @@ def test_load_official_round_trip(layout, kind, tmp_path):
     for key, value in sd.items():
         if key.endswith("relative_position_index"):
             continue
-        new = itpn.map_itpn_key(key, model.cfg)
+        new = itpn.map_itpn_key(key, model.cfg if kind == "classifier" else model.encoder.cfg)
         new = prefix + new[len("encoder.backbone."):] if prefix else new
         assert torch.equal(ours[new], value), key
 
@@ -654,8 +662,9 @@ def test_other_layouts_load_strictly_and_backbone_takes_pretraining_weights(tmp_
         models = [(iTPN(large), "itpn_large_finetune"),
                   (iTPN(replace(large, layer_scale=0.1)), "itpn_large_clip_finetune"),
                   (iTPN(replace(PRESETS["itpn_b"], layer_scale=0.1)), "itpn_base_clip_finetune"),
-                  (iTPNPixelPretrainer(large), "itpn_large_pixel_pretrain"),
-                  (iTPNDistillPretrainer(large, teacher_path=path), "itpn_large_clip_pretrain"),
+                  (iTPNPixelPretrainer(large, cfg=PRETRAIN_PRESETS["itpn_pixel"]), "itpn_large_pixel_pretrain"),
+                  (iTPNDistillPretrainer(large, cfg=PRETRAIN_PRESETS["itpn_distill"], teacher_path=path),
+                   "itpn_large_clip_pretrain"),
                   (iTPN(replace(large, num_classes=0, rpe=False)), "itpn_large_pixel_pretrain"),
                   (iTPN(replace(PRESETS["itpn_b"], num_classes=0, fpn_depth=1, rpe=False)), "itpn_base_det_dense")]
     for model, layout in models:
@@ -668,12 +677,50 @@ def test_load_official_errors_name_keys_and_dims(tmp_path):
     path = str(tmp_path / "clip_l.pth")
     torch.save(clip_state_dict(out_dim=768), path)                        # teacher width 768 vs the base file's 512
     with torch.device("meta"):
-        model = iTPNDistillPretrainer(PRESETS["itpn_b"], teacher_path=path)
+        model = iTPNDistillPretrainer(PRESETS["itpn_b"], cfg=PRETRAIN_PRESETS["itpn_distill"], teacher_path=path)
     with pytest.raises(ValueError, match=r"lm_head\.weight: checkpoint \(512, 512\) vs model \(768, 512\)"):
         load_official(model, layout_tensors("itpn_base_clip_pretrain"))
     with torch.device("meta"):
-        pixel = iTPNPixelPretrainer(replace(PRESETS["itpn_b"], fpn_depth=1))
+        pixel = iTPNPixelPretrainer(replace(PRESETS["itpn_b"], fpn_depth=1), cfg=PRETRAIN_PRESETS["itpn_pixel"])
     with pytest.raises(KeyError, match=r"unexpected keys \['encoder\.pyramid\.fuse4\.1\.mlp\.fc1\.bias'"):
         load_official(pixel, layout_tensors("itpn_base_pixel_pretrain"))
     with pytest.raises(TypeError, match="no official checkpoint layout"):
         load_official(build("itpn", None), {})
+
+
+# ---- presets, configs, seams ----
+
+def test_plain_vit_presets_are_vit_backbones_and_pretrain():
+    """itpn_vit_b is iTPN on ViT-B/16 (supplementary Sec. 3): its classifier is exactly hivit's ViT-B; the tiny one
+    pre-trains on CPU, and its backbone_config gives the ViT that mim.py's methods wrap."""
+    assert count_params(iTPN, PRESETS["itpn_vit_b"]) == count_params(VisionTransformer, VIT_PRESETS["vit_b"])
+    vit_cfg = itpn.backbone_config(replace(PRESETS["itpn_vit_tiny"], num_classes=0))
+    assert isinstance(vit_cfg, ViTConfig) and (vit_cfg.embed_dim, vit_cfg.depth, vit_cfg.patch_size) == (64, 2, 16)
+    model = build("itpn_pixel", None, arch=PRESETS["itpn_vit_tiny"])
+    assert isinstance(model.encoder.backbone, itpn.PlainViTUnits)
+    model(smooth_batch())["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    mae = mim.METHODS["mae"](VisionTransformer(vit_cfg), cfg=mim.tiny_decoder(mim.PRESETS["mae"]))
+    assert torch.isfinite(mae(smooth_batch())["loss"])
+    hivit_cfg = itpn.backbone_config(PRESETS["itpn_b"])
+    assert count_params(HiViT, hivit_cfg) == count_params(iTPN, PRESETS["itpn_b"])
+
+
+def test_no_weight_decay_names_are_parameter_names():
+    """finetune.py's optimizer looks these names up: each must name a real parameter (HiViT and plain ViT)."""
+    for arch in (TINY, replace(TINY, num_classes=0), PRESETS["itpn_vit_tiny"],
+                 replace(PRESETS["itpn_vit_tiny"], num_classes=0)):
+        model = iTPN(arch)
+        names = model.no_weight_decay()
+        assert names and names <= set(dict(model.named_parameters())), names
+    assert "backbone.absolute_pos_embed" in iTPN(TINY).no_weight_decay()
+    assert iTPN(PRESETS["itpn_vit_tiny"]).no_weight_decay() == {"backbone.vit.pos_embed"}
+
+
+def test_recipe_presets_and_methods_agree():
+    """Every method has a recipe preset and vice versa; the recipe is not part of the architecture config."""
+    assert set(itpn.METHODS) == set(PRETRAIN_PRESETS)
+    arch_fields = set(vars(TINY))
+    assert not arch_fields & set(vars(PRETRAIN_PRESETS["itpn"]))
+    assert PRETRAIN_PRESETS["itpn_distill"].distill_loss == "smooth_l1"
+    assert PRETRAIN_PRESETS["itpn_distill_cosine"].distill_loss == "cosine"
