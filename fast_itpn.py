@@ -11,7 +11,7 @@ Implements:
     on the same weights (`set_acceleration`); with both off the forward is the plain one.
 
 Sections:
-    1. Config and presets                 <-> Tab. 2 (architecture); released builders (reference 5.3)
+    1. Config and presets                 <-> Tab. 2 (architecture); official `fast_itpn/modeling_finetune.py`
     2. Primitives: per-pixel LN, ConvMLP, SwiGLU <-> Tab. 2 "ConvMLP", "SwiGLU", sub-LN
     3. Early stages: stem, ConvMLP blocks, conv merge <-> Tab. 2 (MLP-only stages 1-2, LN + 2x2 conv merge)
     4. Stage-3 attention: global, window, gathering <-> Tab. 2 (q/v bias), Sec. 4.2, Fig. 4, Tab. 7 (HRPE)
@@ -32,73 +32,27 @@ Shapes:
 Differences from the paper / official code:
     - Module names: `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) instead of one flat `blocks.{i}`
       list; early blocks call their norm `norm` (official `norm2`). `load_official` renames; outputs are identical.
-    - The early stages run in image layout (official), but `forward_features` returns HiViT's unit tensors
-      [f4 (B, N, 4, 4, C/4), f8, f16 (B, N, C)] so itpn.py's pyramid and mim.py's seam apply unchanged; `ids_keep`
-      drops units after stage 2, which is exact because no 1x1 conv or 2x2/2 merge crosses a 16-px unit.
-    - The official file's RPE option (off in every released model), the undefined `xops.SwiGLU` path and the
-      `stop_grad_conv1` trick are left out. The position table is interpolated (DINO-style, as hivit.py) when the
-      input grid differs from the one it was built for: build the model at the checkpoint's img_size and feed
-      384/512/640-px images; the official scripts instead rebuild the model at the target size.
-    - Attention uses `F.scaled_dot_product_attention` (same math as softmax(q k^T / sqrt(d)) v, fused on CPU and GPU);
-      the official code computes the logits explicitly in fp32. Outputs agree to float rounding (tested, 1e-4).
-    - Pyramid: itpn.py's FeaturePyramid with F = 256 and fpn_depth = 1 (iTPN's det/CLIP setting); Fast-iTPN's
-      dense code is unreleased. As in itpn.py, a model with num_classes = 0 carries the pyramid instead of a head.
-    - Token migration and token gathering follow the paper's description (Sec. 4.1-4.2); every equation in the open
-      choices below is ours. The paper applies them only when fine-tuning on dense tasks; here they also work for
-      classification (the head averages the replenished map). HRPE is a build-time flag because it adds parameters.
-    - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units applied at the stem with
-      one learned mask unit (SimMIM-style, the hint in the released stem), itpn.py's frozen teacher and level
-      embedding, one head on the summed pyramid and 1 - cos on all units; iTPN's auxiliary 3/4-depth head is left
-      out (nothing describes one for Fast-iTPN).
-    - Speed (bench.py, Fast-iTPN-B backbone + pyramid, FLOPs): attention is ~24% of stage-3 FLOPs at 1024 tokens
-      and the pyramid (its stride-4 level above all) ~17% of the total, so window attention saves 1.20x at 512 px
-      but 1.84x at 1024 px: the paper's +70-90% (Tab. 7) matches detection-sized inputs. Migration 10-40% saves
-      1.10-1.48x at 512 px; both methods together 1.63x.
-
-    Open choices the paper leaves (ours; no reference code exists, see reference Sec. 5.4), each with its reason:
-    - Window size: `window_size` = 8 tokens per side, so a 512-px image (32x32 tokens) has 4x4 windows of 64 tokens,
-      and a side that 8 does not divide uses its largest divisor <= 8 (14 -> 7 at 224 px). Why: 8 keeps >= 16 windows
-      at the paper's 512-px dense inputs and divisors avoid padding tokens that would need masking in every layer.
-    - Migration windows = attention windows, also with global attention. Why: equal drops per window keep every
-      window the same length, so window attention stays one batched matmul after migration.
-    - r per layer: `migration_ratio` rho is the share of stage-3 token computation that migration removes, i.e.
-      averaged over the D layers rho*n of a window's n tokens are gone. With ToMe's constant r that gives
-      r = 2*rho*n/(D+1) per layer (rounded cumulatively; rho < 0.5), so at rho = 0.4 about 80% of the tokens have
-      left when stage 3 ends. Why: "from the first stage-3 layer on, per layer" (Sec. 4.1) suggests ToMe's constant
-      r, and the other reading, rho = the fraction gone at the end, cannot reach Fig. 5's speed-ups (+15% at 10%,
-      +27% at 40%, reported with Mask R-CNN) even for backbone + pyramid alone (1.05x / 1.21x FLOPs at 512 px).
-    - A/B split: tokens at even positions of each window's sequence (kept in raster order) are set A, odd are set B
-      (ToMe's alternation). Why: every A token has B neighbours in its row, and the split needs no parameters.
-    - Similarity: cosine of the head-averaged attention keys, score(a) = max_b cos(k_a, k_b); the r highest-scoring
-      A tokens leave. Why: the keys are what attention compares, so near-duplicate keys get near-duplicate
-      attention and a dropped token is one the others barely miss (ToMe's argument).
-    - Where tokens leave: between the attention and the MLP of the layer (as ToMe merges), so layer l's MLP already
-      runs on fewer tokens.
-    - Replenishing equation: a token i dropped at layer l with B partner p(i) is stored as its offset to the partner,
-      o_i = x_i^(l) - x_p^(l), and put back after stage 3 as  x_i = x_p(final) + o_i  =  x_i^(l) + (x_p(final) -
-      x_p^(l)), i.e. it receives the residual updates its most similar token received after it left. Partners that
-      left later are resolved first (store read backwards), so every position is written exactly once. Why: the
-      plain stale copy x_i^(l) would mix layer-l features into the last-layer map; the partner's update is the best
-      estimate of what the dropped token would have become. The pyramid then sees a full (B, N, C) map (Fig. 3).
-    - Gathering tokens: one per window, initialised as the mean of the window's tokens at the first stage-3 layer,
-      then carried through every block like a CLS token (same LN, attention weights, MLP, layer scale; no new
-      parameters, so gathering is a switch on the released weights). Per layer, one attention with this pattern:
-      a token attends to the tokens of its window and to its window's gathering token (window attention +
-      broadcast), a gathering token attends to itself and to every token of the image (global gathering; q.k only
-      between gathering tokens and tokens, never token-token across windows). Gathering tokens are dropped at the
-      end. Why: a joint softmax keeps every token's attention weights summing to 1, as in the weights it was
-      trained with; the window's global context arrives one layer after it is gathered.
-    - Limiting case (tested): with one window covering the map, the gathering path equals the plain block applied
-      to [mean token; tokens], i.e. a ViT with a mean-initialised CLS token; without gathering tokens, one window
-      equals plain global attention.
-    - HRPE (`hrpe=True`): a zero-initialised relative position bias table ((2*window_size-1)^2, heads) per block,
-      indexed by the original 2-D offsets of the tokens left in a window, on window attention only (0 bias for the
-      gathering token). Zero init keeps the released weights' outputs until fine-tuning moves it.
+    - The early stages run in image layout (official), but `forward_features` returns HiViT's unit tensors, so
+      itpn.py's pyramid and mim.py's methods apply unchanged; `ids_keep` drops units after stage 2 (exact: no 1x1
+      conv or 2x2/2 merge crosses a 16-px unit).
+    - Left out: the official RPE option (off in every released model), the undefined `xops.SwiGLU` path and
+      `stop_grad_conv1`. The position table is interpolated for other input sizes (the official scripts rebuild
+      the model at the target size). Attention uses `F.scaled_dot_product_attention` (official: explicit fp32
+      logits); outputs agree to float rounding (tested, 1e-4).
+    - Pyramid: itpn.py's FeaturePyramid (F = 256, fpn_depth = 1); Fast-iTPN's dense code is unreleased.
+    - Token migration and token gathering (Sec. 4.1-4.2) have no official code: every equation is ours, and each
+      open choice is stated with its reason in the docstring that makes it (window_shape, migration_schedule,
+      select_migrants, replenish, FastAttention, FastBlock.forward_windows, FastiTPN.forward_stage3). They also
+      work for classification (the paper: dense fine-tuning only). HRPE is a build-time flag (it adds parameters).
+    - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units at the stem with a learned
+      mask unit (the hint in the released stem), itpn.py's frozen teacher and pyramid head, 1 - cos on all units;
+      no auxiliary 3/4-depth head (nothing describes one for Fast-iTPN).
 
 Run:
     python fast_itpn.py                                 # CPU smoke demo, a few seconds
-    python bench.py --suite fast_itpn --batch 1 --reps 3   # Fig. 5 / Tab. 7 speed studies at 512 px
-    torchrun --nproc_per_node 8 train.py --model fast_itpn_b --method fastmim   # MIM pre-training (train.py)
+    python bench.py --suite fast_itpn                   # Fig. 5 / Tab. 7 speed studies at 512 px
+    torchrun --nproc_per_node 8 train.py --model fast_itpn_b --method fast_itpn_distill --teacher PATH
+    # pre-trainer as in itpn.py: METHODS[name](preset, cfg=PRETRAIN_PRESETS[name], teacher_path=PATH)
 """
 
 from dataclasses import dataclass, replace
@@ -107,20 +61,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hivit import (DropPath, check_image_size, drop_path_rates, init_weights, load_official as hivit_load_official,
-                   map_to_units, resize_pos_embed, select_units, sincos_pos_embed_2d)
-from itpn import FeaturePyramid, LevelEmbed, distillation_mask, load_teacher, pyramid_maps
-from mim import cosine_loss
+from hivit import (LN_EPS, DropPath, check_image_size, count_params, drop_path_rates, init_sincos_, init_weights,
+                   load_official as hivit_load_official, map_to_units, mask_blend, resize_pos_embed, select_units)
+from mim import mask_to_map
+from itpn import (FeaturePyramid, PRETRAIN_PRESETS as ITPN_PRETRAIN_PRESETS, PyramidDistillation,
+                  distillation_mask, iTPNPretrainConfig, pyramid_maps)
 
 __all__ = [
     "FastiTPNConfig", "PRESETS", "ATTENTION_MODES",
     "LayerNorm2d", "ConvMLP", "SwiGLU", "ConvPatchEmbed", "ConvMLPBlock", "ConvPatchMerge",
     "FastAttention", "FastBlock", "FastiTPN",
     "window_shape", "migration_schedule", "select_migrants", "replenish",
-    "FastiTPNDistillPretrainer", "METHODS", "load_official", "count_params",
+    "FastiTPNDistillPretrainer", "PRETRAIN_PRESETS", "METHODS", "load_official",
 ]
 
-LN_EPS = 1e-6                     # official LayerNorm eps in every Fast-iTPN module
 ATTENTION_MODES = ("global", "window", "gathering")   # Tab. 7 rows: global MSA, WMSA, WMSA + gathering tokens
 MAX_MIGRATION = 0.5               # rho < 1/2: with a constant r, rho = 1/2 would empty every window by the last layer
 
@@ -147,8 +101,9 @@ class FastiTPNConfig:
     hrpe: bool = False            # relative position bias on window attention only (Tab. 7 "HRPE"); adds tables
 
 
-# Tab. 2 sizes as the released builders (reference 5.3): 24.220M / 39.903M / 84.825M / 312.017M parameters at 224 px;
-# the paper's 40.0 / 85.2 / 312.3M count the position table at 384 / 512 / 384 px (tested).
+# Tab. 2 sizes as the released builders (`fast_itpn/modeling_finetune.py`, `fast_itpn_*_patch16_224`): exactly
+# 24.220M / 39.903M / 84.825M / 312.017M parameters at 224 px; the paper's 40.0 / 85.2 / 312.3M count the position
+# table at 384 / 512 / 384 px (tested).
 PRESETS: dict[str, FastiTPNConfig] = {
     "tiny": FastiTPNConfig(img_size=64, embed_dim=64, mlp_depth1=1, mlp_depth2=1, depth=2, num_heads=2,
                            num_classes=10, fpn_dim=32, window_size=2),
@@ -207,7 +162,8 @@ class ConvPatchEmbed(nn.Module):
     """4x4/4 stem conv to (B, C/4, H/4, W/4); no LayerNorm (official patch_norm=False). SimMIM-style stem masking.
 
     mask (B, N), 1 = masked: every masked 16-px unit (a 4x4 block of stem pixels) is replaced by `mask_token`
-    (the hint in the released ConvPatchEmbed, reference Sec. 5.1). Pre-training only; the token exists only then.
+    (the hint in the released `fast_itpn/modeling_finetune.py`, `ConvPatchEmbed`, whose `bool_masked_pos` path
+    replaces 4x4 stem blocks). Pre-training only; the token exists only then.
     """
 
     def __init__(self, dim: int, *, mask_token: bool = False):
@@ -221,12 +177,11 @@ class ConvPatchEmbed(nn.Module):
             return x
         if self.mask_token is None:
             raise ValueError("stem masking (mask=...) needs the learned mask token, which exists only for "
-                             "pre-training: build the model with FastiTPN(cfg, mask_token=True)")
-        b, _, hh, ww = x.shape
-        m = mask.reshape(b, 1, hh // 4, ww // 4).to(x.dtype)              # (B, 1, Hp, Wp)
-        m = F.interpolate(m, scale_factor=4, mode="nearest")              # (B, 1, 4Hp, 4Wp): unit -> its 4x4 pixels
-        token = self.mask_token.repeat(1, 1, hh // 4, ww // 4)            # (1, C/4, 4Hp, 4Wp)
-        return x * (1 - m) + token * m
+                             "pre-training: build the model with FastiTPN(cfg, stem_mask_token=True)")
+        hp, wp = x.shape[-2] // 4, x.shape[-1] // 4
+        m = mask_to_map(mask, (hp, wp), 4)[:, None]                       # (B, 1, 4Hp, 4Wp): unit -> its 4x4 pixels
+        token = self.mask_token.repeat(1, 1, hp, wp)                      # (1, C/4, 4Hp, 4Wp)
+        return mask_blend(x, m, token)                                    # (B, C/4, 4Hp, 4Wp)
 
 
 class ConvMLPBlock(nn.Module):
@@ -261,7 +216,13 @@ class ConvPatchMerge(nn.Module):
 # ---- 4. Stage-3 attention: global, window, window + gathering tokens ----------------------------------------------
 
 def window_shape(grid_hw: tuple[int, int], window_size: int) -> tuple[int, int]:
-    """(wh, ww): per side, the largest divisor of the grid side that is <= window_size (ours; 14 -> 7, 32 -> 8)."""
+    """(wh, ww): per side, the largest divisor of the grid side that is <= window_size (ours; 14 -> 7, 32 -> 8).
+
+    Window size (open choice): `window_size` = 8 tokens per side, so a 512-px image (32x32 tokens) has 4x4 windows
+    of 64 tokens, and a side that 8 does not divide uses its largest divisor <= 8 (14 -> 7 at 224 px). Why: 8 keeps
+    >= 16 windows at the paper's 512-px dense inputs and divisors avoid padding tokens that would need masking in
+    every layer.
+    """
     return tuple(max(d for d in range(1, min(window_size, s) + 1) if s % d == 0) for s in grid_hw)
 
 
@@ -281,6 +242,18 @@ class FastAttention(nn.Module):
     one of three modes (Tab. 7): "global" (every token sees every token; windows only group tokens for migration),
     "window" (attention inside each window) and "gathering" (index 0 of every window is a gathering token, Sec. 4.2).
     It also returns the head-averaged keys that token migration scores (Sec. 4.1).
+
+    Gathering tokens (open choice): one per window, initialised as the mean of the window's tokens at the first
+    stage-3 layer, then carried through every block like a CLS token (same LN, attention weights, MLP, layer scale;
+    no new parameters, so gathering is a switch on the released weights). Per layer, one attention with this
+    pattern: a token attends to the tokens of its window and to its window's gathering token (window attention +
+    broadcast), a gathering token attends to itself and to every token of the image (global gathering; q.k only
+    between gathering tokens and tokens, never token-token across windows). Gathering tokens are dropped at the
+    end. Why: a joint softmax keeps every token's attention weights summing to 1, as in the weights it was trained
+    with; the window's global context arrives one layer after it is gathered.
+    Limiting case (tested): with one window covering the map, the gathering path equals the plain block applied to
+    [mean token; tokens], i.e. a ViT with a mean-initialised CLS token; without gathering tokens, one window equals
+    plain global attention.
     """
 
     def __init__(self, dim: int, *, num_heads: int, hrpe_window: int | None = None):
@@ -312,7 +285,12 @@ class FastAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))              # (B, N, C)
 
     def window_bias(self, pos: torch.Tensor, grid_w: int, *, gathering: bool) -> torch.Tensor:
-        """HRPE for the tokens left in each window: (B*nW, heads, L, L), 0 on the gathering token's row/column."""
+        """HRPE for the tokens left in each window: (B*nW, heads, L, L), 0 on the gathering token's row/column.
+
+        HRPE (`hrpe=True`, open choice): a zero-initialised relative position bias table ((2*window_size-1)^2, heads)
+        per block, indexed by the original 2-D offsets of the tokens left in a window, on window attention only
+        (0 bias for the gathering token). Zero init keeps the released weights' outputs until fine-tuning moves it.
+        """
         s = self.hrpe_window
         rows, cols = pos // grid_w, pos % grid_w                          # (B, nW, n) each
         d_row = rows[..., :, None] - rows[..., None, :] + s - 1           # (B, nW, n, n), in [0, 2s-2]
@@ -365,9 +343,12 @@ class FastAttention(nn.Module):
 def migration_schedule(n: int, depth: int, ratio: float) -> list[int]:
     """r_l, tokens migrated per window by each of the D layers (ours, Sec. 4.1, Fig. 5).
 
-    rho = the share of stage-3 token computation that migration removes: averaged over the D layers, rho * n of a
-    window's n tokens are gone. With ToMe's constant r this means r = 2 rho n / (D + 1) per layer (rounded
-    cumulatively), so at rho = 0.4 about 80% of the tokens have migrated when stage 3 ends.
+    r per layer (open choice): `migration_ratio` rho is the share of stage-3 token computation that migration
+    removes, i.e. averaged over the D layers rho*n of a window's n tokens are gone. With ToMe's constant r that
+    gives r = 2*rho*n/(D+1) per layer (rounded cumulatively; rho < 0.5), so at rho = 0.4 about 80% of the tokens
+    have left when stage 3 ends. Why: "from the first stage-3 layer on, per layer" (Sec. 4.1) suggests ToMe's
+    constant r, and the other reading, rho = the fraction gone at the end, cannot reach Fig. 5's speed-ups (+15% at
+    10%, +27% at 40%, reported with Mask R-CNN) even in the FLOPs of backbone + pyramid alone (bench.py counts them).
     """
     if not 0.0 <= ratio < MAX_MIGRATION:
         raise ValueError(f"migration_ratio must be in [0, {MAX_MIGRATION}), got {ratio}")
@@ -383,9 +364,15 @@ def migration_schedule(n: int, depth: int, ratio: float) -> list[int]:
 def select_migrants(keys: torch.Tensor, r: int):
     """Pick the r set-A tokens per window most similar to set B (Sec. 4.1, Fig. 3; formulas ours).
 
-    keys (B, nW, n, hd) head-averaged keys of the tokens, in window raster order. A = even positions, B = odd.
-    Returns drop (B, nW, r), partner (B, nW, r) (the most similar B token of each dropped one) and keep
-    (B, nW, n - r), all positions in 0..n-1; keep is ascending, so the survivors stay in raster order.
+    keys (B, nW, n, hd) head-averaged keys of the tokens, in window raster order. Returns drop (B, nW, r), partner
+    (B, nW, r) (the most similar B token of each dropped one) and keep (B, nW, n - r), all positions in 0..n-1;
+    keep is ascending, so the survivors stay in raster order.
+    A/B split (open choice): tokens at even positions of each window's sequence (kept in raster order) are set A,
+    odd are set B (ToMe's alternation). Why: every A token has B neighbours in its row, and the split needs no
+    parameters.
+    Similarity (open choice): cosine of the head-averaged attention keys, score(a) = max_b cos(k_a, k_b); the r
+    highest-scoring A tokens leave. Why: the keys are what attention compares, so near-duplicate keys get
+    near-duplicate attention and a dropped token is one the others barely miss (ToMe's argument).
     """
     k = F.normalize(keys.float(), dim=-1)
     sim = k[..., 0::2, :] @ k[..., 1::2, :].transpose(-1, -2)             # (B, nW, nA, nB) cosine A-to-B
@@ -398,23 +385,22 @@ def select_migrants(keys: torch.Tensor, r: int):
     return drop, partner, keep
 
 
-def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, nW, n, ...) gathered at idx (B, nW, m) along the token dim -> (B, nW, m, ...)."""
-    idx = idx.reshape(*idx.shape, *[1] * (x.ndim - 3)).expand(*idx.shape, *x.shape[3:])   # (B, nW, m, ...)
-    return torch.gather(x, 2, idx)                                        # (B, nW, m, ...)
-
-
 def replenish(tokens: torch.Tensor, pos: torch.Tensor, store: list, num_tokens: int) -> torch.Tensor:
     """Put every migrated token back at its original position: (B, M, C) survivors -> full (B, N, C) map (Fig. 3).
 
-    store: one (pos_drop (B, R), pos_partner (B, R), offset (B, R, C)) per layer that migrated tokens. Read
-    backwards so a partner that migrated later is already in place: x_i = x_partner(final) + offset_i (ours).
+    store: one (pos_drop (B, R), pos_partner (B, R), offset (B, R, C)) per layer that migrated tokens.
+    Replenishing equation (open choice): a token i dropped at layer l with B partner p(i) is stored as its offset to
+    the partner, o_i = x_i^(l) - x_p^(l), and put back after stage 3 as  x_i = x_p(final) + o_i  =  x_i^(l) +
+    (x_p(final) - x_p^(l)), i.e. it receives the residual updates its most similar token received after it left.
+    Partners that left later are resolved first (store read backwards), so every position is written exactly once.
+    Why: the plain stale copy x_i^(l) would mix layer-l features into the last-layer map; the partner's update is
+    the best estimate of what the dropped token would have become. The pyramid then sees a full (B, N, C) map.
     """
     b, _, c = tokens.shape
     full = tokens.new_zeros(b, num_tokens, c).scatter(1, pos[..., None].expand(-1, -1, c), tokens)   # (B, N, C)
     for pos_drop, pos_partner, offset in reversed(store):
-        src = torch.gather(full, 1, pos_partner[..., None].expand(-1, -1, c)) + offset          # (B, R, C)
-        full = full.scatter(1, pos_drop[..., None].expand(-1, -1, c), src)                      # (B, N, C)
+        moved = select_units(full, pos_partner) + offset                  # (B, R, C): x_p(final) + o_i
+        full = full.scatter(1, pos_drop[..., None].expand(-1, -1, c), moved)   # (B, N, C)
     return full
 
 
@@ -446,19 +432,22 @@ class FastBlock(nn.Module):
         """x (B, nW, L, C), pos (B, nW, n) -> (x (B, nW, L - r, C), pos (B, nW, n - r), record or None).
 
         record = (pos_drop (B, nW*r), pos_partner (B, nW*r), offset (B, nW*r, C)) for `replenish`.
+        Where tokens leave (open choice): between the attention and the MLP of the layer (as ToMe merges), so layer
+        l's MLP already runs on fewer tokens.
         """
         y, keys = self.attn.forward_windows(self.norm1(x), mode=mode, pos=pos, grid_w=grid_w)
         x = x + self.drop_path(self.gamma_1 * y)                          # (B, nW, L, C)
         record = None
         if r > 0:                                                         # Sec. 4.1: migrate before the MLP
-            g = 1 if mode == "gathering" else 0                           # gathering tokens never migrate
-            tokens = x[:, :, g:]                                          # (B, nW, n, C)
+            n_gather = 1 if mode == "gathering" else 0                    # gathering tokens never migrate
+            tokens = x[:, :, n_gather:]                                   # (B, nW, n, C)
             with torch.no_grad():                                         # a discrete choice: no gradient
-                drop, partner, keep = select_migrants(keys[:, :, g:], r)
-            offset = take(tokens, drop) - take(tokens, partner)           # (B, nW, r, C)
-            record = (take(pos, drop).flatten(1), take(pos, partner).flatten(1), offset.flatten(1, 2))
-            x = torch.cat([x[:, :, :g], take(tokens, keep)], dim=2)      # (B, nW, L - r, C)
-            pos = take(pos, keep)                                         # (B, nW, n - r)
+                drop, partner, keep = select_migrants(keys[:, :, n_gather:], r)
+            offset = select_units(tokens, drop) - select_units(tokens, partner)   # (B, nW, r, C)
+            record = (select_units(pos, drop).flatten(1), select_units(pos, partner).flatten(1),
+                      offset.flatten(1, 2))                               # (B, nW*r), (B, nW*r), (B, nW*r, C)
+            x = torch.cat([x[:, :, :n_gather], select_units(tokens, keep)], dim=2)   # (B, nW, L - r, C)
+            pos = select_units(pos, keep)                                 # (B, nW, n - r)
         x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
         return x, pos, record
 
@@ -477,8 +466,9 @@ def check_acceleration(cfg: FastiTPNConfig) -> FastiTPNConfig:
 class FastiTPN(nn.Module):
     """Fast-iTPN classifier / backbone. forward(x) -> (B, K); forward_features(x) -> [f4, f8, f16] stage outputs."""
 
-    def __init__(self, cfg: FastiTPNConfig, *, mask_token: bool = False, pyramid: bool = True):
-        """pyramid: with num_classes = 0, also build itpn.py's feature pyramid (dense heads, distillation); False
+    def __init__(self, cfg: FastiTPNConfig, *, stem_mask_token: bool = False, pyramid: bool = True):
+        """stem_mask_token: build the learned mask unit of SimMIM-style stem masking (pre-training only).
+        pyramid: with num_classes = 0, also build itpn.py's feature pyramid (dense heads, distillation); False
         gives the bare backbone that mim.py's methods wrap (they read stage 3 only, so a pyramid would get no
         gradient and stall DDP)."""
         super().__init__()
@@ -486,7 +476,7 @@ class FastiTPN(nn.Module):
         c, n1, n2, n3 = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth
         self.grid = (cfg.img_size // 16, cfg.img_size // 16)              # (Hp, Wp) the position table is built for
         dpr = drop_path_rates(cfg.drop_path_rate, n1 + n2 + n3)          # merges get no drop path (official)
-        self.patch_embed = ConvPatchEmbed(c // 4, mask_token=mask_token)
+        self.patch_embed = ConvPatchEmbed(c // 4, mask_token=stem_mask_token)
         self.stage1 = nn.ModuleList(ConvMLPBlock(c // 4, mlp_ratio=cfg.mlp_ratio, drop_path=p) for p in dpr[:n1])
         self.merge1 = ConvPatchMerge(c // 4)
         self.stage2 = nn.ModuleList(ConvMLPBlock(c // 2, mlp_ratio=cfg.mlp_ratio, drop_path=p)
@@ -507,10 +497,9 @@ class FastiTPN(nn.Module):
         if self.head is not None:                                         # official init_scale 0.01 on the head
             self.head.weight.data.mul_(0.01)
 
-    @torch.no_grad()
     def init_pos_embed_sincos(self) -> None:
         """Start the (still trainable) APE from MAE's 2-D sin-cos table, as hivit.py's encoders (mim.py calls it)."""
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], *self.grid)[None])
+        init_sincos_(self.pos_embed, self.grid)
 
     def set_acceleration(self, *, migration_ratio: float | None = None, attention: str | None = None) -> None:
         """Switch token migration / window attention / gathering on the same weights (Sec. 4: fine-tuning time).
@@ -545,7 +534,7 @@ class FastiTPN(nn.Module):
         return f4, f8, tokens
 
     def pos_embed_for(self, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """The APE for this grid, (1, N, C), interpolated when the grid differs from the table's (reference 1.5)."""
+        """The APE for this grid, (1, N, C), interpolated (DINO-style, hivit.resize_pos_embed) for another grid."""
         return resize_pos_embed(self.pos_embed, grid_hw)
 
     def forward_stage3(self, tokens: torch.Tensor, *, grid_hw: tuple[int, int]):
@@ -553,6 +542,8 @@ class FastiTPN(nn.Module):
 
         Plain path (no migration, global attention): M = N, pos = arange(N), empty store. Otherwise tokens are
         windowed, gathering tokens (if any) are prepended per window, and each layer may migrate tokens.
+        Migration windows = attention windows, also with global attention (open choice). Why: equal drops per window
+        keep every window the same length, so window attention stays one batched matmul after migration.
         """
         cfg = self.cfg
         b, n, c = tokens.shape
@@ -576,16 +567,24 @@ class FastiTPN(nn.Module):
         return x.flatten(1, 2), pos.flatten(1), store                     # (B, M, C), (B, M)
 
     def forward_features(self, x: torch.Tensor, *, ids_keep: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """The HiViT seam: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)] unit tensors.
+                         mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None) -> list:
+        """The encoder seam: [f4 (B, N_vis, 4, 4, C/4), f8 (B, N_vis, 2, 2, C/2), f16 (B, N_vis, C)] unit tensors.
 
-        f16 is the replenished full map when token migration is on (Sec. 4.1). ids_keep (B, N_vis): MAE-style
-        dropping of units; exact even though units are selected after stage 2, because no early op crosses a unit
-        (only stage 3 is saved). mask (B, N), 1 = masked: SimMIM-style stem masking (model built with mask_token).
+        f16 is the replenished full map when token migration is on (Sec. 4.1). Per-block stage-3 outputs are not
+        listed (migrated tokens have none), so f16 follows f8 directly.
+        ids_keep (B, N_vis): MAE-style dropping of units; exact even though units are selected after stage 2,
+            because no early op crosses a unit (only stage 3 is saved).
+        mask (B, N), 1 = masked, with mask_token (1, 1, C): BEiT-style, the stage-3 input of masked units is
+            replaced by the token, as in HiViT. mask alone: SimMIM-style stem masking with the model's own learned
+            mask unit (built with stem_mask_token=True), Fast-iTPN's pre-training; no level then sees masked pixels.
         """
         grid_hw = check_image_size(x)
-        f4, f8, tokens = self.forward_early(x, mask=mask)
+        if mask_token is not None and (mask is None or ids_keep is not None):
+            raise ValueError("mask_token goes with mask (BEiT-style mask tokens), and not with ids_keep")
+        f4, f8, tokens = self.forward_early(x, mask=mask if mask_token is None else None)
         f4, f8 = map_to_units(f4, 4), map_to_units(f8, 2)                 # (B, N, 4, 4, C/4), (B, N, 2, 2, C/2)
+        if mask_token is not None:
+            tokens = mask_blend(tokens, mask[:, :, None], mask_token)     # (B, N, C), mask (B, N, 1)
         tokens = tokens + self.pos_embed_for(grid_hw)                     # (B, N, C)
         if ids_keep is not None:
             if self.accelerated():
@@ -595,24 +594,26 @@ class FastiTPN(nn.Module):
         kept, pos, store = self.forward_stage3(tokens, grid_hw=grid_hw)
         return [f4, f8, replenish(kept, pos, store, tokens.shape[1])]    # Fig. 3: full (B, N, C) map
 
-    def forward_levels(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
-        """itpn.py's pyramid on the full (replenished) map: ([p16 (B, N, 1, 1, F), p8 (.., 2, 2, F), p4 (.., 4, 4,
-        F)], backbone units [f4 (B, N, 4, 4, C/4), f8 (B, N, 2, 2, C/2), f16 (B, N, 1, 1, C)]).
+    def forward_levels(self, x: torch.Tensor, *, ids_keep=None, mask=None, mask_token=None) -> list[torch.Tensor]:
+        """itpn.py's pyramid on the full (replenished) map: [p16 (B, N, 1, 1, F), p8 (.., 2, 2, F), p4 (.., 4, 4, F)].
 
         The pyramid is C-MLPs and per-unit up-sampling only (no attention), so migrated tokens can be put back
         before it and every level comes out at full resolution (Sec. 4.1, Fig. 3).
         """
+        feats = self.forward_features(x, ids_keep=ids_keep, mask=mask, mask_token=mask_token)
+        return self.require_pyramid()(feats[0], feats[1], feats[-1])
+
+    def require_pyramid(self) -> FeaturePyramid:
         if self.pyramid is None:
             raise ValueError("this Fast-iTPN is a classifier (num_classes > 0) and has no pyramid: build it with "
                              "num_classes=0 for detection, segmentation or pre-training")
-        f4, f8, f16 = self.forward_features(x, mask=mask)
-        return self.pyramid(f4, f8, f16), [f4, f8, f16[:, :, None, None, :]]
+        return self.pyramid
 
     def forward_pyramid(self, x: torch.Tensor, *, mode: str = "det") -> dict[str, torch.Tensor]:
         """Dense maps like itpn.py: "det" {"p4".."p64"} (B, F, H/s, W/s); "seg" {"p4".."p32"} + backbone features."""
-        grid_hw = check_image_size(x)
-        levels, units = self.forward_levels(x)
-        return pyramid_maps(levels, grid_hw, mode=mode, backbone=units if mode == "seg" else None)
+        feats = self.forward_features(x)
+        levels = self.require_pyramid()(feats[0], feats[1], feats[-1])
+        return pyramid_maps(levels, check_image_size(x), mode=mode, backbone=feats)
 
     def forward(self, x):
         if self.head is None:
@@ -624,50 +625,47 @@ class FastiTPN(nn.Module):
 
 # ---- 8. Pre-training: frozen-teacher distillation with SimMIM-style stem masking ---------------------------------
 
-class FastiTPNDistillPretrainer(nn.Module):
+class FastiTPNDistillPretrainer(PyramidDistillation):
     """Fast-iTPN pre-training (Sec. 4.3, 5.1; never released): a frozen teacher supervises the pyramid, cosine loss.
 
     imgs (B, 3, H, W), normalised -> block mask (B, N) -> masked units become a learned token at the stem
-    (SimMIM-style, the hint in the released ConvPatchEmbed; every unit is encoded) -> backbone + pyramid -> the
-    three levels space-to-depth'ed to C per unit and summed (itpn.py's LevelEmbed, as its distillation) -> LN ->
-    Linear(C, T) -> 1 - cos against the teacher's (B, N, T) target on all units (itpn.py's FrozenTeacher).
+    (SimMIM-style, the hint in the released `ConvPatchEmbed`; every unit is encoded) -> backbone + pyramid ->
+    itpn.py's PyramidDistillation head (levels space-to-depth'ed to C per unit and summed, LN, Linear(C, T)) ->
+    1 - cos against the teacher's (B, N, T) target on all units (the recipe's `distill_loss`).
     Runs without migration or gathering. Because the mask acts before any op, no pyramid level sees a masked
-    unit's pixels (unlike iTPN's stage-3 mask token, reference 3.7; tested).
-    out = {"loss", "mask" (B, N), "pred" (B, N, T), "logs": {"loss_cos"}}. The PRETRAINER CONTRACT (README, Seams).
+    unit's pixels (unlike iTPN's stage-3 mask token, whose pyramid sees them through the stage-1/2 laterals; tested).
+    out = {"loss", "mask" (B, N), "pred" (B, N, T), "logs": {"loss_main"}}. The PRETRAINER CONTRACT (README, Seams).
     """
 
-    num_views = 1
+    ARCH_OVERRIDES = dict(num_classes=0, migration_ratio=0.0, attention="global")   # backbone + pyramid, plain path
 
-    def __init__(self, cfg: FastiTPNConfig, *, teacher_path: str):
-        super().__init__()
-        self.cfg = cfg = replace(cfg, num_classes=0, migration_ratio=0.0, attention="global")
-        self.teacher = load_teacher(teacher_path)                         # frozen, requires_grad=False, eval
-        self.encoder = FastiTPN(cfg, mask_token=True)
-        c = cfg.embed_dim
-        self.decoder_embed = nn.ModuleList(LevelEmbed(cfg.fpn_dim, out_dim=c // (s * s)) for s in (1, 2, 4))
-        self.norm = nn.LayerNorm(c, eps=LN_EPS)
-        self.lm_head = nn.Linear(c, self.teacher.out_dim)
-        for part in (self.decoder_embed, self.norm, self.lm_head):
-            part.apply(init_weights)
+    def __init__(self, arch: FastiTPNConfig, *, cfg: iTPNPretrainConfig, teacher_path: str):
+        arch = replace(arch, **self.ARCH_OVERRIDES)
+        super().__init__(cfg=cfg, teacher_path=teacher_path, embed_dim=arch.embed_dim, fpn_dim=arch.fpn_dim)
+        self.encoder = FastiTPN(arch, stem_mask_token=True)
         nn.init.trunc_normal_(self.encoder.patch_embed.mask_token, std=0.02)
 
     def forward(self, imgs):
         grid_hw = check_image_size(imgs)
-        mask = distillation_mask(imgs.shape[0], grid_hw).to(imgs.device)   # (B, N), itpn.py's block mask
-        levels, _ = self.encoder.forward_levels(imgs, mask=mask)         # [p16, p8, p4] (B, N, h, w, F)
-        merged = sum(embed(level) for embed, level in zip(self.decoder_embed, levels))   # (B, N, C)
-        pred = self.lm_head(self.norm(merged))                            # (B, N, T)
-        loss = cosine_loss(pred, self.teacher(imgs)).mean()               # Sec. 4.3: cosine, all units
-        return {"loss": loss, "mask": mask, "pred": pred, "logs": {"loss_cos": loss.detach()}}
+        mask = distillation_mask(imgs.shape[0], grid_hw, mask_ratio=self.cfg.distill_mask_ratio).to(imgs.device)
+        levels = self.encoder.forward_levels(imgs, mask=mask)            # stem masking: [p16, p8, p4] (B, N, h, w, F)
+        pred = self.main_prediction(levels)                               # (B, N, T)
+        loss = self.distill_loss(pred, self.teacher(imgs))                # Sec. 4.3: cosine, all units
+        return {"loss": loss, "mask": mask, "pred": pred, "logs": {"loss_main": loss.detach()}}
 
 
-METHODS = {"fast_itpn_distill": FastiTPNDistillPretrainer}
+# Method name -> recipe (itpn.py's iTPNPretrainConfig: the distillation fields) and class, as in itpn.py.
+PRETRAIN_PRESETS: dict[str, iTPNPretrainConfig] = {
+    "fast_itpn_distill": ITPN_PRETRAIN_PRESETS["itpn_distill_cosine"],   # Sec. 4.3: 1 - cos, 75/196 block mask
+}
+METHODS: dict[str, type[nn.Module]] = {"fast_itpn_distill": FastiTPNDistillPretrainer}
 
 
 # ---- 9. Loading official checkpoints ------------------------------------------------------------------------------
 
 def load_official(model: FastiTPN, state_dict: dict) -> list[str]:
-    """Strictly load a released Fast-iTPN fine-tuning checkpoint (reference Sec. 1.9, official_keys/fast_itpn_*).
+    """Strictly load a released Fast-iTPN fine-tuning checkpoint (`fast_itpn/modeling_finetune.py` layout; the key
+    listings are in tests/official_keys/fast_itpn_*).
 
     The official flat `blocks.{i}` list maps onto stage1 / merge1 / stage2 / merge2 / blocks with hivit.py's key
     mapping (the same flat indexing; early blocks norm2 -> norm). Every official key must be used and every
@@ -680,13 +678,6 @@ def load_official(model: FastiTPN, state_dict: dict) -> list[str]:
 
 
 # ---- 10. Smoke demo ------------------------------------------------------------------------------------------------
-
-def count_params(cfg: FastiTPNConfig) -> int:
-    """Parameter count of a preset without allocating memory (meta device)."""
-    with torch.device("meta"):
-        model = FastiTPN(cfg)
-    return sum(p.numel() for p in model.parameters())
-
 
 if __name__ == "__main__":
     torch.manual_seed(0)
@@ -704,4 +695,4 @@ if __name__ == "__main__":
     loss.backward()
     print(f"forward + backward with both switches on ok, loss {loss.item():.4f}")
     for name, cfg in PRESETS.items():
-        print(f"{name:12s} {count_params(cfg) / 1e6:9.3f}M parameters at {cfg.img_size} px")
+        print(f"{name:12s} {count_params(FastiTPN, cfg) / 1e6:9.3f}M parameters at {cfg.img_size} px")

@@ -7,13 +7,18 @@ import torch
 import torch.nn.functional as F
 
 import fast_itpn
+from hivit import count_params as count_model_params
 from hivit import map_official_key, resize_pos_embed
 from hivit import map_to_units, select_units
-from fast_itpn import (PRESETS, FastiTPN, count_params, load_official,
+from fast_itpn import (PRESETS, FastiTPN, load_official,
                        migration_schedule, replenish, select_migrants, window_shape)
 from conftest import official_layout
 
 TINY = PRESETS["tiny"]
+
+
+def count_params(cfg):
+    return count_model_params(FastiTPN, cfg)
 
 
 def tiny(**overrides):
@@ -37,7 +42,7 @@ def test_parameter_counts_match_official(name, layout, img_size):
 ])
 def test_paper_counts_include_the_larger_position_table(name, img_size, paper_m):
     # The paper's 40.0/85.2/312.3M are not the 224-px counts (39.903/84.825/312.017M): they match only when the
-    # position embedding is counted at 384/512/384 px (reference 5.3). The paper rounds to 0.1M.
+    # position embedding is counted at 384/512/384 px (the released builders' counts). The paper rounds to 0.1M.
     assert round(count_params(replace(PRESETS[name], img_size=img_size)) / 1e6, 1) == paper_m
 
 
@@ -88,7 +93,7 @@ def test_units_stay_independent_before_stage3():
 # ---- 3. loading the released layout ----
 
 def official_forward(sd, x, *, n1, n2, heads):
-    """Independent forward from the official key names and the reference description (reference 5.1-5.2)."""
+    """Independent forward written out on the official key names (`fast_itpn/modeling_finetune.py`'s model)."""
     ln = lambda t, p: F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)   # noqa: E731
     x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4).permute(0, 2, 3, 1)
     i = 0
@@ -343,7 +348,7 @@ def test_ids_keep_equals_full_encoding_then_select():
     x = torch.randn(2, 3, 64, 64)
     ids_keep = torch.rand(2, 16).argsort(dim=1)[:, :5]                    # (B, N_vis)
     with torch.no_grad():
-        f4, f8, f16 = model.forward_features(x, ids_keep=ids_keep)
+        f4, f8, f16 = model.forward_features(x, ids_keep=ids_keep)      # [f4, f8, f16]: no per-block entries
         full4, full8, _ = model.forward_features(x)
         tokens = select_units(model.forward_early(x)[2] + model.pos_embed, ids_keep)
         for blk in model.blocks:
@@ -362,7 +367,7 @@ def test_mask_without_a_mask_token_names_the_fix():
     mask[0, 6] = 1.0
     with pytest.raises(ValueError, match=r"mask_token=True"):
         model.forward_features(torch.randn(1, 3, 64, 64), mask=mask)
-    with_token = FastiTPN(replace(TINY, num_classes=0), mask_token=True)
+    with_token = FastiTPN(replace(TINY, num_classes=0), stem_mask_token=True)
     assert with_token.forward_features(torch.randn(1, 3, 64, 64), mask=mask)[-1].shape == (1, 16, 64)
 
 
@@ -376,11 +381,17 @@ def teacher_file(tmp_path):
     return str(path)
 
 
+def build_pretrainer(arch, teacher_file):
+    """As train.py builds it: METHODS[name](size preset, cfg=PRETRAIN_PRESETS[name], teacher_path=...)."""
+    name = "fast_itpn_distill"
+    return fast_itpn.METHODS[name](arch, cfg=fast_itpn.PRETRAIN_PRESETS[name], teacher_path=teacher_file)
+
+
 def test_distillation_pretrainer_contract(teacher_file):
     torch.manual_seed(0)
-    pre = fast_itpn.FastiTPNDistillPretrainer(replace(TINY, attention="gathering", migration_ratio=0.4),
-                                              teacher_path=teacher_file)
-    assert pre.cfg.attention == "global" and pre.cfg.migration_ratio == 0  # pre-training runs without both
+    pre = build_pretrainer(replace(TINY, attention="gathering", migration_ratio=0.4), teacher_file)
+    assert pre.encoder.cfg.attention == "global" and pre.encoder.cfg.migration_ratio == 0   # runs without both
+    assert pre.cfg.distill_loss == "cosine"                               # Sec. 4.3
     out = pre(torch.randn(2, 3, 64, 64))
     assert out["mask"].shape == (2, 16) and out["mask"].sum(1).tolist() == [6.0, 6.0]   # round(75/196 * 16)
     assert out["pred"].shape == (2, 16, 64) and 0 <= out["loss"].item() <= 2
@@ -392,7 +403,7 @@ def test_distillation_pretrainer_contract(teacher_file):
 
 def test_distillation_pretrainer_overfits_one_batch(teacher_file):
     torch.manual_seed(0)
-    pre = fast_itpn.FastiTPNDistillPretrainer(TINY, teacher_path=teacher_file)
+    pre = build_pretrainer(TINY, teacher_file)
     x = F.interpolate(torch.randn(2, 3, 4, 4), size=32, mode="bilinear")  # smooth 32-px images, 2 x 2 units
     opt = torch.optim.AdamW([p for p in pre.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
     losses = []
@@ -407,12 +418,47 @@ def test_distillation_pretrainer_overfits_one_batch(teacher_file):
 
 
 def test_stem_masking_hides_masked_pixels_from_every_level(teacher_file):
-    pre = fast_itpn.FastiTPNDistillPretrainer(TINY, teacher_path=teacher_file).eval()
+    pre = build_pretrainer(TINY, teacher_file).eval()
     x = torch.randn(1, 3, 64, 64)
     y = x.clone()
     y[:, :, 16:32, 32:48] = torch.randn(3, 16, 16)                       # new pixels in unit 6 only
     mask = torch.zeros(1, 16)
     mask[0, 6] = 1.0
     with torch.no_grad():
-        (a, _), (b, _) = (pre.encoder.forward_levels(t, mask=mask) for t in (x, y))
-    assert all(torch.equal(p, q) for p, q in zip(a, b))                   # no leak, unlike reference 3.7
+        a, b = (pre.encoder.forward_levels(t, mask=mask) for t in (x, y))
+    assert all(torch.equal(p, q) for p, q in zip(a, b))                   # no leak, unlike iTPN's stage-3 token
+
+
+def test_no_weight_decay_names_are_parameter_names():
+    for model in (tiny(), tiny(hrpe=True), tiny(num_classes=0)):
+        names = model.no_weight_decay()
+        assert "pos_embed" in names and names <= set(dict(model.named_parameters())), names
+    assert "blocks.0.attn.relative_position_bias_table" in tiny(hrpe=True).no_weight_decay()
+
+
+def test_beit_mask_tokens_through_the_seam():
+    """forward_features(mask=, mask_token=) as every backbone: masked units' stage-3 inputs become the token, so no
+    stage-3 output depends on their pixels (f4 still does); mask_token without mask is refused."""
+    model = tiny()
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[:, :, 16:32, 32:48] = torch.randn(3, 16, 16)                       # new pixels in unit 6 only
+    mask = torch.zeros(1, 16)
+    mask[0, 6] = 1.0
+    token = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        a, b = (model.forward_features(t, mask=mask, mask_token=token) for t in (x, y))
+        plain = model.forward_features(y)
+    assert torch.equal(a[-1], b[-1]) and not torch.equal(b[-1], plain[-1])
+    assert not torch.equal(a[0], b[0])                                    # stages 1-2 see the pixels (documented)
+    with pytest.raises(ValueError, match="mask_token goes with mask"):
+        model.forward_features(x, mask_token=token)
+
+
+def test_distillation_pretrainer_keeps_the_official_head_names(teacher_file):
+    """The head comes from itpn.PyramidDistillation but its keys stay at the pre-trainer's top level."""
+    import itpn
+    pre = build_pretrainer(TINY, teacher_file)
+    assert isinstance(pre, itpn.PyramidDistillation)
+    assert {k.split(".")[0] for k in pre.state_dict()} == {"teacher", "decoder_embed", "norm", "lm_head", "encoder"}
+    assert "encoder.patch_embed.mask_token" in pre.state_dict()
