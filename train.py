@@ -611,7 +611,8 @@ METHOD_FILE: dict[str, str] = {**{name: "itpn" for name in itpn.METHODS},
                                **{name: "fast_itpn" for name in fast_itpn.METHODS},
                                **{name: "mim" for name in mim.METHODS}}
 DEFAULT_METHOD = {"itpn": "itpn", "hivit": "mae", "vit": "mae", "fast_itpn": "fastmim"}   # iTPN: paper Eq. 4
-TEACHER_METHODS = ("itpn_distill", "fast_itpn_distill")                  # need --teacher PATH
+TEACHER_METHODS = tuple(m for m, file in METHOD_FILE.items() if file != "mim"      # need --teacher PATH
+                        and issubclass((itpn if file == "itpn" else fast_itpn).METHODS[m], itpn.PyramidDistillation))
 
 
 def compatible_methods(family: str) -> list[str]:
@@ -622,6 +623,17 @@ def compatible_methods(family: str) -> list[str]:
 def unit_size(family: str, preset) -> int:
     """Pixels per unit (the encoder's last-stage patch): 16 for the HiViT family, patch_size for a plain ViT."""
     return preset.patch_size if family == "vit" else 16
+
+
+def build_encoder(family: str, preset) -> nn.Module:
+    """The backbone alone, without a head, for mim.py's methods (they read its stage-3 tokens)."""
+    if family == "vit":
+        return hivit.VisionTransformer(replace(preset, num_classes=0))
+    if family == "fast_itpn":                                             # mim.py reads stage 3 only: no pyramid
+        return fast_itpn.FastiTPN(replace(preset, num_classes=0), pyramid=False)
+    backbone = itpn.backbone_config(preset) if family == "itpn" else preset   # iTPN's backbone: HiViT or a ViT
+    model = hivit.VisionTransformer if isinstance(backbone, hivit.ViTConfig) else hivit.HiViT
+    return model(replace(backbone, num_classes=0))
 
 
 def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_pix_loss: bool | None,
@@ -635,23 +647,17 @@ def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_
         if norm_pix_loss is not None or truncate:
             raise ConfigError(f"--norm_pix_loss and --truncate are fixed by the {method} recipe; they apply to "
                               f"mim.py's methods")
-        if mask_ratio is not None and METHOD_FILE[method] == "itpn":
-            preset = replace(preset, mask_ratio=mask_ratio)
-        elif mask_ratio is not None:
+        if mask_ratio is not None and method in TEACHER_METHODS:
             raise ConfigError(f"--mask_ratio is fixed by the {method} recipe (block masking)")
         module = itpn if METHOD_FILE[method] == "itpn" else fast_itpn
-        return module.METHODS[method](preset, **({"teacher_path": teacher} if method in TEACHER_METHODS else {}))
-    preset = mim.truncate_encoder_config(preset, truncate)                # FastMIM Tab. 1c (0 = full depth)
+        recipe = itpn.tiny_decoder(module.PRETRAIN_PRESETS[method]) if tiny else module.PRETRAIN_PRESETS[method]
+        recipe = replace(recipe, mask_ratio=mask_ratio) if mask_ratio is not None else recipe
+        extra = {"teacher_path": teacher} if method in TEACHER_METHODS else {}
+        return module.METHODS[method](preset, cfg=recipe, **extra)
     cfg = mim.tiny_decoder(mim.PRESETS[method]) if tiny else mim.PRESETS[method]
     cfg = replace(cfg, **{k: v for k, v in (("mask_ratio", mask_ratio), ("norm_pix_loss", norm_pix_loss))
                           if v is not None})
-    if family == "vit":
-        encoder = hivit.VisionTransformer(replace(preset, num_classes=0))
-    elif family == "fast_itpn":                                           # mim.py reads stage 3 only: no pyramid
-        encoder = fast_itpn.FastiTPN(replace(preset, num_classes=0), pyramid=False)
-    else:                                                                 # iTPN's backbone is a HiViT
-        backbone_cfg = {f.name: getattr(preset, f.name) for f in fields(hivit.HiViTConfig)}   # drop iTPN's extras
-        encoder = hivit.HiViT(hivit.HiViTConfig(**{**backbone_cfg, "num_classes": 0}))
+    encoder = build_encoder(family, mim.truncate_encoder_config(preset, truncate))   # FastMIM Tab. 1c (0 = full)
     return mim.METHODS[method](encoder, cfg=cfg)
 
 

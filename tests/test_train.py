@@ -560,7 +560,7 @@ def test_any_decoding_error_is_skipped_and_a_long_run_of_them_is_one_clear_messa
 
 
 def T_to_tensor(img):
-    return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
 def test_a_run_of_broken_files_inside_loader_workers_ends_in_one_line(tmp_path):
