@@ -1,0 +1,589 @@
+"""finetune.py: official layer ids, checkpoint conversion (train.py and official layouts), position-table resizing,
+mixing, accuracy, the loop (overfit, bitwise resume, 2 gloo ranks = 1 process) and every bad input's message.
+CPU only, tiny models, 32-px images, a few steps each; the official layouts are read from tests/official_keys."""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fast_itpn
+import finetune
+import hivit
+import itpn
+import train
+from conftest import official_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--input_size", "32", "--num_images", "16", "--num_val_images", "6", "--batch_size", "4", "--num_workers",
+        "0", "--epochs", "2", "--warmup_epochs", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one OpenMP thread is the fastest setting for them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, *argv, name="out"):
+    """finetune.main in this process; returns (records, output dir)."""
+    out = str(tmp_path / name)
+    return finetune.main([*argv, "--output_dir", out]), out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def error_of(tmp_path, *argv, name="bad"):
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, *argv, name=name)
+    return str(info.value.code)
+
+
+# ---- 1. layer-wise lr decay: the official rules, written from their description, on the official key names -------
+
+def official_scales(keys, *, rule, n1, n2, layer_decay):
+    """Official lr scale of every official parameter name (flat blocks.{i}: n1 MLP blocks, merge, n2 MLP blocks,
+    merge, attention blocks). iTPN / HiViT: ids over the non-merge blocks, a merge takes the id of the block before
+    it, the head and fc_norm get L; iTPN rescales the decay to 13 layers. Fast-iTPN: blocks.i -> i + 1, the rest
+    len(blocks) + 1, no rescaling."""
+    flat = sorted({int(k.split(".")[1]) for k in keys if k.startswith("blocks.")})
+    if rule == "fast_itpn":
+        top = len(flat) + 1
+
+        def lid(k):
+            if k == "pos_embed" or k.startswith("patch_embed"):
+                return 0
+            return int(k.split(".")[1]) + 1 if k.startswith("blocks.") else top
+        return {k: layer_decay ** (top - lid(k)) for k in keys}
+    main_blocks = [i for i in flat if i not in (n1, n1 + n2 + 1)]
+    top = len(main_blocks) + 1
+    decay = layer_decay ** (13 / top) if rule == "itpn" else layer_decay
+
+    def lid(k):
+        if k == "absolute_pos_embed" or k.startswith("patch_embed"):
+            return 0
+        if not k.startswith("blocks."):
+            return top
+        i = int(k.split(".")[1])
+        while i not in main_blocks:                                       # a merge: the block before it
+            i -= 1
+        return main_blocks.index(i) + 1
+    return {k: decay ** (top - lid(k)) for k in keys}
+
+
+def scales_and_decay(model, family, layer_decay):
+    groups = finetune.layer_decay_groups(model, family=family, cfg=model.cfg, weight_decay=0.05,
+                                         layer_decay=layer_decay)
+    return ({n: g["lr_scale"] for g in groups for n in g["names"]},
+            {n for g in groups for n in g["names"] if g["weight_decay"] == 0})
+
+
+@pytest.mark.parametrize("layout, model_name, rule, layer_decay", [
+    ("hivit_base", "hivit_b", "hivit", 0.85), ("itpn_base_finetune", "itpn_b", "itpn", 0.60),
+    ("itpn_large_clip_finetune", "itpn_l", "itpn", 0.55), ("fast_itpn_tiny", "fast_itpn_t", "fast_itpn", 0.80),
+    ("fast_itpn_base", "fast_itpn_b", "fast_itpn", 0.90)])
+def test_layer_ids_follow_the_official_rule_on_the_official_names(layout, model_name, rule, layer_decay):
+    info = official_layout(layout)
+    family, preset = train.MODELS[model_name]
+    params = {k: shape for k, shape, _ in info["keys"] if not k.endswith("relative_position_index")}
+    want = official_scales(params, rule=rule, n1=preset.mlp_depth1, n2=preset.mlp_depth2, layer_decay=layer_decay)
+    with torch.device("meta"):
+        model = finetune.build_classifier(model_name, num_classes=1000, drop_path=0.0, input_size=info["input_size"],
+                                          layer_scale="gamma_1" in str(list(params)))
+    got, no_decay = scales_and_decay(model, family, layer_decay)
+    prefix = "backbone." if family == "itpn" else ""
+    ours = {prefix + hivit.map_official_key(k, mlp_depth1=preset.mlp_depth1, mlp_depth2=preset.mlp_depth2): k
+            for k in params}
+    assert set(ours) == set(got)                                          # every parameter, nothing else
+    for name, key in ours.items():
+        assert got[name] == pytest.approx(want[key], rel=1e-12), key
+    official_no_decay = {k for k, shape in params.items() if len(shape) == 1 or k in ("absolute_pos_embed",
+                         "pos_embed") or k.endswith(("relative_position_bias_table", ".bias"))}
+    assert {ours_name for ours_name, k in ours.items() if k in official_no_decay} == no_decay
+    if rule == "itpn":                                                    # the stem always gets layer_decay^13
+        assert got["backbone.patch_embed.proj.weight"] == pytest.approx(layer_decay ** 13)
+
+
+def test_vit_layer_ids_are_maes():
+    with torch.device("meta"):
+        model = finetune.build_classifier("vit_b", num_classes=10, drop_path=0.0, input_size=224)
+    got, no_decay = scales_and_decay(model, "vit", 0.65)
+    assert got["patch_embed.weight"] == got["pos_embed"] == pytest.approx(0.65 ** 13)   # MAE: ViT-B stem 0.65^13
+    assert got["blocks.0.mlp.fc1.weight"] == pytest.approx(0.65 ** 12)
+    assert got["blocks.11.attn.qkv.weight"] == pytest.approx(0.65)
+    assert got["head.weight"] == got["fc_norm.weight"] == 1.0
+    assert "pos_embed" in no_decay and "blocks.0.attn.qkv.weight" not in no_decay
+
+
+# ---- 2. position tables: resized by bicubic convolution (torch's a = -0.75), identity at the same grid -----------
+
+def bicubic_matrix(n_in, n_out, a=-0.75):
+    """(n_out, n_in) weights of 1-D cubic convolution with half-pixel centres and replicated borders."""
+    def cubic(d):
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+        return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a if d < 2 else 0.0
+    w = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        base = math.floor(src)
+        for k in range(-1, 3):
+            w[o, min(max(base + k, 0), n_in - 1)] += cubic(src - (base + k))
+    return w
+
+
+def test_position_tables_are_resized_by_bicubic_convolution_and_kept_at_the_same_grid():
+    g = torch.Generator().manual_seed(0)
+    ape = torch.randn(1, 16, 5, generator=g)                              # a 4x4 grid of 5 channels
+    got = finetune.resize_pos_table(ape, (6, 7))
+    grid = ape[0].reshape(4, 4, 5).double().numpy()
+    want = np.einsum("oh,hwc,pw->opc", bicubic_matrix(4, 6), grid, bicubic_matrix(4, 7)).reshape(1, 42, 5)
+    np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5)
+    bias = torch.randn(49, 3, generator=g)                                # offsets of a 4x4 grid: 7x7, 3 heads
+    got = finetune.resize_bias_table(bias, (6, 6))                        # -> 11x11 offsets
+    table = bias.reshape(7, 7, 3).double().numpy()
+    want = np.einsum("oh,hwc,pw->opc", bicubic_matrix(7, 11), table, bicubic_matrix(7, 11)).reshape(121, 3)
+    np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5)
+    assert finetune.resize_pos_table(ape, (4, 4)) is ape and finetune.resize_bias_table(bias, (4, 4)) is bias
+
+
+# ---- 3. train.py checkpoints: the classifier's backbone computes what the pre-trainer's encoder computed ----------
+
+@pytest.fixture(scope="module")
+def vit_teacher(tmp_path_factory):
+    """A tiny random ViT saved as train.py saves one: the frozen teacher of the distillation methods."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("teacher") / "vit_tiny.pth"
+    vit = hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_tiny"], num_classes=0))
+    torch.save({"model": vit.state_dict()}, path)
+    return str(path)
+
+
+def pretrain_checkpoint(tmp_path, model, method, *, teacher=None, truncate=0):
+    """A pre-trainer built as train.py builds it, with trained-looking (non-init) weights, saved as train.py does."""
+    torch.manual_seed(0)
+    pretrainer = train.build_pretrainer(model, method, mask_ratio=None, norm_pix_loss=None, teacher=teacher,
+                                        truncate=truncate)
+    with torch.no_grad():
+        for p in pretrainer.parameters():                                 # zero-init tables would hide a bad load
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / f"{model}-{method}.pth"
+    torch.save({"model": pretrainer.state_dict(), "args": {"model": model, "method": method, "truncate": truncate},
+                "step": 1, "optimizer": {}}, path)
+    return pretrainer, str(path)
+
+
+@pytest.mark.parametrize("model, method, truncate", [
+    ("itpn_tiny", "itpn", 0), ("itpn_tiny", "itpn_pixel", 0), ("hivit_tiny", "mae", 0), ("itpn_tiny", "m3i", 0),
+    ("vit_tiny", "fastmim", 0), ("fast_itpn_tiny", "simmim", 0), ("hivit_tiny", "mae", 1),
+    ("itpn_tiny", "itpn_distill", 0), ("fast_itpn_tiny", "fast_itpn_distill", 0)])
+def test_a_train_checkpoint_gives_the_encoders_features(tmp_path, vit_teacher, model, method, truncate):
+    teacher = vit_teacher if method in train.TEACHER_METHODS else None
+    pretrainer, path = pretrain_checkpoint(tmp_path, model, method, teacher=teacher, truncate=truncate)
+    pretrained = finetune.read_pretrained(path)
+    assert pretrained.kind == ("clip" if teacher else "pixel")
+    classifier = finetune.build_classifier(model, num_classes=8, drop_path=0.0, input_size=64,
+                                           layer_scale=pretrained.kind == "clip")
+    report = finetune.load_pretrained(classifier, pretrained, model_name=model)
+    assert not any(k.startswith("teacher.") for k in report["loaded"])   # distillation: no teacher needed
+    assert {k for k in pretrained.state if k.startswith("teacher.")} <= set(report["ignored"])
+    x = torch.randn(2, 3, 64, 64)
+    encoder = pretrainer.encoder.eval()
+    classifier.eval()
+    with torch.no_grad():
+        want = encoder.forward_features(x)[-1]
+        feats = classifier.forward_features(x)
+        got = feats[len(feats) - 1 - truncate] if truncate else feats[-1]   # the truncated encoder's last block
+    assert torch.equal(got, want)
+    fresh = set(report["fresh"])
+    assert any(k.endswith("head.weight") for k in fresh)
+    if truncate:                                                          # the removed block starts fresh
+        assert {k.split(".")[1] for k in fresh if k.startswith("blocks.")} == {str(hivit.PRESETS["tiny"].depth - 1)}
+
+
+def test_a_checkpoint_at_another_grid_is_resized_when_loaded(tmp_path):
+    pretrainer, path = pretrain_checkpoint(tmp_path, "hivit_tiny", "mae")   # tables for 64 px: a 4x4 grid
+    classifier = finetune.build_classifier("hivit_tiny", num_classes=8, drop_path=0.0, input_size=96)   # 6x6
+    report = finetune.load_pretrained(classifier, finetune.read_pretrained(path), model_name="hivit_tiny")
+    encoder, ours = pretrainer.encoder.state_dict(), classifier.state_dict()
+    assert torch.equal(ours["absolute_pos_embed"], finetune.resize_pos_table(encoder["absolute_pos_embed"], (6, 6)))
+    table = "blocks.1.attn.relative_position_bias_table"
+    assert torch.equal(ours[table], finetune.resize_bias_table(encoder[table], (6, 6)))
+    assert len(report["resized"]) == 1 + hivit.PRESETS["tiny"].depth
+
+
+# ---- 4. official layouts: random tensors shaped as the released listings give the official forward's logits -----
+
+def official_hivit_logits(sd, x, *, n1, n2, heads):
+    """The official HiViT / iTPN classifier (flat blocks.{i}, CLIP variants with gamma) written out on its keys."""
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-6)
+
+    def lin(t, p):
+        return F.linear(t, sd[p + ".weight"], sd.get(p + ".bias"))
+
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    b, c, hh, ww = x.shape
+    hp, wp = hh // 4, ww // 4
+    x = ln(x.view(b, c, hp, 4, wp, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, hp * wp, 4, 4, c), "patch_embed.norm")
+    for i in range(n1 + n2 + 2):
+        p = f"blocks.{i}"
+        if i in (n1, n1 + n2 + 1):                                        # Swin order: (0,0), (1,0), (0,1), (1,1)
+            x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
+            x = lin(ln(x, p + ".norm"), p + ".reduction")
+        else:
+            x = x + sd.get(p + ".gamma_2", 1.0) * lin(F.gelu(lin(ln(x, p + ".norm2"), p + ".mlp.fc1")), p + ".mlp.fc2")
+    x = x[:, :, 0, 0, :] + sd["absolute_pos_embed"]
+    n = x.shape[1]
+    rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+    dr, dc = rows.flatten()[:, None] - rows.flatten()[None], cols.flatten()[:, None] - cols.flatten()[None]
+    index = (dr + hp - 1) * (2 * wp - 1) + dc + wp - 1
+    i = n1 + n2 + 2
+    while f"blocks.{i}.norm1.weight" in sd:
+        p = f"blocks.{i}"
+        q, k, v = lin(ln(x, p + ".norm1"), p + ".attn.qkv").view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        att = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + \
+            sd[p + ".attn.relative_position_bias_table"][index].permute(2, 0, 1)
+        h = lin((att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1), p + ".attn.proj")
+        x = x + sd.get(p + ".gamma_1", 1.0) * h
+        x = x + sd.get(p + ".gamma_2", 1.0) * lin(F.gelu(lin(ln(x, p + ".norm2"), p + ".mlp.fc1")), p + ".mlp.fc2")
+        i += 1
+    return lin(ln(x.mean(1), "fc_norm"), "head")
+
+
+def official_fast_itpn_logits(sd, x, *, n1, n2, heads):
+    """The official Fast-iTPN classifier on its keys: ConvMLP stages, LN + 2x2 conv merges, q/v-bias attention,
+    SwiGLU with sub-LN, layer scale, mean pooling."""
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-6)
+
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4).permute(0, 2, 3, 1)
+    i = 0
+    for depth in (n1, n2):
+        for _ in range(depth):
+            p = f"blocks.{i}."
+            h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"][:, :, 0, 0], sd[p + "mlp.fc1.bias"]))
+            x = x + F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.fc2.weight"][:, :, 0, 0], sd[p + "mlp.fc2.bias"])
+            i += 1
+        p = f"blocks.{i}."
+        x = F.conv2d(ln(x, p + "norm").permute(0, 3, 1, 2), sd[p + "reduction.weight"], sd[p + "reduction.bias"],
+                     stride=2).permute(0, 2, 3, 1)
+        i += 1
+    x = x.flatten(1, 2) + sd["pos_embed"]
+    b, n, c = x.shape
+    while f"blocks.{i}.norm1.weight" in sd:
+        p = f"blocks.{i}."
+        h = ln(x, p + "norm1")
+        q = F.linear(h, sd[p + "attn.q_proj.weight"], sd[p + "attn.q_bias"]).view(b, n, heads, -1).transpose(1, 2)
+        k = F.linear(h, sd[p + "attn.k_proj.weight"]).view(b, n, heads, -1).transpose(1, 2)
+        v = F.linear(h, sd[p + "attn.v_proj.weight"], sd[p + "attn.v_bias"]).view(b, n, heads, -1).transpose(1, 2)
+        h = ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + sd[p + "gamma_1"] * F.linear(h, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        h = ln(x, p + "norm2")
+        h = F.silu(F.linear(h, sd[p + "mlp.w1.weight"], sd[p + "mlp.w1.bias"])) * \
+            F.linear(h, sd[p + "mlp.w2.weight"], sd[p + "mlp.w2.bias"])
+        x = x + sd[p + "gamma_2"] * F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.w3.weight"], sd[p + "mlp.w3.bias"])
+        i += 1
+    return F.linear(ln(x.mean(1), "fc_norm"), sd["head.weight"], sd["head.bias"])
+
+
+def official_file(tmp_path, layout, *, attention_blocks=2):
+    """Random tensors for every key of a released listing, cut after a few attention blocks (speed), as a file."""
+    info = official_layout(layout)
+    flat = sorted({int(k.split(".")[1]) for k, _, _ in info["keys"] if k.startswith("blocks.")})
+    merges = [i for i in flat if any(k == f"blocks.{i}.reduction.weight" for k, _, _ in info["keys"])]
+    keep = merges[1] + 1 + attention_blocks
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, shape, dtype in info["keys"]:
+        if key.startswith("blocks.") and int(key.split(".")[1]) >= keep:
+            continue
+        t = torch.randn(shape, generator=g) * 0.1 if dtype.endswith("float32") else torch.zeros(shape, dtype=torch.long)
+        sd[key] = t + 1.0 if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ffn_ln.weight")) else t
+    path = tmp_path / f"{layout}.pth"
+    torch.save({"model": sd}, path)
+    return sd, str(path), info
+
+
+@pytest.mark.parametrize("layout, model_name", [("hivit_tiny", "hivit_t"), ("itpn_base_finetune", "itpn_b"),
+                                                ("itpn_base_clip_finetune", "itpn_b"),
+                                                ("fast_itpn_tiny", "fast_itpn_t")])
+def test_an_official_finetune_layout_gives_the_official_logits(tmp_path, layout, model_name):
+    sd, path, info = official_file(tmp_path, layout)                    # 2 attention blocks, released size
+    pretrained = finetune.read_pretrained(path)
+    family, preset = train.MODELS[model_name]
+    cfg = replace(preset, depth=2, num_classes=1000, img_size=info["input_size"])
+    if family == "fast_itpn":
+        model = fast_itpn.FastiTPN(cfg)
+    else:
+        cfg = replace(cfg, layer_scale=0.1 if pretrained.kind == "clip" else 0.0)
+        model = itpn.iTPN(cfg) if family == "itpn" else hivit.HiViT(cfg)
+    report = finetune.load_pretrained(model.eval(), pretrained, model_name=model_name)
+    assert report["fresh"] == [] and report["resized"] == []
+    assert set(report["ignored"]) == {k for k in sd if k.endswith("relative_position_index")}
+    forward = official_fast_itpn_logits if family == "fast_itpn" else official_hivit_logits
+    x = torch.randn(2, 3, info["input_size"], info["input_size"])
+    with torch.no_grad():
+        want = forward(sd, x, n1=preset.mlp_depth1, n2=preset.mlp_depth2, heads=preset.num_heads)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_official_pretraining_layouts_load_the_backbone_and_leave_the_rest(tmp_path):
+    for layout, kind, fresh in (("itpn_base_pixel_pretrain", "pixel", {"relative_position_bias_table", "fc_norm",
+                                                                        "head"}),
+                                ("itpn_base_clip_pretrain", "clip", {"fc_norm", "head"})):
+        sd, path, info = official_file(tmp_path, layout)
+        pretrained = finetune.read_pretrained(path)
+        assert pretrained.kind == kind
+        cfg = replace(itpn.PRESETS["itpn_b"], depth=2, num_classes=10, img_size=64,
+                      layer_scale=0.1 if kind == "clip" else 0.0)
+        model = itpn.iTPN(cfg)
+        report = finetune.load_pretrained(model, pretrained, model_name="itpn_b")
+        assert {k.split(".")[-2] if "relative" not in k else k.split(".")[-1] for k in report["fresh"]} == fresh
+        ignored_tops = {k.split(".")[0] for k in report["ignored"]}
+        assert {"decoder_embed", "split_16to8", "fpn_modules"} <= ignored_tops and "blocks" not in ignored_tops
+        assert len(report["resized"]) == 1 + (2 if kind == "clip" else 0)   # 224 -> 64 px: APE (+ bias tables)
+
+
+# ---- 5. mixing, smoothing and accuracy ----------------------------------------------------------------------------
+
+def test_mixup_and_cutmix_targets_sum_to_one_and_match_the_pixels():
+    b, k = 6, 10
+    colours = torch.arange(1, b + 1, dtype=torch.float32)                 # image i is the constant i + 1
+    x, y = colours.view(b, 1, 1, 1).expand(b, 3, 16, 16).clone(), torch.tensor([3, 1, 4, 0, 5, 9])
+    for name, mixing in (("mixup", finetune.make_mixing(mixup=0.8, cutmix=0.0, num_classes=k)),
+                         ("cutmix", finetune.make_mixing(mixup=0.0, cutmix=1.0, num_classes=k))):
+        torch.manual_seed(3)
+        mixed, soft = mixing(x, y)
+        assert soft.shape == (b, k) and torch.allclose(soft.sum(1), torch.ones(b))
+        for i in range(b):
+            own, partner = soft[i, y[i]].item(), soft[i, y[i - 1]].item()   # torchvision pairs i with i - 1
+            if name == "mixup":                                           # the pixel value tells lambda
+                lam = (mixed[i, 0, 0, 0] - colours[i - 1]) / (colours[i] - colours[i - 1])
+                assert own == pytest.approx(lam.item(), abs=1e-5) and own + partner == pytest.approx(1.0)
+            else:                                                         # the pasted area share is 1 - lambda
+                assert (mixed[i] == colours[i - 1]).float().mean().item() == pytest.approx(partner, abs=1e-6)
+    both = finetune.make_mixing(mixup=0.8, cutmix=1.0, num_classes=k)
+    kinds = set()
+    for seed in range(20):                                                # the batch takes one of the two
+        torch.manual_seed(seed)
+        mixed, _ = both(x, y)
+        kinds.add("cutmix" if bool((mixed == x).any()) else "mixup")
+    assert kinds == {"mixup", "cutmix"} and finetune.make_mixing(mixup=0.0, cutmix=0.0, num_classes=k) is None
+
+
+def test_smoothing_of_soft_targets_is_timms_mixed_smoothing():
+    logits, soft = torch.randn(4, 5), torch.softmax(torch.randn(4, 5), 1)
+    eps = 0.1
+    want = -(((1 - eps) * soft + eps / 5) * logits.log_softmax(1)).sum(1).mean()
+    assert F.cross_entropy(logits, soft, label_smoothing=eps).item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_topk_counts_a_hand_made_case():
+    logits = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6],                       # label 6: top-1
+                           [6.0, 5, 4, 3, 2, 1, 0],                       # label 4: 5th best -> top-5 only
+                           [6.0, 5, 4, 3, 2, 1, 0],                       # label 5: 6th best -> neither
+                           [1.0, 9, 2, 3, 4, 5, 6]])                      # label 0: last -> neither
+    assert finetune.topk_correct(logits, torch.tensor([6, 4, 5, 0])) == [1, 2]
+    assert finetune.topk_correct(logits[:, :3], torch.tensor([2, 0, 1, 0])) == [2, 4]   # k capped at K = 3
+
+
+def test_lars_step_is_the_trust_ratio_update():
+    w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(3))
+    w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    finetune.LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9).step()
+    update = gw + 0.1 * w0
+    update = update * 0.001 * w0.norm() / update.norm()
+    assert torch.allclose(w, w0 - 0.5 * update) and torch.allclose(b, b0 - 0.5 * gb)   # vectors: plain SGD
+
+
+# ---- 6. the loop: overfit, end to end, resume, DDP ----------------------------------------------------------------
+
+def test_overfits_one_batch():
+    data = train.ShapesDataset(8, image_size=32, task="cls")
+    transform = finetune.eval_transform(32)
+    x = torch.stack([transform(*data[i])[0] for i in range(8)])
+    y = torch.tensor([data[i][1] for i in range(8)])
+    torch.manual_seed(0)
+    model = finetune.build_classifier("itpn_tiny", num_classes=8, drop_path=0.0, input_size=32)
+    groups = finetune.layer_decay_groups(model, family="itpn", cfg=model.cfg, weight_decay=0.0, layer_decay=0.75)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=3e-3)
+    for group in opt.param_groups:
+        group["lr"] *= group["lr_scale"]
+    for _ in range(60):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 and finetune.topk_correct(model(x), y) == [8, 8]
+
+
+def test_default_run_logs_accuracy_keeps_the_best_and_draws_predictions(tmp_path):
+    records, out = run(tmp_path, *TINY, "--model_ema", "--mixup", "0.8", "--cutmix", "1.0")
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1] and log == json.loads(json.dumps(records))
+    for r in log:
+        assert {"test_acc1", "test_acc5", "test_loss", "test_acc1_ema", "train_loss", "train_lr"} <= set(r)
+        assert 0 <= r["test_acc1"] <= r["test_acc5"] <= 100 and r["test_acc1"] * 6 / 100 == pytest.approx(
+            round(r["test_acc1"] * 6 / 100))                              # a whole number of the 6 val images
+    best = torch.load(os.path.join(out, "checkpoint-best.pth"), weights_only=True)
+    assert best["best"] == max(r["test_acc1"] for r in log) and "model_ema" in best
+    assert os.path.exists(os.path.join(out, "predictions-epoch001.png"))
+    again = finetune.main([*TINY, "--model_ema", "--eval", "--resume", os.path.join(out, "checkpoint-last.pth")])
+    assert again[0]["test_acc1"] == log[-1]["test_acc1"] and again[0]["test_loss"] == pytest.approx(
+        log[-1]["test_loss"], rel=1e-6)
+
+
+def test_finetune_from_the_train_demo_checkpoint(tmp_path):
+    train.main(["--model", "hivit_tiny", "--method", "mae", "--input_size", "32", "--num_images", "4",
+                "--batch_size", "2", "--max_steps", "1", "--num_workers", "0", "--output_dir",
+                str(tmp_path / "pretrain")])
+    records, out = run(tmp_path, *TINY, "--model", "hivit_tiny", "--finetune",
+                       str(tmp_path / "pretrain" / "checkpoint-last.pth"), "--max_steps", "2")
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["pretrained"] == "train.py hivit_tiny --method mae" and records[-1]["step"] == 2
+
+
+def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
+    argv = [*TINY, "--model", "hivit_tiny", "--mixup", "0.8", "--cutmix", "1.0", "--model_ema", "--randaug", "9",
+            "--drop_path", "0.1"]                                         # 4 steps per epoch
+    _, straight = run(tmp_path, *argv, "--max_steps", "6", name="straight")
+    _, stopped = run(tmp_path, *argv, "--max_steps", "3", name="stopped")
+    run(tmp_path, *argv, "--max_steps", "6", "--resume", "auto", "--num_workers", "1", name="stopped")
+    a = torch.load(os.path.join(straight, "checkpoint-last.pth"), weights_only=True)
+    b = torch.load(os.path.join(stopped, "checkpoint-last.pth"), weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "model_ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert read_log(straight)[-1]["train_loss"] == read_log(stopped)[-1]["train_loss"]
+    assert read_log(straight)[-1]["test_acc1_ema"] == read_log(stopped)[-1]["test_acc1_ema"]
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    # Global batch 4 = 2 ranks x 2 micro-steps x 1 image = 1 process x 4 micro-steps x 1 image; 7 val images are
+    # split 4 + 3 over the ranks and summed.
+    argv = ["--model", "itpn_tiny", "--input_size", "32", "--num_images", "4", "--num_val_images", "7",
+            "--batch_size", "1", "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.05",
+            "--drop_path", "0.1", "--randaug", "9"]
+    ddp_out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "finetune.py", *argv, "--accum_iter", "2", "--output_dir", ddp_out],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, _ = run(tmp_path, *argv, "--accum_iter", "4", name="single")
+    ddp = read_log(ddp_out)
+    assert len(ddp) == len(single) == 3 and len({r["train_loss"] for r in single}) == 3
+    for a, b in zip(ddp, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5, rel=0)
+        assert a["train_grad_norm"] == pytest.approx(b["train_grad_norm"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5) and a["test_acc1"] == b["test_acc1"]
+
+
+def test_linear_probe_trains_the_head_only(tmp_path):
+    _, path = pretrain_checkpoint(tmp_path, "hivit_tiny", "mae")
+    records, out = run(tmp_path, *TINY, "--model", "hivit_tiny", "--finetune", path, "--linear_probe",
+                       "--input_size", "64")                       # the checkpoint's grid: nothing resized
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    encoder = torch.load(path, weights_only=True)["model"]
+    for k, v in ckpt["model"].items():                                    # the backbone is the checkpoint's
+        if k.startswith("encoder.") and not k.startswith(("encoder.head", "encoder.fc_norm")):
+            assert torch.equal(v, encoder[k]), k
+    assert {"bn.running_mean", "bn.running_var", "head.weight", "head.bias"} <= set(ckpt["model"])
+    assert "bn.weight" not in ckpt["model"] and ckpt["optimizer"]["param_groups"][0]["momentum"] == 0.9   # LARS
+
+
+def test_fast_itpn_switches_reach_the_model(tmp_path):
+    finetune_cfg = dict(num_classes=8, drop_path=0.0, input_size=64, migration_ratio=0.2, attention="gathering")
+    model = finetune.build_classifier("fast_itpn_tiny", **finetune_cfg)
+    assert model.cfg.migration_ratio == 0.2 and model.cfg.attention == "gathering" and model.accelerated()
+    records, _ = run(tmp_path, *TINY, "--model", "fast_itpn_tiny", "--migration_ratio", "0.2", "--attention",
+                     "window", "--max_steps", "1")
+    assert math.isfinite(records[0]["train_loss"])
+
+
+def test_recipes_follow_the_model_and_the_checkpoint():
+    assert finetune.recipe_name("itpn_b", "pixel", False) == "itpn_pixel_b"
+    assert finetune.recipe_name("itpn_l", "clip", False) == "itpn_clip_l"
+    assert finetune.recipe_name("itpn_s", "pixel", False) == "itpn_pixel_b"
+    assert finetune.recipe_name("fast_itpn_l", "clip", False) == "fast_itpn_l"
+    assert finetune.recipe_name("hivit_b", "pixel", False) == "hivit_mae"
+    assert finetune.recipe_name("hivit_s", None, False) == "scratch_s"
+    assert finetune.recipe_name("vit_l", "pixel", True) == "linprobe"
+    assert finetune.recipe_name("itpn_tiny", None, False) == "demo"
+    assert finetune.RECIPES["fast_itpn_l"]["input_size"] == 640 and finetune.RECIPES["itpn_pixel_b"]["blr"] == 5e-4
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--help"])
+    text = capsys.readouterr().out
+    for name in finetune.FinetuneConfig.__dataclass_fields__:
+        assert f"--{name}" in text
+
+
+# ---- 7. bad inputs: one message each ------------------------------------------------------------------------------
+
+def image_tree(root, splits):
+    """splits: {split: [class folder, ...]}, two small PNGs per folder."""
+    for split, classes in splits.items():
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_data_errors_name_the_problem(tmp_path):
+    image_tree(tmp_path / "noval", {"train": ["a", "b"]})
+    assert "no val/ folder" in error_of(tmp_path, *TINY, "--data_path", str(tmp_path / "noval"))
+    image_tree(tmp_path / "differ", {"train": ["a", "b"], "val": ["a", "c"]})
+    msg = error_of(tmp_path, *TINY, "--data_path", str(tmp_path / "differ"))
+    assert "class folders differ" in msg and "['b']" in msg and "['c']" in msg
+    image_tree(tmp_path / "loose", {"train": ["a", "b"], "val": ["a", "b"]})
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "loose" / "train" / "x.png")
+    assert "without a class folder" in error_of(tmp_path, *TINY, "--data_path", str(tmp_path / "loose"))
+    image_tree(tmp_path / "good", {"train": ["a", "b"], "val": ["a", "b"]})
+    msg = error_of(tmp_path, *TINY, "--data_path", str(tmp_path / "good"), "--nb_classes", "5")
+    assert "--nb_classes 5 but the data has 2 classes (a, b)" in msg
+    records, _ = run(tmp_path, *TINY, "--data_path", str(tmp_path / "good"), "--max_steps", "1", name="ok")
+    assert len(records) == 1
+
+
+def test_checkpoint_of_another_model_is_refused_naming_both(tmp_path):
+    _, path = pretrain_checkpoint(tmp_path, "hivit_tiny", "mae")
+    msg = error_of(tmp_path, *TINY, "--model", "vit_tiny", "--finetune", path)
+    assert "hivit_tiny" in msg and "vit_tiny" in msg and "pass --model hivit_tiny" in msg
+    _, official, _ = official_file(tmp_path, "hivit_tiny")               # HiViT-T cut to 2 attention blocks
+    msg = error_of(tmp_path, *TINY, "--model", "fast_itpn_t", "--finetune", official)
+    assert "hivit-style, C 384, 2+2+2 blocks" in msg and "fast_itpn_t is fast_itpn-style, C 384, 1+1+12" in msg
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    assert "neither a checkpoint of this project nor an official" in error_of(tmp_path, *TINY, "--finetune",
+                                                                              str(tmp_path / "other.pth"))
+    assert "no such file" in error_of(tmp_path, *TINY, "--finetune", str(tmp_path / "missing.pth"))
+
+
+def test_flag_mistakes_are_one_message_each(tmp_path):
+    assert "Fast-iTPN switches" in error_of(tmp_path, *TINY, "--migration_ratio", "0.2")
+    assert "multiple of itpn_tiny's 16-px unit" in error_of(tmp_path, *TINY, "--input_size", "40")
+    assert "--eval evaluates weights" in error_of(tmp_path, *TINY, "--eval")
+    _, path = pretrain_checkpoint(tmp_path, "hivit_tiny", "mae")
+    assert "has no head" in error_of(tmp_path, *TINY, "--model", "hivit_tiny", "--eval", "--finetune", path)
+    assert "is not a model" in error_of(tmp_path, *TINY, "--model", "resnet50")
+    run(tmp_path, *TINY, "--max_steps", "1", name="taken")
+    assert "holds a run" in error_of(tmp_path, *TINY, name="taken")      # train.py's overwrite protection
