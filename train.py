@@ -92,8 +92,8 @@ __all__ = [
     "epoch_loader", "DataError", "count_steps", "cosine_schedule", "IMAGENET_MEAN", "IMAGENET_STD",
     "MODELS", "METHOD_FILE", "build_pretrainer",
     "BETAS", "param_groups", "get_lr",
-    "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "write_run_config",
-    "denormalize", "Trainer", "main",
+    "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "clear_run", "write_run_config",
+    "denormalize", "titled_grid", "Trainer", "one_line", "main",
 ]
 
 
