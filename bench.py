@@ -6,27 +6,30 @@ Paper:
 
 Implements:
     A tiny CLI that times each paper's speed claim as a ratio of two configurations measured in the same process,
-    with warm-up and medians, and prints a table. Speed never appears in a test (STYLE.md 10): it lives here.
+    with warm-up and medians, and prints each row as soon as it is measured. Speed never appears in a test
+    (STYLE.md 10): it lives here.
 
 Sections:
-    1. Timing helpers        (warm-up, median of reps, peak memory)
+    1. Timing helpers        (warm-up, median of reps, one-thread CPU time, peak memory)
     2. hivit.py suite        <-> HiViT Tab. 8 (dropping masked units), supplementary Tab. 12 (HiViT-B vs ViT-B)
     3. itpn.py suite         <-> iTPN Sec. 3.3-3.4: step cost of the pixel / paper (MIM+MFM) / distillation recipes
-    4+. one section per file, added by that file (mim, fast_itpn, train)
+    4. mim.py suite          <-> HiViT Tab. 8 (MAE vs SimMIM), FastMIM Sec. 3 (128 px), M3I step cost
     5. fast_itpn.py suite    <-> Fast-iTPN Fig. 5 (token migration), Tab. 7 (window attention, gathering, HRPE)
     6. train.py suite        whole pre-training steps through the real CLI (data loading included), peak memory
-    last. CLI
+    7. CLI
 
 Shapes:
     B batch, H = W image side.
 
 Differences from the paper / official code:
-    - Numbers are measured on whatever machine runs this (the project's CI machine is a 2-core CPU); the papers
-      measured on V100/A100 GPUs. Ratios, not absolute throughput, are what compare.
+    - Numbers are measured on whatever machine runs this; the papers measured on V100/A100 GPUs. Ratios, not
+      absolute throughput, are what compare. Rows that take long on a CPU (1024-px inputs, an iTPN-B training run)
+      run only with --long.
 
 Run:
-    python bench.py                         # every suite, CPU, small batches (several minutes on 2 cores)
+    python bench.py                         # every suite, CPU, default batches (minutes per suite: see --help)
     python bench.py --suite hivit --batch 8 --reps 5
+    python bench.py --suite fast_itpn --long   # adds the 1024-px rows
     python bench.py --device cuda           # on a GPU machine
 """
 
@@ -72,6 +75,24 @@ def measure(fn, *, warmup: int = 2, reps: int = 5, device: str = "cpu") -> float
     return statistics.median(times)
 
 
+def cpu_seconds(fn, *, warmup: int = 1, reps: int = 3) -> float:
+    """Median process CPU seconds of fn() with ONE thread: unlike wall-clock time, other processes on a shared
+    machine do not inflate it, so ratios of two steps stay comparable when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def peak_memory_mb(fn, *, device: str = "cpu") -> float | None:
     """Peak accelerator memory of one fn() call in MiB (None on CPU, where torch does not track it)."""
     if not device.startswith("cuda"):
@@ -90,33 +111,44 @@ def fwd_bwd(model, x, **kwargs):
     return step
 
 
-# ---- 2. hivit.py suite --------------------------------------------------------------------------------------------
+def forward_gmacs(build, side: int = 224) -> float:
+    """Forward GMACs of one side x side image through the model `build()` makes, counted on the meta device (exact,
+    no memory, independent of the machine's load). MACs = FLOPs / 2."""
+    with warnings.catch_warnings():                                       # teacher weights into a meta model: no-op
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.device("meta"):
+            model = build()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.empty(1, 3, side, side, device="meta"))
+    return counter.get_total_flops() / 2e9
 
-def bench_hivit(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
-    """HiViT Tab. 8: dropping 75% of units speeds up a pre-training step ~1.8-2x; supp. Tab. 12: HiViT-B ~0.95x ViT-B."""
+
+# ---- 2. hivit.py suite --------------------------------------------------------------------------------------------
+# Every suite is a generator of rows (name, value, note), so the CLI prints each row as soon as it is measured.
+
+def bench_hivit(*, batch: int, reps: int, device: str, long: bool):
+    """HiViT Tab. 8: dropping 75% of units speeds up a pre-training step ~1.8-2x; supp. Tab. 12: HiViT-B 0.95x ViT-B."""
     torch.manual_seed(0)
     model = hivit.HiViT(hivit.PRESETS["hivit_b"]).to(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     n, n_vis = 196, 49                                                   # 14x14 units, 75% masked
     ids_keep = torch.rand(batch, n, device=device).argsort(dim=1)[:, :n_vis]   # (B, N_vis)
     t_all = measure(fwd_bwd(model, x), reps=reps, device=device)
+    yield "HiViT-B fwd+bwd 224, all units (s/step)", t_all, f"batch {batch}"
     t_drop = measure(fwd_bwd(model, x, ids_keep=ids_keep), reps=reps, device=device)
-
+    yield "HiViT-B fwd+bwd 224, 75% units dropped (s/step)", t_drop, f"batch {batch}"
+    yield "speed-up from dropping masked units", t_all / t_drop, "x  (HiViT Tab. 8: ~1.8-2x)"
     vit = hivit.VisionTransformer(hivit.VIT_PRESETS["vit_b"]).to(device)
     with torch.no_grad():
         t_hivit_fwd = measure(lambda: model(x), reps=reps, device=device)
         t_vit_fwd = measure(lambda: vit(x), reps=reps, device=device)
-    return [
-        ("HiViT-B fwd+bwd 224, all units (s/step)", t_all, f"batch {batch}"),
-        ("HiViT-B fwd+bwd 224, 75% units dropped (s/step)", t_drop, f"batch {batch}"),
-        ("speed-up from dropping masked units", t_all / t_drop, "x  (HiViT Tab. 8: ~1.8-2x)"),
-        ("HiViT-B / ViT-B forward throughput", t_vit_fwd / t_hivit_fwd, "x  (supp. Tab. 12: 0.95x)"),
-    ]
+    yield "HiViT-B / ViT-B forward throughput", t_vit_fwd / t_hivit_fwd, "x  (supp. Tab. 12: 0.95x)"
 
 
 # ---- 3. itpn.py suite: iTPN-B pre-training steps of the three recipes vs an MAE-style HiViT-B step --------------
 
-def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+def bench_itpn(*, batch: int, reps: int, device: str, long: bool):
     """Whole pre-training steps (forward + loss + backward) at 224 px, as ratios to mim.py's MAE step on HiViT-B.
 
     The pixel recipe adds the pyramid and a 3-level decoder input to MAE; the paper method adds an EMA-teacher pass
@@ -135,66 +167,43 @@ def bench_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, 
             model(x)["loss"].backward()
         return measure(run, warmup=1, reps=reps, device=device)
 
-    def forward_gmacs(build):
-        with warnings.catch_warnings():                                   # teacher weights into a meta model: no-op
-            warnings.simplefilter("ignore", UserWarning)
-            with torch.device("meta"):
-                model = build()
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(torch.empty(1, 3, 224, 224, device="meta"))
-        return counter.get_total_flops() / 2e9                            # MACs = FLOPs / 2
-
     def mae():
         return mim.METHODS["mae"](hivit.HiViT(replace(hivit.PRESETS["hivit_b"], num_classes=0)), cfg=mim.PRESETS["mae"])
 
-    t_mae, g_mae = step_time(mae()), forward_gmacs(mae)
-    rows = [("MAE-style HiViT-B step 224 (s)", t_mae, f"batch {batch}, 75% dropped, 8b512d decoder"),
-            ("MAE-style HiViT-B forward GMACs / image", g_mae, "meta-device count")]
-    preset = itpn.PRESETS["itpn_b"]
+    g_mae = forward_gmacs(mae)
+    yield "MAE-style HiViT-B forward GMACs / image", g_mae, "meta-device count"
+    t_mae = step_time(mae())
+    yield "MAE-style HiViT-B step 224 (s)", t_mae, f"batch {batch}, 75% dropped, 8b512d decoder"
+    arch = itpn.PRESETS["itpn_b"]
     with tempfile.TemporaryDirectory() as tmp:
         teacher_path = os.path.join(tmp, "vit_b_teacher.pth")
         torch.save(hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_b"], num_classes=0)).state_dict(),
                    teacher_path)
-        for name, build in (("pixel recipe", lambda: itpn.iTPNPixelPretrainer(preset)),
-                            ("paper MIM+MFM, EMA", lambda: itpn.iTPNPaperPretrainer(preset)),
-                            ("distill, ViT-B teacher", lambda: itpn.iTPNDistillPretrainer(
-                                preset, teacher_path=teacher_path))):
-            t, g = step_time(build()), forward_gmacs(build)
-            rows.append((f"iTPN-B {name} step / MAE HiViT-B step", t / t_mae, f"x  ({t:.3f} s/step)"))
-            rows.append((f"iTPN-B {name} forward GMACs / MAE's", g / g_mae, f"x  ({g:.2f} GMACs/image)"))
-    return rows
+        for label, method in (("pixel recipe", "itpn_pixel"), ("paper MIM+MFM, EMA", "itpn"),
+                              ("distill, ViT-B teacher", "itpn_distill")):
+            teacher = {"teacher_path": teacher_path} if method == "itpn_distill" else {}
+
+            def build():
+                return itpn.METHODS[method](arch, cfg=itpn.PRETRAIN_PRESETS[method], **teacher)
+            g = forward_gmacs(build)
+            yield f"iTPN-B {label} forward GMACs / MAE's", g / g_mae, f"x  ({g:.2f} GMACs/image)"
+            t = step_time(build())
+            yield f"iTPN-B {label} step / MAE HiViT-B step", t / t_mae, f"x  ({t:.3f} s/step)"
 
 
 # ---- 4. mim.py suite: MAE vs SimMIM, FastMIM low resolution, M3I cost -------------------------------------------
 
-def cpu_seconds(fn, *, warmup: int = 1, reps: int = 3) -> float:
-    """Median process CPU seconds of fn() with ONE thread: unlike wall-clock time, other jobs on a shared machine
-    do not inflate it (on the busy 2-core CI box, wall-clock ratios of the same two steps varied 3x run to run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.process_time()
-            fn()
-            times.append(time.process_time() - t0)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times)
-
-
-def bench_mim(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+def bench_mim(*, batch: int, reps: int, device: str, long: bool):
     """Whole pre-training steps (forward + loss + backward) of mim.py methods on HiViT-B, as ratios of step times.
 
     HiViT Tab. 8 / Sec. 4.2: MAE-style dropping ~1.8-2x faster than feeding every unit (SimMIM); FastMIM Sec. 3:
     128 px instead of 224 px (~3x fewer tokens); M3I encodes every unit of the mix plus an EMA target pass and two
-    decoder passes (reference cost model: ~4.7x an MAE step on ViT-B). CPU: single-thread CPU time (cpu_seconds).
+    decoder passes (a MAC count of ViT-B, 3 x the trained modules + 1 x the no-grad ones, estimates ~4.7x an MAE
+    step). CPU: single-thread CPU time (cpu_seconds).
     """
     torch.manual_seed(0)
     encoder_cfg = replace(hivit.PRESETS["hivit_b"], num_classes=0)
+    cpu_note = ", 1-thread CPU time" if device == "cpu" else ""
 
     def step(name, side, **overrides):
         cfg = replace(mim.PRESETS[name], **overrides)
@@ -209,20 +218,18 @@ def bench_mim(*, batch: int, reps: int, device: str) -> list[tuple[str, float, s
             return cpu_seconds(run, reps=reps)
         return measure(run, reps=reps, device=device)
 
-    t_mae, t_simmim = step("mae", 224), step("simmim", 224)
+    t_mae = step("mae", 224)
+    yield "MAE (drop 75%, 8b512d) step 224 (s)", t_mae, f"batch {batch}, HiViT-B" + cpu_note
+    t_simmim = step("simmim", 224)
+    yield "SimMIM (all units, 1b256d) step 224 (s)", t_simmim, f"batch {batch}, HiViT-B" + cpu_note
+    yield "MAE-drop vs SimMIM-full step speed-up", t_simmim / t_mae, "x  (HiViT Tab. 8: 1.82x)"
     t_mae_light = step("mae", 224, decoder_dim=256, decoder_depth=1, decoder_heads=8)   # SimMIM's decoder
+    yield "  same, MAE with SimMIM's 1b256d decoder", t_simmim / t_mae_light, "x  (encoder saving alone)"
     t_fast128, t_fast224 = step("fastmim", 128), step("fastmim", 224)
+    yield "FastMIM (HOG, 1b256d) step 128 vs 224 speed-up", t_fast224 / t_fast128, "x  (FastMIM Sec. 3)"
     t_m3i = step("m3i", 224)
-    cpu_note = ", 1-thread CPU time" if device == "cpu" else ""
-    return [
-        ("MAE (drop 75%, 8b512d) step 224 (s)", t_mae, f"batch {batch}, HiViT-B" + cpu_note),
-        ("SimMIM (all units, 1b256d) step 224 (s)", t_simmim, f"batch {batch}, HiViT-B" + cpu_note),
-        ("MAE-drop vs SimMIM-full step speed-up", t_simmim / t_mae, "x  (HiViT Tab. 8: 1.82x; goal >= 2x)"),
-        ("  same, MAE with SimMIM's 1b256d decoder", t_simmim / t_mae_light, "x  (encoder saving alone)"),
-        ("FastMIM (HOG, 1b256d) step 128 vs 224 speed-up", t_fast224 / t_fast128, "x  (goal >= 2.5x)"),
-        ("M3I (mix + EMA target + 2 decoder passes) step (s)", t_m3i, f"batch {batch}, HiViT-B" + cpu_note),
-        ("M3I vs MAE step cost", t_m3i / t_mae, "x  (cost model: ~4.7x on ViT-B)"),
-    ]
+    yield "M3I (mix + EMA target + 2 decoder passes) step (s)", t_m3i, f"batch {batch}, HiViT-B" + cpu_note
+    yield "M3I vs MAE step cost", t_m3i / t_mae, "x  (MAC estimate for ViT-B: ~4.7x)"
 
 
 # ---- 5. fast_itpn.py suite: token migration (Fig. 5) and token gathering (Tab. 7) at 512 px ----------------------
@@ -257,72 +264,79 @@ def fast_itpn_flops(cfg, side: int) -> list[float]:
     return flops
 
 
-def bench_fast_itpn(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+def bench_fast_itpn(*, batch: int, reps: int, device: str, long: bool):
     """Fast-iTPN Fig. 5 and Tab. 7: forward of Fast-iTPN-B backbone + pyramid at 512x512 under each switch.
 
-    Rows are timed in interleaved rounds (one warm-up round, then `reps` rounds, median per row), so a load change
-    on a shared machine hits every row alike. Value = wall-clock speed-up over the baseline; the note adds the
-    speed-up in process CPU time (robust to other processes), in FLOPs at 512 and at 1024 px (exact, meta device),
-    and the paper's number. On CPU the rows run on one thread: on a shared 2-core machine a second thread spins at
-    every barrier while the other waits for a core, so both clocks would measure the neighbours. Run it with
-    --batch 1 on CPU: one round is about a minute.
+    First the speed-up in FLOPs at 512 and 1024 px (exact, meta device, instant). Then wall-clock rows, timed in
+    interleaved rounds (one warm-up round, then `reps` rounds, median per row), so a load change on a shared machine
+    hits every row alike; the note adds the speed-up in process CPU time (robust to other processes). On CPU the
+    rows run on one thread: on a shared machine a second thread spins at every barrier while the other waits for a
+    core, so both clocks would measure the neighbours. --long adds the same switches timed at 1024 px.
     """
     cfg = replace(fast_itpn.PRESETS["fast_itpn_b"], img_size=512, num_classes=0)
+    f512, f1024 = fast_itpn_flops(cfg, 512), fast_itpn_flops(cfg, 1024)
+    yield "Fast-iTPN-B backbone+pyramid forward GMACs", f512[0] / 2e9, f"at 512 px; {f1024[0] / 2e9:.0f} at 1024 px"
+    for i, (name, _, _, _, paper) in enumerate(FAST_ITPN_ROWS[1:], start=1):
+        yield f"FLOPs speed-up: {name}", f512[0] / f512[i], f"x  at 512 px ({f1024[0] / f1024[i]:.2f}x at 1024) {paper}"
     torch.manual_seed(0)
     plain = fast_itpn.FastiTPN(cfg).to(device).eval()
     with_hrpe = fast_itpn.FastiTPN(replace(cfg, hrpe=True)).to(device).eval()
     with_hrpe.load_state_dict(plain.state_dict(), strict=False)           # same weights + zero-initialised tables
     models = {False: plain, True: with_hrpe}
+    threads = "1 thread" if device == "cpu" else device
 
-    def timed_rounds(rows, x):
-        """Median wall and process-CPU seconds per row, rows interleaved round by round (round 0 = warm-up)."""
+    def forward_seconds(row, x):
+        """Wall and process-CPU seconds of one no-grad forward of backbone + pyramid under a row's switches."""
+        _, ratio, attention, hrpe, _ = row
+        models[hrpe].set_acceleration(migration_ratio=ratio, attention=attention)
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            models[hrpe].forward_pyramid(x)
+        sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def timed_rows(rows, side, batch_size):
+        """Rows interleaved round by round (round 0 = warm-up), a progress line per round, then median rows."""
+        x = torch.randn(batch_size, 3, side, side, device=device)
         wall, cpu = [[] for _ in rows], [[] for _ in rows]
-        threads = torch.get_num_threads()
+        saved_threads = torch.get_num_threads()
         if device == "cpu":
             torch.set_num_threads(1)
-        with torch.no_grad():
+        try:
             for round_ in range(1 + reps):
-                for i, (_, ratio, attention, hrpe, _) in enumerate(rows):
-                    models[hrpe].set_acceleration(migration_ratio=ratio, attention=attention)
-                    sync(device)
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    models[hrpe].forward_pyramid(x)
-                    sync(device)
+                t_round = time.perf_counter()
+                for i, row in enumerate(rows):
+                    w, c = forward_seconds(row, x)
                     if round_ > 0:
-                        wall[i].append(time.perf_counter() - t0)
-                        cpu[i].append(time.process_time() - c0)
-        torch.set_num_threads(threads)
-        return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
+                        wall[i].append(w)
+                        cpu[i].append(c)
+                label = "warm-up round" if round_ == 0 else f"round {round_} of {reps}"
+                yield f"  ({label}: {len(rows)} rows at {side} px, s)", time.perf_counter() - t_round, ""
+        finally:
+            torch.set_num_threads(saved_threads)
+        wall, cpu = [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
+        yield f"{side} px baseline: {rows[0][0]} (s)", wall[0], f"batch {batch_size}, {threads}"
+        for i, (name, *_, paper) in enumerate(rows[1:], start=1):
+            yield f"speed-up at {side} px: {name}", wall[0] / wall[i], f"x  cpu {cpu[0] / cpu[i]:.2f}x  {paper}"
 
-    wall, cpu = timed_rounds(FAST_ITPN_ROWS, torch.randn(batch, 3, 512, 512, device=device))
-    f512, f1024 = fast_itpn_flops(cfg, 512), fast_itpn_flops(cfg, 1024)
-    rows = [("Fast-iTPN-B 512 px backbone+pyramid fwd, baseline (s)", wall[0],
-             f"batch {batch}, {'1 thread' if device == 'cpu' else device}; {f512[0] / 2e9:.0f} GMACs at 512, {f1024[0] / 2e9:.0f} at 1024")]
-    for i, (name, _, _, _, paper) in enumerate(FAST_ITPN_ROWS[1:], start=1):
-        rows.append((f"speed-up: {name}", wall[0] / wall[i],
-                     f"x  cpu {cpu[0] / cpu[i]:.2f}x, FLOPs {f512[0] / f512[i]:.2f}x "
-                     f"(1024 px {f1024[0] / f1024[i]:.2f}x)  {paper}"))
-    # At 512 px attention is ~1/4 of stage 3, so windows cannot win much; the paper's +70-90% are detection-size
-    # inputs. The same switches timed at 1024 px (4096 tokens), where attention dominates:
-    big = [row for row in FAST_ITPN_ROWS if row[1] == 0.0 and not row[3]]   # global, window, gathering
-    wall, cpu = timed_rounds(big, torch.randn(1, 3, 1024, 1024, device=device))
-    for i, (name, *_, paper) in enumerate(big[1:], start=1):
-        rows.append((f"speed-up at 1024 px: {name}", wall[0] / wall[i],
-                     f"x  cpu {cpu[0] / cpu[i]:.2f}x, batch 1, baseline {wall[0]:.1f} s  {paper}"))
-    return rows
+    yield from timed_rows(FAST_ITPN_ROWS, 512, batch)
+    if long:                                                              # attention dominates at 4096 tokens
+        big = [row for row in FAST_ITPN_ROWS if row[1] == 0.0 and not row[3]]   # global, window, gathering
+        yield from timed_rows(big, 1024, 1)
 
 
 # ---- 6. train.py suite: the whole pre-training step, data loading included ---------------------------------------
 
-def bench_train(*, batch: int, reps: int, device: str) -> list[tuple[str, float, str]]:
+def bench_train(*, batch: int, reps: int, device: str, long: bool):
     """`python train.py` as a user runs it, for 2 epochs of `reps` steps; images/s of the second (steady) epoch, so
     the first steps' allocations do not count. Peak memory: CUDA max allocated, or the child process's peak RSS.
-    Both rows have fixed batches (32, and 8 for iTPN-B as the issue asks): `batch` is unused here."""
-    rows = []
-    for name, argv, note in (("demo: itpn_tiny + itpn, 64 px, batch 32", ["--batch_size", "32"], ""),
-                             ("iTPN-B + itpn, 224 px, batch 8", ["--model", "itpn_b", "--batch_size", "8",
-                                                                 "--num_workers", "2"],
-                              "; batch 8 as the issue asks, --batch ignored")):
+    Rows have fixed batches: 32 for the demo, 8 for iTPN-B (--long); `batch` is not used here."""
+    runs = [("demo: itpn_tiny + itpn, 64 px, batch 32", ["--batch_size", "32"], "")]
+    if long:
+        runs.append(("iTPN-B + itpn, 224 px, batch 8", ["--model", "itpn_b", "--batch_size", "8", "--num_workers",
+                                                        "2"], "; fixed batch 8, --batch not used"))
+    for name, argv, note in runs:
         per_step = int(argv[argv.index("--batch_size") + 1])
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "train.py", *argv, "--num_images", str(per_step * reps), "--epochs", "2",
@@ -333,37 +347,49 @@ def bench_train(*, batch: int, reps: int, device: str) -> list[tuple[str, float,
             with open(os.path.join(out, "log.txt")) as f:
                 last = [json.loads(line) for line in f][-1]
         peak = last.get("max_mem_mb") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024   # KiB -> MiB
-        rows += [(f"train.py step, {name} (images/s)", last["images_per_sec"], "data loading included" + note),
-                 (f"train.py peak memory, {name} (MiB)", peak,
-                  ("CUDA max allocated" if "max_mem_mb" in last else "peak RSS of the largest child so far") + note)]
-    return rows
+        yield f"train.py step, {name} (images/s)", last["images_per_sec"], "data loading included" + note
+        yield (f"train.py peak memory, {name} (MiB)", peak,
+               ("CUDA max allocated" if "max_mem_mb" in last else "peak RSS of the largest child so far") + note)
 
 
-# ---- last. CLI ----------------------------------------------------------------------------------------------------
+# ---- 7. CLI -------------------------------------------------------------------------------------------------------
 
+# name -> (suite, default batch, default reps, minutes on a 2-core CPU with the defaults, without --long)
 SUITES = {
-    "hivit": bench_hivit,
-    "itpn": bench_itpn,
-    "mim": bench_mim,
-    "fast_itpn": bench_fast_itpn,
-    "train": bench_train,
+    "hivit": (bench_hivit, 4, 3, "2"),
+    "itpn": (bench_itpn, 4, 3, "3"),
+    "mim": (bench_mim, 4, 3, "3"),
+    "fast_itpn": (bench_fast_itpn, 1, 2, "2"),
+    "train": (bench_train, None, 3, "0.5"),
 }
 
 
 def main():
+    timings = "; ".join(f"{name} ~{minutes}" for name, (*_, minutes) in SUITES.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=f"Minutes per suite on a 2-core CPU with the defaults: {timings}; "
+                                            f"--long adds the 1024-px Fast-iTPN rows (~4 more) and an iTPN-B "
+                                            f"train.py run (~3 more).")
     parser.add_argument("--suite", choices=sorted(SUITES), action="append",
-                        help="suite(s) to run (repeatable); default: all")
-    parser.add_argument("--batch", type=int, default=4, help="images per timed step")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per row (median is reported)")
+                        help="suite(s) to run (repeatable); default: all, in the order of the epilog")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per timed step; default: the suite's own (hivit 4, itpn 4, mim 4, fast_itpn 1)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed repetitions per row, the median is reported; default: the suite's own "
+                             "(fast_itpn 2, others 3)")
+    parser.add_argument("--long", action="store_true",
+                        help="also run the long rows: Fast-iTPN at 1024 px and an iTPN-B train.py run")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads", flush=True)
     for name in args.suite or list(SUITES):
-        print(f"\n== {name} ==")
-        for row, value, note in SUITES[name](batch=args.batch, reps=args.reps, device=args.device):
-            print(f"  {row:58s} {value:10.3f}  {note}")
+        suite, batch, reps, _ = SUITES[name]
+        print(f"\n== {name} ==", flush=True)
+        t0 = time.perf_counter()
+        for row, value, note in suite(batch=args.batch or batch, reps=args.reps or reps, device=args.device,
+                                      long=args.long):
+            print(f"  {row:58s} {value:10.3f}  {note}", flush=True)
+        print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,20 +33,15 @@ Differences from the paper / official code:
     - Module names: `stage1`, `merge1`, `stage2`, `merge2`, `blocks` (stage 3) instead of one flat `blocks.{i}`
       list; early blocks call their norm `norm` (official `norm2`). `load_official` renames; outputs are identical.
     - The early stages run in image layout (official), but `forward_features` returns HiViT's unit tensors, so
-      itpn.py's pyramid and mim.py's methods apply unchanged; `ids_keep` drops units after stage 2 (exact: no 1x1
-      conv or 2x2/2 merge crosses a 16-px unit).
-    - Left out: the official RPE option (off in every released model), the undefined `xops.SwiGLU` path and
-      `stop_grad_conv1`. The position table is interpolated for other input sizes (the official scripts rebuild
-      the model at the target size). Attention uses `F.scaled_dot_product_attention` (official: explicit fp32
-      logits); outputs agree to float rounding (tested, 1e-4).
-    - Pyramid: itpn.py's FeaturePyramid (F = 256, fpn_depth = 1); Fast-iTPN's dense code is unreleased.
+      itpn.py's pyramid (F = 256, fpn_depth = 1; Fast-iTPN's dense code is unreleased) and mim.py's methods apply.
+    - Left out: the official RPE option (off in every released model), `xops.SwiGLU` and `stop_grad_conv1`. Other
+      input sizes interpolate the position table (pos_embed_for); attention uses `F.scaled_dot_product_attention`
+      (official: explicit fp32 logits; outputs agree to float rounding, tested).
     - Token migration and token gathering (Sec. 4.1-4.2) have no official code: every equation is ours, and each
       open choice is stated with its reason in the docstring that makes it (window_shape, migration_schedule,
       select_migrants, replenish, FastAttention, FastBlock.forward_windows, FastiTPN.forward_stage3). They also
-      work for classification (the paper: dense fine-tuning only). HRPE is a build-time flag (it adds parameters).
-    - Pre-training (Sec. 4.3, never released; ours): BEiT block masking of 75/196 units at the stem with a learned
-      mask unit (the hint in the released stem), itpn.py's frozen teacher and pyramid head, 1 - cos on all units;
-      no auxiliary 3/4-depth head (nothing describes one for Fast-iTPN).
+      work for classification (the paper: dense fine-tuning only).
+    - Pre-training (Sec. 4.3) was never released: FastiTPNDistillPretrainer is our reading of it.
 
 Run:
     python fast_itpn.py                                 # CPU smoke demo, a few seconds
@@ -534,7 +529,10 @@ class FastiTPN(nn.Module):
         return f4, f8, tokens
 
     def pos_embed_for(self, grid_hw: tuple[int, int]) -> torch.Tensor:
-        """The APE for this grid, (1, N, C), interpolated (DINO-style, hivit.resize_pos_embed) for another grid."""
+        """The APE for this grid, (1, N, C), interpolated (DINO-style, hivit.resize_pos_embed) for another grid.
+
+        So a model built at the checkpoint's img_size takes 384/512/640-px images; the official scripts instead
+        rebuild the model at the target size."""
         return resize_pos_embed(self.pos_embed, grid_hw)
 
     def forward_stage3(self, tokens: torch.Tensor, *, grid_hw: tuple[int, int]):
@@ -611,9 +609,7 @@ class FastiTPN(nn.Module):
 
     def forward_pyramid(self, x: torch.Tensor, *, mode: str = "det") -> dict[str, torch.Tensor]:
         """Dense maps like itpn.py: "det" {"p4".."p64"} (B, F, H/s, W/s); "seg" {"p4".."p32"} + backbone features."""
-        feats = self.forward_features(x)
-        levels = self.require_pyramid()(feats[0], feats[1], feats[-1])
-        return pyramid_maps(levels, check_image_size(x), mode=mode, backbone=feats)
+        return pyramid_maps(self.require_pyramid(), self.forward_features(x), check_image_size(x), mode=mode)
 
     def forward(self, x):
         if self.head is None:
@@ -634,6 +630,8 @@ class FastiTPNDistillPretrainer(PyramidDistillation):
     1 - cos against the teacher's (B, N, T) target on all units (the recipe's `distill_loss`).
     Runs without migration or gathering. Because the mask acts before any op, no pyramid level sees a masked
     unit's pixels (unlike iTPN's stage-3 mask token, whose pyramid sees them through the stage-1/2 laterals; tested).
+    Ours throughout (never released): the stem masking, 75/196 BEiT blocks, the shared head; iTPN's auxiliary
+    3/4-depth head is left out (nothing describes one for Fast-iTPN).
     out = {"loss", "mask" (B, N), "pred" (B, N, T), "logs": {"loss_main"}}. The PRETRAINER CONTRACT (README, Seams).
     """
 

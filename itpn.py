@@ -32,27 +32,22 @@ Shapes:
     mask: (B, N) float, 1 = removed (masked), 0 = kept (visible).
 
 Differences from the paper / official code (the docstring of each recipe has the details):
-    - The paper method (Eq. 4) is not in the released code: it is built here from the paper, our choices are
-      listed in iTPNPaperPretrainer.
+    - The paper method (Eq. 4) is not in the released code: built from the paper, our choices in its docstring.
     - Pixel recipe as released, without its APE resampling quirk (hivit.py's `ape_quirk`, library only).
     - Distillation as released, except the teacher's input (the student's batch, re-normalised for the teacher).
-      The cosine loss the Fast-iTPN paper uses is the recipe preset "itpn_distill_cosine".
-    - Eq. 3 up-samples V^{s+1}; the released code (followed here: checkpoint layout) up-samples the raw stage-3
-      tokens U^16 in the 16 -> 8 step and V^8 in the 8 -> 4 step. Every pyramid block is a C-MLP.
-    - A classifier (num_classes > 0) has no pyramid, like the official fine-tuning model (num_outs=1); a backbone
+      The Fast-iTPN paper's cosine loss is the recipe preset "itpn_distill_cosine".
+    - Eq. 3 up-samples V^{s+1}; the released code (followed: checkpoint layout) up-samples the raw stage-3 tokens
+      U^16 in the 16 -> 8 step. Every pyramid block is a C-MLP.
+    - A classifier (num_classes > 0) has no pyramid, like the official fine-tuning model; a backbone
       (num_classes = 0) carries it, like the pre-training and det/seg models. Dense outputs: see pyramid_maps.
-    - Plain-ViT iTPN (supplementary Sec. 3, presets "itpn_vit_*"): layers 4 and 7 of 12 are up-sampled by
-      PatchSplit (our choice of up-sampler: learned and per unit, so still leak-free).
-    - Module names differ from the official ones (e.g. `pyramid.lateral8` for `align_dim_16to8`, `aux_blocks` for
-      `cls_pt_layers`); `load_official` renames.
+    - Plain-ViT iTPN (supplementary Sec. 3, presets "itpn_vit_*"): layers 4 and 7 of 12 up-sampled by PatchSplit.
+    - Module names differ (e.g. `pyramid.lateral8` for `align_dim_16to8`); `load_official` renames.
 
 Run:
     python itpn.py                                                      # CPU smoke demo, ~10 s
     torchrun --nproc_per_node 8 train.py --model itpn_b --method itpn   # pre-training (train.py)
-    # How train.py builds a pre-trainer (README "Seams"; it follows mim.py's PRETRAINER CONTRACT):
-    pretrainer = itpn.METHODS[name](itpn.PRESETS[model], cfg=itpn.PRETRAIN_PRESETS[name])   # tiny CPU models:
-    # cfg=itpn.tiny_decoder(...); the distillation recipes also take teacher_path=. Checkpoint keys
-    # `encoder.backbone.*` are an iTPN classifier's `backbone.*`.
+    # train.py builds a pre-trainer (README "Seams"; tiny CPU presets: cfg=itpn.tiny_decoder(recipe)) as
+    pretrainer = itpn.METHODS[name](itpn.PRESETS[size], cfg=itpn.PRETRAIN_PRESETS[name])   # + teacher_path=
 """
 
 import math
@@ -195,6 +190,8 @@ class FeaturePyramid(nn.Module):
     (the lateral), g^s is a PatchSplit up-sampling, and the sum is refined by `fpn_depth` C-MLP blocks. Each level
     then passes one output C-MLP. No convolution and no attention: a unit's pyramid features depend on that unit's
     backbone features only, so masked and visible units stay separate at every level (supplementary Sec. 2).
+    Eq. 3 up-samples V^{s+1}; the released code, followed here for its checkpoint layout, up-samples the raw
+    stage-3 tokens U^16 (C channels) in the 16 -> 8 step and V^8 in the 8 -> 4 step.
     """
 
     def __init__(self, embed_dim: int, *, fpn_dim: int, fpn_depth: int, ln_eps: float = LN_EPS):
@@ -225,23 +222,23 @@ class FeaturePyramid(nn.Module):
 
 # ---- 4. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
 
-def pyramid_maps(levels, grid_hw, *, mode: str = "det", backbone=None) -> dict[str, torch.Tensor]:
-    """Turn full-image pyramid levels [p16, p8, p4] (unit tensors) into image-layout maps keyed "p4".."p64".
+def pyramid_maps(pyramid: FeaturePyramid, feats: list, grid_hw, *, mode: str = "det") -> dict[str, torch.Tensor]:
+    """Run the pyramid on a full-image seam list `feats` = [f4, f8, ..., f16] and unfold the levels [p16, p8, p4]
+    (unit tensors) into image-layout maps keyed "p4".."p64". iTPN.forward_pyramid and fast_itpn.py use it.
 
     mode "det" (official Mask R-CNN backbone, `det/mmdet/models/backbones/iTPN_pixel.py`): F channels at every
         stride; p32 = avg_pool(p16, 2) and p64 = avg_pool(p32, 2). The pyramid is the neck: no extra FPN.
     mode "seg" (official UPerNet backbone, `seg/backbone/iTPN.py`): each level is concatenated with the backbone
-        feature of its stride, `backbone` = the encoder seam's list [f4, f8, ..., f16] of the same forward, giving
-        F+C/4, F+C/2, F+C channels; p32 = max_pool(p16, 2).
+        feature of its stride (f4, f8, f16), giving F+C/4, F+C/2, F+C channels; p32 = max_pool(p16, 2).
     The official det/seg backbones use LayerNorm eps 1e-5 (ours 1e-6): the pixel det layout loads (keys, shapes)
     into iTPN(num_classes=0, fpn_depth=1, rpe=False) but its outputs then differ slightly; the seg layouts (APE at
-    196 units with RPE at 32x32) are not supported. Used by iTPN.forward_pyramid and fast_itpn.py.
+    196 units with RPE at 32x32) are not supported.
     """
     if mode not in ("det", "seg"):
         raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
-    p16, p8, p4 = levels
+    p16, p8, p4 = pyramid(feats[0], feats[1], feats[-1])                 # (B, N, h, w, F) each
     if mode == "seg":
-        f4, f8, f16 = backbone[0], backbone[1], backbone[-1][:, :, None, None, :]   # f16 as (B, N, 1, 1, C)
+        f4, f8, f16 = feats[0], feats[1], feats[-1][:, :, None, None, :]   # f16 as (B, N, 1, 1, C)
         p16, p8, p4 = (torch.cat([p, f], dim=-1) for p, f in ((p16, f16), (p8, f8), (p4, f4)))   # (B, N, h, w, F+c)
     maps = {"p4": units_to_map(p4, grid_hw), "p8": units_to_map(p8, grid_hw),     # (B, ., H/4, W/4), (.., H/8, W/8)
             "p16": units_to_map(p16, grid_hw)}                                    # (B, ., H/16, W/16)
@@ -260,7 +257,9 @@ class PlainViTUnits(nn.Module):
 
     The outputs of layers 4 and 7 (of 12) are up-sampled 4x and 2x inside each unit into the stride-4 (C/4) and
     stride-8 (C/2) unit tensors HiViT would give, so the same pyramid and heads apply. For other depths the taps
-    scale with depth/12. The up-samplers exist only with the pyramid (num_classes == 0): a classifier never uses
+    scale with depth/12. The up-sampler is our choice (the supplementary does not name one): PatchSplit, learned
+    and per unit, so masked units stay separate. The up-samplers exist only with the pyramid (num_classes == 0): a
+    classifier never uses
     them, and parameters without a gradient would break DDP fine-tuning (find_unused_parameters=False); its
     seam list then starts with f4 = f8 = None.
     """
@@ -302,7 +301,7 @@ class iTPN(nn.Module):
 
     forward(x) -> (B, K) logits (classifier); forward_features(x, ...) -> the backbone's seam list [f4, f8, every
     stage-3 block's tokens]; forward_levels(x, ...) -> [p16, p8, p4] unit tensors; forward_pyramid(x) -> dict of
-    (B, F, H/s, W/s) maps.
+    (B, F, H/s, W/s) maps. A pre-trainer's keys `encoder.backbone.*` are an iTPN classifier's `backbone.*`.
     """
 
     def __init__(self, cfg: iTPNConfig):
@@ -345,9 +344,7 @@ class iTPN(nn.Module):
 
     def forward_pyramid(self, x, *, mode: str = "det") -> dict[str, torch.Tensor]:
         """Dense maps for detection ("det": p4..p64, F channels) or segmentation ("seg": p4..p32); see pyramid_maps."""
-        feats = self.forward_features(x)
-        levels = self.require_pyramid()(feats[0], feats[1], feats[-1])
-        return pyramid_maps(levels, check_image_size(x), mode=mode, backbone=feats)
+        return pyramid_maps(self.require_pyramid(), self.forward_features(x), check_image_size(x), mode=mode)
 
     def forward(self, x):
         return self.backbone(x)                                           # (B, K): mean pool -> fc_norm -> head

@@ -9,10 +9,9 @@ Paper:
 
 Implements:
     The shared pieces of masked image modeling (unit masking, pixel / HOG / teacher targets, losses, the EMA rule)
-    and three pre-training methods that wrap any encoder of hivit.py / itpn.py / fast_itpn.py through the encoder
-    seam: `forward_features(x, ids_keep=None)[-1]` -> (B, N_vis, C), `cfg.embed_dim` = C, optional
-    `cfg.patch_size` (16 otherwise) and `init_pos_embed_sincos()`. M3I is one configurable module; the 12
-    self-supervised rows of M3I Tab. 2 are presets of it.
+    and three pre-training methods that wrap any encoder through the encoder seam: `forward_features(x,
+    ids_keep=None)[-1]` -> (B, N_vis, C), `cfg.embed_dim` = C, optional `cfg.patch_size` (16 otherwise) and
+    `init_pos_embed_sincos()`. M3I is one module; the 12 self-supervised rows of M3I Tab. 2 are presets of it.
 
 Sections:
     1. Config                          <-> MAE Tab. 1, FastMIM Tab. 11, M3I Sec. 3.4
@@ -34,14 +33,11 @@ Shapes:
     mask: (B, N) float in original unit order, **1 = removed (masked), 0 = kept (visible)**.
     ids_keep (B, N_vis), ids_restore (B, N) as in MAE (see section 2).
 
-Differences from the papers / official code (each is explained where it is made):
+Differences from the papers / official code (the classes MAE, FastMIM, M3I and `hog` give the details):
     - Visible count `round(N * (1 - mask_ratio))` (MAE: int(), which loses a unit to float error at 10 * 0.1).
     - Every method starts the position table from the 2-D sin-cos table and keeps it TRAINABLE, as iTPN's pixel
       pre-training does (MAE freezes it). Build the method first, then load weights.
-    - MAE on HiViT: no CLS token; a LayerNorm on the encoder output; trunc-normal decoder init, not Xavier.
-    - "simmim" is FastMIM's formulation at 224 px (masked RGB input, smooth-L1 on masked units), not SimMIM proper.
-    - HOG in fp32 with autocast off, per colour channel; FastMIM's released ViT-B pre-trains with 6 heads, here the
-      encoder keeps its preset; FastMIM-P switches resolution without a rebuild.
+    - MAE on HiViT has no CLS token; "simmim" is FastMIM's formulation of SimMIM; HOG runs in fp32, per colour.
     - M3I (no code released): the self-supervised M3I and the 12 rows of Tab. 2 are built; its supervised
       category and text targets are not (pre-training here reads unlabelled images). The choices the paper leaves
       open (views, mixing, decoder positions, losses; no UniGrad) are listed in the M3I docstring.
@@ -49,8 +45,8 @@ Differences from the papers / official code (each is explained where it is made)
 Run:
     python mim.py                                                      # CPU smoke demo, every method, ~20 s
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae  # pre-training (train.py drives this file)
-    # How train.py builds and drives a method (README "Seams"): an encoder without a head, then
-    pretrainer = mim.METHODS[name](encoder, cfg=mim.PRESETS[name])   # tiny CPU models: mim.tiny_decoder(cfg)
+    # How train.py drives a method (README "Seams"), on an encoder without a head (tiny models: tiny_decoder(cfg)):
+    pretrainer = mim.METHODS[name](encoder, cfg=mim.PRESETS[name])
     out = pretrainer(imgs)           # imgs (B, 3, H, W), or (B, 2, 3, H, W) when pretrainer.num_views == 2
     pretrainer.ema_update(progress=step / total_steps)                # after each optimizer step, if it has one
 """
@@ -274,7 +270,8 @@ def hog(imgs: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
 
     Per colour channel: reflect-pad 1, 3x3 Sobel gx/gy, magnitude sqrt(gx^2 + gy^2), orientation atan2(gx, gy)
     (MaskFeat's argument order) mapped to 9 unsigned bins by floor(angle * 9 / pi) mod 9 (hard voting), magnitudes
-    summed over 8x8 cells, then each 9-bin histogram L2-normalised when `normalize`. Always fp32 with autocast off:
+    summed over 8x8 cells, then each 9-bin histogram L2-normalised when `normalize` (FastMIM ties it to
+    norm_pix_loss, `util/hog_layer.py`). Always fp32 with autocast off:
     under AMP the Sobel convs return half precision, which scatter_add_ into an fp32 histogram rejects (FastMIM's
     copy fails exactly there), and a half-precision histogram would lose the small magnitudes of flat regions.
     """
@@ -521,6 +518,9 @@ def cosine_momentum(base: float, progress: float) -> float:
 class MAE(nn.Module):
     """MAE (Sec. 3): encode only the visible units, decode with mask tokens, L2 on normalised pixels of removed units.
 
+    Differences from MAE's `models_mae.py`: no CLS token (HiViT has none); a LayerNorm on the encoder output before
+    the decoder (the plain ViT already ends with one; a second is harmless); PyTorch / trunc-normal decoder init,
+    not Xavier; the encoder's position table stays trainable.
     forward(imgs (B, 3, H, W)) -> {"loss", "mask" (B, N), "pred" (B, N, P), "recon" (B, 3, H, W)}.
     """
 
@@ -557,9 +557,12 @@ class MAE(nn.Module):
 class FastMIM(nn.Module):
     """FastMIM (Sec. 4.1): mask the RGB input with a learnable colour, encode every unit, light decoder, HOG target.
 
-    The "simmim" preset is the same module at 224 px with a pixel target. Low resolution (128 px) and the
-    progressive FastMIM-P schedule only change the input size (`img_size_at`); every size-dependent table is
-    derived from the input, so a resolution switch keeps the optimizer state untouched.
+    The "simmim" preset is the same module at 224 px with a pixel target and a smooth-L1 loss on masked units:
+    FastMIM's formulation of SimMIM, not SimMIM proper (L1, 32-px mask units, ratio 0.6, mask token in embedding
+    space). Low resolution (128 px) and the progressive FastMIM-P schedule only change the input size
+    (`img_size_at`); every size-dependent table (HOG cells, masks, position and relative-position tables) is
+    derived from the input, so a resolution switch needs no rebuild and keeps the optimizer state untouched.
+    FastMIM's released ViT-B pre-trains with 6 heads (12 when fine-tuning); here the encoder keeps its preset.
     forward(imgs (B, 3, H, W)) -> {"loss", "mask" (B, N), "pred" (B, N, out), "recon" or "pictures"}.
     """
 

@@ -21,14 +21,15 @@ import json
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_keys")   # copied from shared/reference
+# Listings of the released checkpoints' state_dicts (keys, shapes, dtypes, parameter counts), one JSON per file.
+KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_keys")
 
 
 def official_layout(name: str) -> dict:
     """An official state_dict listing (tests/official_keys/<name>.json): keys, shapes, dtypes, parameter counts."""
     path = os.path.join(KEYS_DIR, f"{name}.json")
     if not os.path.exists(path):
-        pytest.fail(f"reference key listing {path} not found: tests/official_keys/ is part of the repository")
+        pytest.fail(f"official key listing {path} not found: tests/official_keys/ is part of the repository")
     with open(path) as f:
         return json.load(f)
 

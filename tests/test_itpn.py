@@ -433,7 +433,7 @@ def test_mask_alignment_and_leak_in_the_distillation_path(teacher_path):
     x2 = perturb_masked_units(x, mask)
     with torch.no_grad():
         feats = [model.encoder.forward_features(xi, mask=mask, mask_token=model.mask_token) for xi in (x, x2)]
-        maps = [itpn.pyramid_maps(model.encoder.pyramid(f[0], f[1], f[-1]), (4, 4)) for f in feats]
+        maps = [itpn.pyramid_maps(model.encoder.pyramid, f, (4, 4)) for f in feats]
     for name, scale in (("p4", 4), ("p8", 2), ("p16", 1)):
         changed = (maps[0][name] - maps[1][name]).abs().amax(dim=1) > 0   # (B, 4*scale, 4*scale)
         assert not (changed & (mask_to_map(mask, (4, 4), scale) == 0)).any(), name   # aligned: inside masked units
