@@ -44,6 +44,7 @@ Differences from the paper / official code:
     - Pre-training (Sec. 4.3) was never released: FastiTPNDistillPretrainer is our reading of it.
 
 Run:
+    # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (4th)
     python fast_itpn.py                                 # CPU smoke demo, a few seconds
     python bench.py --suite fast_itpn                   # Fig. 5 / Tab. 7 speed studies at 512 px
     torchrun --nproc_per_node 8 train.py --model fast_itpn_b --method fast_itpn_distill --teacher PATH

@@ -50,6 +50,7 @@ Differences from the paper / official code:
       OpenAI-CLIP image encoders loadable as teachers (itpn.py). Its weights are not the official timm layout.
 
 Run:
+    # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (first)
     python hivit.py                                     # CPU smoke demo, a few seconds
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae    # pre-training (train.py)
 """
@@ -277,7 +278,7 @@ def select_units(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Keep entries `ids` along the index dim of t: ids (B, L) on a (B, N, ...) tensor -> (B, L, ...).
 
     The index dim is the last dim of ids, so ids (B, nW, m) on a (B, nW, n, ...) tensor gives (B, nW, m, ...)
-    (fast_itpn.py's windows). Trailing dims of t are carried along (take_along_dim broadcasts them).
+    (tokens grouped in windows). Trailing dims of t are carried along (take_along_dim broadcasts them).
     """
     idx = ids.reshape(*ids.shape, *[1] * (t.ndim - ids.ndim))            # (B, L, 1, ...)
     return torch.take_along_dim(t, idx, dim=ids.ndim - 1)                 # (B, L, ...)

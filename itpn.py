@@ -44,6 +44,7 @@ Differences from the paper / official code (the docstring of each recipe has the
     - Module names differ (e.g. `pyramid.lateral8` for `align_dim_16to8`); `load_official` renames.
 
 Run:
+    # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (3rd)
     python itpn.py                                                      # CPU smoke demo, ~10 s
     torchrun --nproc_per_node 8 train.py --model itpn_b --method itpn   # pre-training (train.py)
     # train.py builds a pre-trainer (README "Seams"; tiny CPU presets: cfg=itpn.tiny_decoder(recipe)) as

@@ -43,6 +43,7 @@ Differences from the papers / official code (the classes MAE, FastMIM, M3I and `
       open (views, mixing, decoder positions, losses; no UniGrad) are listed in the M3I docstring.
 
 Run:
+    # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (2nd)
     python mim.py                                                      # CPU smoke demo, every method, ~20 s
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae  # pre-training (train.py drives this file)
     # How train.py drives a method (README "Seams"), on an encoder without a head (tiny models: tiny_decoder(cfg)):
