@@ -73,7 +73,7 @@ from mim import (
 __all__ = [
     "iTPNConfig", "PRESETS", "backbone_config", "iTPNPretrainConfig", "tiny_decoder",
     "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
-    "LevelEmbed", "iTPNPixelPretrainer", "iTPNPaperPretrainer",
+    "LevelEmbed", "iTPNPixelPretrainer", "LevelDecoder", "iTPNPaperPretrainer",
     "DISTILL_MASK_RATIO", "distillation_mask", "FrozenTeacher", "load_teacher", "PyramidDistillation",
     "iTPNDistillPretrainer", "PRETRAIN_PRESETS", "METHODS", "map_itpn_key", "load_official",
     "IMAGENET_MEAN", "IMAGENET_STD", "CLIP_MEAN", "CLIP_STD",
@@ -136,6 +136,7 @@ class iTPNPretrainConfig:
     decoder_depth: int = 8          # pixel decoder attention blocks (official 8)
     decoder_heads: int = 16         # pixel decoder heads (official 16, head_dim 32)
     mfm_weight: float = 0.3         # lambda of Eq. 4 (paper method only)
+    mfm_decoder_depth: int = 1      # attention blocks of each level's MFM decoder (paper method only; ours)
     ema_momentum: float = 0.996     # m of the EMA teacher, t <- m t + (1 - m) s (paper Sec. 3.3)
     distill_mask_ratio: float = DISTILL_MASK_RATIO   # distillation: block-masked fraction (75 of 196 units)
     distill_loss: str = "smooth_l1"  # distillation: "smooth_l1" (iTPN, official) or "cosine" (Fast-iTPN paper)
@@ -418,7 +419,8 @@ class iTPNPixelPretrainer(nn.Module):
         return self.decoder_norm(x)
 
     def forward_mim(self, imgs):
-        """The MIM half shared with the paper method: (output dict, decoder states (B, N, D), ids_masked (B, N_m)).
+        """The MIM half shared with the paper method: (output dict, levels [p16, p8, p4] of the visible units
+        (B, N_vis, h, w, F), ids_restore (B, N), ids_masked (B, N_m)).
 
         ids_masked are the removed units in shuffled order, read off the masking call itself (ids_shuffle after
         its N_vis kept ones), so they always agree with `mask` whatever rounding random_masking uses."""
@@ -433,7 +435,7 @@ class iTPNPixelPretrainer(nn.Module):
             recon = pixel_recon(pred, imgs, patch=UNIT, norm_pix_loss=True)   # (B, 3, H, W)
         out = {"loss": loss, "mask": mask, "pred": pred, "recon": recon, "logs": {"loss_mim": loss.detach()}}
         ids_shuffle = ids_restore.argsort(dim=1)                          # (B, N): the inverse permutation, exact
-        return out, hidden, ids_shuffle[:, ids_keep.shape[1]:]            # (B, N_m)
+        return out, levels, ids_restore, ids_shuffle[:, ids_keep.shape[1]:]   # ids_masked (B, N_m)
 
     def forward(self, imgs):
         return self.forward_mim(imgs)[0]
@@ -441,29 +443,78 @@ class iTPNPixelPretrainer(nn.Module):
 
 # ---- 7. Paper method (Eq. 4): MIM + multi-stage masked feature modeling with an EMA teacher -----------------------
 
+class LevelDecoder(nn.Module):
+    """One MFM branch of Eq. 4: V^s of the visible units -> h^{pt,s}'s prediction of x^s at the masked units.
+
+    V^s (B, N_vis, h, w, F) -> LevelEmbed (LN, Linear(F, D/(h*w)) on each sub-token, space-to-depth to (B, N_vis, D))
+    -> this level's mask token at every masked unit and MAE's un-shuffle (B, N, D) -> + the fixed sin-cos table of
+    the unit grid -> `depth` attention blocks -> LN -> depth-to-space (B, N, h, w, D/(h*w)) -> the head h^{pt,s}:
+    one Linear(D/(h*w), c) applied to each sub-token on its own (Fast-iTPN paper, Sec. 3.3: "a linear projection
+    working on each token individually"), read at the masked units only.
+    Resolution: the mask token (1, 1, D) is one (h, w, D/(h*w)) grid of sub-tokens, so a masked unit is filled at
+    the level's own resolution. Positions: a sub-token's place inside its unit is its channel block of the D-vector
+    (fixed by the space-to-depth), so the unit-grid table and the block order together give every stride-s
+    position its own code, as in the official pixel decoder's input (`decoder_embed` + `decoder_pos_embed`).
+    """
+
+    def __init__(self, fpn_dim: int, *, scale: int, out_dim: int, dim: int, depth: int, num_heads: int):
+        super().__init__()
+        self.scale = scale                                                # h = w: sub-tokens per unit side (1, 2, 4)
+        self.embed = LevelEmbed(fpn_dim, out_dim=dim // (scale * scale))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(AttentionBlock(dim, num_heads=num_heads, mlp_ratio=4.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.head = nn.Linear(dim // (scale * scale), out_dim)           # h^{pt,s}: per sub-token
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, level: torch.Tensor, *, ids_restore, ids_masked, grid_hw) -> torch.Tensor:
+        """level (B, N_vis, h, w, F) in ids_keep order -> prediction (B, N_m, h, w, c) at the units ids_masked."""
+        x = unshuffle(self.embed(level), self.mask_token, ids_restore)    # (B, N, D), original unit order
+        x = x + sincos_pos_embed_2d(x.shape[-1], *grid_hw)[None].to(x)   # (1, N, D) fixed table
+        for blk in self.blocks:
+            x = blk(x)
+        x = select_units(self.norm(x), ids_masked)                        # (B, N_m, D)
+        b, n_m, _ = x.shape
+        x = x.reshape(b, n_m, self.scale, self.scale, -1)                 # (B, N_m, h, w, D/(h*w)): depth-to-space
+        return self.head(x)                                               # (B, N_m, h, w, c)
+
+
 class iTPNPaperPretrainer(iTPNPixelPretrainer):
     """Eq. 4: L = L_MIM + lambda * sum_s L_MFM^s, lambda = 0.3; not in the released code, built from Sec. 3.3.
 
+    L_MIM is the pixel recipe's loss, decoded from V = the sum of the levels (section 6). L_MFM^s is a function of
+    V^s alone (Fast-iTPN paper, Eq. 4: h^{pt,s}(V^s), "x^s has the same spatial resolution as V^s"): the LevelDecoder
+    of level s reads that level only and predicts the EMA teacher's stage-s features x^s at the masked units, so
+    each term trains its own level and, through it, the pyramid and backbone below (tested).
     Our choices where the paper is brief:
     * The teacher is an EMA copy of the backbone only (`ema_update`: t = m t + (1 - m) s, m = 0.996 constant): the
       paper takes the targets "from the last layer of each stage", which the backbone alone produces.
     * The teacher encodes only the masked units (ids_keep = the masked indices); for stages 1-2, which never mix
       units, this equals encoding the full image and selecting them (tested).
-    * The student's pyramid holds the visible units only, so the MAE decoder fills the masked units, and one linear
-      head per stage (h^{pt,s}) maps each masked unit's decoder state to that stage's sub-token grid: (4, 4, C/4),
-      (2, 2, C/2), (1, 1, C). Targets are layer-normalised per sub-token (no affine); L_MFM sums the L2 losses of
-      the 3 stages. The architecture is the pixel recipe's (the paper gives no change for Eq. 4).
-    out["logs"] has loss_mim and loss_mfm; out["pred"] / "recon" are the pixel prediction as in the pixel recipe.
-    Also, for inspection and tests: out["ids_masked"] (B, N_m) the units the teacher saw, and out["mfm_targets"]
-    [stride 4, 8, 16] the layer-normed teacher targets (B, N_m, h, w, c), no grad, in ids_masked order.
+    * V^s holds the visible units only (MAE-style dropping), so a masked unit must be filled and decoded before
+      the per-sub-token head h^{pt,s} can read it: one LevelDecoder per level, each `mfm_decoder_depth` = 1
+      attention block at the pixel decoder's width D and heads. One block: a light decoder (FastMIM decodes its
+      HOG features with one), and the three levels add 3 blocks to the 8 of the MIM decoder. Not shared between
+      levels: Eq. 4 indexes h^{pt,s} by s, the levels are different feature spaces (strides 16 / 8 / 4, targets of
+      C, C/2, C/4 channels), and separate weights keep each term's parameters its own.
+    * Targets are layer-normalised per sub-token (no affine); L_MFM^s is the squared error averaged over the
+      masked units, their sub-tokens and channels; L_MFM sums the 3 stages.
+    out["logs"]: loss_mim, loss_mfm and its terms loss_mfm_s16, loss_mfm_s8, loss_mfm_s4; out["pred"] / "recon" are
+    the pixel prediction as in the pixel recipe. For inspection and tests: out["ids_masked"] (B, N_m) the units the
+    teacher saw, and out["mfm_targets"] [stride 16, 8, 4] the layer-normed teacher targets (B, N_m, h, w, c), no
+    grad, in ids_masked order.
     """
+
+    STRIDES = (16, 8, 4)                                                  # the pyramid's level order [p16, p8, p4]
 
     def __init__(self, arch: iTPNConfig, *, cfg: iTPNPretrainConfig):
         super().__init__(arch, cfg=cfg)
-        c, d = self.encoder.cfg.embed_dim, cfg.decoder_dim
-        self.stage_shapes = ((4, 4, c // 4), (2, 2, c // 2), (1, 1, c))   # stride 4, 8, 16 target grids
-        self.mfm_heads = nn.ModuleList(nn.Linear(d, h * w * ch) for h, w, ch in self.stage_shapes)   # h^{pt,s}
-        self.mfm_heads.apply(init_weights)
+        c, f = self.encoder.cfg.embed_dim, self.encoder.cfg.fpn_dim
+        # level s (1 x 1, 2 x 2, 4 x 4 sub-tokens per unit) predicts stage s of width C, C/2, C/4
+        self.mfm_decoders = nn.ModuleList(
+            LevelDecoder(f, scale=16 // s, out_dim=c * s // 16, dim=cfg.decoder_dim, depth=cfg.mfm_decoder_depth,
+                         num_heads=cfg.decoder_heads) for s in self.STRIDES)
         self.teacher = make_teacher(self.encoder.backbone)               # frozen copy: no optimizer, no grad, eval
 
     def train(self, mode: bool = True):
@@ -478,20 +529,31 @@ class iTPNPaperPretrainer(iTPNPixelPretrainer):
         argument exists so that every pre-trainer with a momentum teacher is driven the same way."""
         ema_update_(self.teacher, self.encoder.backbone, self.cfg.ema_momentum)
 
+    @torch.no_grad()
+    def mfm_targets(self, imgs: torch.Tensor, ids_masked: torch.Tensor) -> list[torch.Tensor]:
+        """x^16, x^8, x^4: the EMA teacher's stage outputs at the masked units (Sec. 3.3: it sees only those),
+        layer-normed per sub-token without affine (our choice): (B, N_m, 1, 1, C), (.., 2, 2, C/2), (.., 4, 4, C/4)."""
+        feats = self.teacher.forward_features(imgs, ids_keep=ids_masked)  # [t4, t8, ..., t16]
+        stages = (feats[-1][:, :, None, None, :], feats[1], feats[0])    # stride 16 as (B, N_m, 1, 1, C)
+        return [F.layer_norm(t, t.shape[-1:]) for t in stages]
+
+    def mfm_terms(self, levels, *, targets, ids_restore, ids_masked, grid_hw) -> list[torch.Tensor]:
+        """[L_MFM^16, L_MFM^8, L_MFM^4]: term s reads level V^s (B, N_vis, h, w, F) and nothing else (Eq. 4)."""
+        terms = []
+        for decoder, level, target in zip(self.mfm_decoders, levels, targets):
+            pred = decoder(level, ids_restore=ids_restore, ids_masked=ids_masked, grid_hw=grid_hw)   # (B, N_m, h, w, c)
+            terms.append(l2_loss(pred.float().flatten(2), target.flatten(2)).mean())   # every unit here is masked
+        return terms
+
     def forward(self, imgs):
-        out, hidden, ids_masked = self.forward_mim(imgs)                 # ids_masked (B, N_m)
-        with torch.no_grad():                                             # Sec. 3.3: the teacher sees masked units only
-            feats = self.teacher.forward_features(imgs, ids_keep=ids_masked)   # [t4, t8, ..., t16]
-            targets = [F.layer_norm(t, t.shape[-1:])                      # per sub-token, no affine (our choice)
-                       for t in (feats[0], feats[1], feats[-1][:, :, None, None, :])]   # (B, N_m, h, w, c)
-        h_masked = select_units(hidden, ids_masked)                       # (B, N_m, D)
-        loss_mfm = 0.0
-        for head, target in zip(self.mfm_heads, targets):
-            pred = head(h_masked).reshape(target.shape)                   # (B, N_m, h, w, c)
-            loss_mfm = loss_mfm + l2_loss(pred.flatten(2), target.flatten(2)).mean()   # all units here are masked
-        loss_mim = out["loss"]
+        out, levels, ids_restore, ids_masked = self.forward_mim(imgs)    # levels of the visible units only
+        targets = self.mfm_targets(imgs, ids_masked)
+        terms = self.mfm_terms(levels, targets=targets, ids_restore=ids_restore, ids_masked=ids_masked,
+                               grid_hw=check_image_size(imgs))
+        loss_mim, loss_mfm = out["loss"], sum(terms)
         out["loss"] = loss_mim + self.cfg.mfm_weight * loss_mfm           # Eq. 4
-        out["logs"] = {"loss_mim": loss_mim.detach(), "loss_mfm": loss_mfm.detach()}
+        out["logs"] = {"loss_mim": loss_mim.detach(), "loss_mfm": loss_mfm.detach(),
+                       **{f"loss_mfm_s{s}": t.detach() for s, t in zip(self.STRIDES, terms)}}
         out["ids_masked"], out["mfm_targets"] = ids_masked, targets
         return out
 

@@ -318,32 +318,130 @@ def test_teacher_targets_at_stages_1_2_equal_full_image_then_select():
 
 
 @pytest.mark.parametrize("mfm_weight", [None, 1.7])
-def test_paper_loss_is_mim_plus_lambda_times_the_summed_stage_losses(mfm_weight):
-    """Eq. 4 recomputed from public pieces: L_MIM is the pixel recipe's loss, L_MFM = sum over the 3 stages of the
-    L2 between each stage head's prediction of the masked units and the layer-normed teacher features of those
-    units, and L = L_MIM + lambda L_MFM with lambda = 0.3 by default."""
+def test_paper_loss_is_mim_plus_lambda_times_each_levels_own_mfm_term(mfm_weight):
+    """Eq. 4 recomputed by hand: L_MIM is the pixel recipe's loss (same init, same mask); L_MFM^s is rebuilt unit
+    by unit from level V^s alone (a visible unit's own sub-tokens embedded and laid out row-major in the D-vector, a
+    masked unit = the level's mask token, + the unit grid's sin-cos, the decoder blocks, then the head on each
+    sub-token's channel block), against the teacher's stage-s features of the masked units (encoded alone), layer-
+    normed per sub-token, averaged over masked units, sub-tokens and channels; L = L_MIM + lambda * sum_s L_MFM^s."""
     recipe = {} if mfm_weight is None else {"mfm_weight": mfm_weight}
     model, pixel = build("itpn", None, **recipe).eval(), build("itpn_pixel", None, **recipe).eval()   # same init
-    assert model.cfg.mfm_weight == (0.3 if mfm_weight is None else mfm_weight)
+    lam = 0.3 if mfm_weight is None else mfm_weight
+    assert model.cfg.mfm_weight == lam
     x = smooth_batch()
     torch.manual_seed(3)
     out = model(x)
-    logs = out["logs"]
-    torch.testing.assert_close(out["loss"], logs["loss_mim"] + model.cfg.mfm_weight * logs["loss_mfm"])
     torch.manual_seed(3)                                                  # same mask
     with torch.no_grad():
-        torch.testing.assert_close(logs["loss_mim"], pixel(x)["loss"])
+        loss_mim = pixel(x)["loss"]
+    mask, ids_masked = out["mask"], out["ids_masked"]                     # (B, N), (B, N_m)
+    assert torch.equal(mask.gather(1, ids_masked), torch.ones(2, 12))
+    visible = torch.stack([(m == 0).nonzero()[:, 0] for m in mask])      # (B, N_vis) in raster order
+    d = model.cfg.decoder_dim
+    pos = sincos_pos_embed_2d(d, 4, 4)                                    # (N, D), hivit.py
+    terms = []
+    with torch.no_grad():
+        levels = model.encoder.forward_levels(x, ids_keep=visible)       # [p16, p8, p4] of the visible units
+        feats = model.teacher.forward_features(x, ids_keep=ids_masked)   # the masked units alone
+        stages = (feats[-1][:, :, None, None, :], feats[1], feats[0])     # x^16, x^8, x^4
+        for decoder, level, stage in zip(model.mfm_decoders, levels, stages):
+            k = level.shape[2]                                            # sub-tokens per unit side
+            rows = []
+            for b in range(2):
+                units = []
+                for n in range(16):
+                    if mask[b, n] == 0:
+                        sub = level[b, (visible[b] == n).nonzero()[0, 0]]  # (k, k, F) this unit's sub-tokens
+                        units.append(decoder.embed.proj(decoder.embed.norm(sub)).flatten())   # row-major (D,)
+                    else:
+                        units.append(decoder.mask_token[0, 0])
+                rows.append(torch.stack(units) + pos)                     # (N, D)
+            h = torch.stack(rows)                                         # (B, N, D)
+            for blk in decoder.blocks:
+                h = blk(h)
+            h = decoder.norm(h)
+            errors = []
+            for b in range(2):
+                for m, n in enumerate(ids_masked[b].tolist()):
+                    for i in range(k):
+                        for j in range(k):
+                            block = h[b, n, (i * k + j) * d // k ** 2:(i * k + j + 1) * d // k ** 2]
+                            pred = F.linear(block, decoder.head.weight, decoder.head.bias)
+                            target = F.layer_norm(stage[b, m, i, j], stage.shape[-1:])
+                            errors.append(((pred - target) ** 2).mean())
+            terms.append(torch.stack(errors).mean())
+    logs = out["logs"]
+    for s, term in zip((16, 8, 4), terms):
+        torch.testing.assert_close(logs[f"loss_mfm_s{s}"], term)
+    torch.testing.assert_close(logs["loss_mim"], loss_mim)
+    torch.testing.assert_close(out["loss"], loss_mim + lam * sum(terms))
+
+
+def test_each_mfm_term_reads_only_its_own_pyramid_level():
+    """Eq. 4: L_MFM^s = ||x^s - h^{pt,s}(V^s)||. With the levels as leaves, term s has a gradient with respect to
+    V^s and none with respect to the other two levels."""
+    model = build("itpn", None)
+    x = smooth_batch()
+    torch.manual_seed(3)
+    _, levels, ids_restore, ids_masked = model.forward_mim(x)
+    leaves = [level.detach().requires_grad_() for level in levels]       # [p16, p8, p4] (B, N_vis, h, w, F)
+    terms = model.mfm_terms(leaves, targets=model.mfm_targets(x, ids_masked), ids_restore=ids_restore,
+                            ids_masked=ids_masked, grid_hw=(4, 4))
+    for s, term in enumerate(terms):
+        grads = torch.autograd.grad(term, leaves, allow_unused=True, retain_graph=True)
+        norms = [0.0 if g is None else g.norm().item() for g in grads]
+        assert norms[s] > 0 and [n for r, n in enumerate(norms) if r != s] == [0.0, 0.0], (s, norms)
+
+
+def test_mfm_trains_pyramid_and_backbone_with_weight_lambda():
+    """Every encoder gradient is g_MIM + lambda * g_MFM (same init, same mask): read g_MFM off lambda = 0 and 0.3,
+    predict lambda = 0.6. g_MFM reaches every pyramid output block and the backbone's three stages."""
+    x = smooth_batch()
+    grads = {}
+    for lam in (0.0, 0.3, 0.6):
+        model = build("itpn", None, mfm_weight=lam)
         torch.manual_seed(3)
-        _, hidden, ids_masked = model.forward_mim(x)                      # (B, N, D), (B, N_m)
-        feats = model.teacher.forward_features(x, ids_keep=ids_masked)  # [t4, t8, ..., t16]
-        t4, t8, t16 = feats[0], feats[1], feats[-1]
-        h = torch.gather(hidden, 1, ids_masked[:, :, None].expand(-1, -1, hidden.shape[-1]))   # (B, N_m, D)
-        ref = 0.0
-        for head, t in zip(model.mfm_heads, (t4, t8, t16[:, :, None, None, :])):
-            t = F.layer_norm(t, t.shape[-1:])
-            ref = ref + ((head(h).reshape(t.shape) - t) ** 2).mean()
-    assert ids_masked.shape == (2, 12) and torch.equal(ids_masked, out["ids_masked"])
-    torch.testing.assert_close(logs["loss_mfm"], ref)
+        model(x)["loss"].backward()
+        grads[lam] = {n: p.grad for n, p in model.named_parameters() if n.startswith("encoder.")}
+    mfm = {n: (grads[0.3][n] - grads[0.0][n]) / 0.3 for n in grads[0.0]}
+    for n, g in mfm.items():
+        torch.testing.assert_close(grads[0.6][n], grads[0.0][n] + 0.6 * g, rtol=1e-3,
+                                   atol=1e-3 * grads[0.6][n].abs().max().item() + 1e-12)
+    for part in ("pyramid.out16.", "pyramid.out8.", "pyramid.out4.", "backbone.stage1.", "backbone.stage2.",
+                 "backbone.blocks."):
+        assert max(g.abs().max().item() for n, g in mfm.items() if n.startswith("encoder." + part)) > 0, part
+
+
+@pytest.mark.parametrize("method", ["itpn_pixel", "itpn"])
+def test_pixel_loss_is_norm_pix_l2_on_the_masked_units_only(method, monkeypatch):
+    """Sec. 3.3 / official: the MIM loss is the squared error to per-unit normalised pixels (unbiased variance,
+    eps 1e-6), averaged over the masked units only. A stand-in prediction head returns that target computed here,
+    plus noise on one unit: noise on a visible unit costs nothing, 2.0 on a masked unit costs 2^2 / 24 (2 x 12
+    masked units)."""
+    fixed = mim.random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(itpn, "random_masking", lambda *a, **k: fixed)
+    ids_keep, _, mask = fixed
+    x = smooth_batch()
+    units = x.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 768)   # (B, N, 16*16*3)
+    target = (units - units.mean(-1, keepdim=True)) / (units.var(-1, keepdim=True) + 1e-6) ** 0.5
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, unit, noise):
+            super().__init__()
+            self.unit, self.noise = unit, noise
+
+        def forward(self, hidden):                                        # (B, N, D) -> (B, N, P)
+            pred = target.clone()
+            pred[0, self.unit] += self.noise
+            return pred
+
+    model = build(method, None)
+    visible_unit, masked_unit = int(ids_keep[0, 0]), int((mask[0] == 1).nonzero()[0, 0])
+    for unit, noise, expected in ((visible_unit, 5.0, 0.0), (masked_unit, 2.0, 4.0 / 24)):
+        model.decoder_pred = Oracle(unit, noise)
+        out = model(x)
+        assert torch.equal(out["mask"], mask)
+        assert out["logs"]["loss_mim"].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_ema_teacher_targets_depend_only_on_the_masked_units_pixels():
