@@ -21,7 +21,7 @@ Sections:
     6. Global attention + relative position bias <-> Sec. 3.1 "main stage", Tab. 2 row (e)
     7. The HiViT model                <-> Fig. 2, Sec. 3.3 (masked units dropped at the input)
     8. The plain ViT                  <-> Tab. 2 row (o)
-    9. Loading official checkpoints   <-> released HiViT / iTPN classifiers
+    9. Reading checkpoint files, loading official layouts <-> released HiViT / iTPN classifiers
     10. __main__ smoke demo
 
 Shapes:
@@ -46,6 +46,9 @@ Differences from the paper / official code:
       `interpolate_pos_encoding`, called with N_vis != N tokens). That quirk is off here; `ape_quirk=True` turns it
       on. Library only (no preset names it): it exists to reproduce released pixel pre-training outputs, as
       `replace(preset, ape_quirk=True)`; tests/test_hivit.py shows it.
+    - Config fields for the released dense backbones: `ln_eps` (their LayerNorms use torch's 1e-5, ours 1e-6) and
+      `ape_size` (the segmentation backbone keeps a 224-px APE table, resized to its 512-px grid, beside RPE
+      tables built for 512 px). Constructors check every config field (check_config) and name the fix.
     - Plain ViT: mean pooling -> fc_norm -> head (like HiViT); an optional CLS token, pre-norm and QuickGELU make
       OpenAI-CLIP image encoders loadable as teachers (itpn.py). Its weights are not the official timm layout.
 
@@ -56,6 +59,7 @@ Run:
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +71,13 @@ __all__ = [
     "DropPath", "drop_path_rates", "MLP", "MLPBlock", "Attention", "AttentionBlock", "PatchEmbed", "PatchMerge",
     "HiViT", "VisionTransformer",
     "sincos_pos_embed_2d", "init_sincos_", "resize_pos_embed", "relative_position_index", "units_to_map",
-    "map_to_units", "select_units", "mask_blend", "check_image_size", "check_ids_keep", "init_weights",
-    "map_official_key", "unwrap_checkpoint", "check_state_dict", "load_official", "count_params",
+    "map_to_units", "select_units", "mask_blend", "check_image_size", "check_image_dtype", "check_ids_keep",
+    "UNIT", "HIVIT_RULES", "VIT_RULES", "check_config", "init_weights",
+    "map_official_key", "read_checkpoint", "unwrap_checkpoint", "check_state_dict", "load_official", "count_params",
 ]
 
 # LayerNorm eps of the official classification and pre-training models, and of every file in this project that
-# builds on them (the official det/seg copies use torch's default 1e-5).
+# builds on them. The official det/seg backbones use torch's default 1e-5, which `HiViTConfig.ln_eps` selects.
 LN_EPS = 1e-6
 
 
@@ -92,6 +97,8 @@ class HiViTConfig:
     drop_path_rate: float = 0.0   # stochastic depth, linear 0 -> rate over MLP + attention blocks (Sec. 4)
     layer_scale: float = 0.0      # init of per-channel residual scales gamma (iTPN-CLIP: 0.1); 0 = no gamma
     ape_quirk: bool = False       # resample the APE at (G+0.1)/G when units are dropped (official pixel MIM quirk)
+    ape_size: int | None = None   # side (px) the APE table is built for; None = img_size (official seg: 224 at 512)
+    ln_eps: float = LN_EPS        # eps of every LayerNorm (official classifiers / pre-training 1e-6, det / seg 1e-5)
     num_classes: int = 1000       # K; 0 = no head (backbone only)
 
 
@@ -129,6 +136,47 @@ VIT_PRESETS: dict[str, ViTConfig] = {
     "vit_b": ViTConfig(embed_dim=768, depth=12, num_heads=12),
     "vit_l": ViTConfig(embed_dim=1024, depth=24, num_heads=16),
 }
+
+
+# Config checks, run by every model constructor before it builds anything: (field, test(cfg) -> bool, the fix).
+# A bad value would otherwise surface in the first forward (a reshape, a 0-d head) or train silently.
+UNIT = 16                      # px per unit (main patch), the stride of stage 3
+HIVIT_RULES = [
+    ("img_size", lambda c: c.img_size >= UNIT and c.img_size % UNIT == 0,
+     "must be a positive multiple of the 16-px unit, e.g. 224"),
+    ("ape_size", lambda c: c.ape_size is None or (c.ape_size >= UNIT and c.ape_size % UNIT == 0),
+     "must be None (= img_size) or a positive multiple of the 16-px unit, e.g. 224"),
+    ("embed_dim", lambda c: c.embed_dim > 0 and c.embed_dim % 4 == 0,
+     "must be a positive multiple of 4 (stage 1 is embed_dim / 4 wide, stage 2 embed_dim / 2)"),
+    ("num_heads", lambda c: c.num_heads >= 1 and c.embed_dim % c.num_heads == 0,
+     "must be >= 1 and divide embed_dim (head_dim = embed_dim / num_heads, 64 in every paper config)"),
+    ("depth", lambda c: c.depth >= 1, "must be >= 1 (stage 3 needs at least one attention block)"),
+    ("mlp_depth1", lambda c: c.mlp_depth1 >= 0, "must be >= 0 (MLP-only blocks in stage 1)"),
+    ("mlp_depth2", lambda c: c.mlp_depth2 >= 0, "must be >= 0 (MLP-only blocks in stage 2)"),
+    ("bridge_mlp_ratio", lambda c: c.bridge_mlp_ratio > 0, "must be > 0 (Tab. 2: 3.0)"),
+    ("mlp_ratio", lambda c: c.mlp_ratio > 0, "must be > 0 (usually 4.0)"),
+    ("drop_path_rate", lambda c: 0 <= c.drop_path_rate < 1, "must be in [0, 1)"),
+    ("layer_scale", lambda c: c.layer_scale >= 0, "must be >= 0 (0 = no layer scale)"),
+    ("ln_eps", lambda c: c.ln_eps > 0, "must be > 0 (1e-6, or 1e-5 for the official det/seg backbones)"),
+    ("num_classes", lambda c: c.num_classes >= 0, "must be >= 0 (0 = backbone without a head)"),
+]
+VIT_RULES = [
+    ("patch_size", lambda c: c.patch_size >= 1, "must be >= 1 (px per patch)"),
+    ("img_size", lambda c: c.img_size >= c.patch_size and c.img_size % c.patch_size == 0,
+     "must be a positive multiple of patch_size"),
+    *(rule for rule in HIVIT_RULES if rule[0] in ("num_heads", "depth", "mlp_ratio", "drop_path_rate", "ln_eps",
+                                                  "num_classes")),
+    ("embed_dim", lambda c: c.embed_dim > 0, "must be > 0"),
+]
+
+
+def check_config(cfg, rules: list) -> None:
+    """Raise one ValueError naming every field of `cfg` that breaks its rule, with the fix; rules on fields this
+    config does not have are skipped (so fast_itpn.py's config reuses HIVIT_RULES)."""
+    errors = [f"{name}={getattr(cfg, name)!r} {fix}" for name, test, fix in rules
+              if hasattr(cfg, name) and not test(cfg)]
+    if errors:
+        raise ValueError(f"invalid {type(cfg).__name__}: " + "; ".join(errors))
 
 
 # ---- 2. Primitives: DropPath, MLP, position tables ----------------------------------------------------------------
@@ -179,7 +227,8 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     Layout (as MAE and the iTPN pre-training init): the first dim/2 channels encode the column, the last dim/2 the
     row; each half is [sin | cos] with omega_k = 1 / 10000^(k / (dim/4)).
     """
-    assert dim % 4 == 0, "sin-cos position embedding needs dim divisible by 4"
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos position table needs a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))   # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
                                 torch.arange(grid_w, dtype=torch.float64), indexing="ij")  # (gh, gw) each
@@ -245,11 +294,28 @@ def check_image_size(x: torch.Tensor, patch: int = 16) -> tuple[int, int]:
     return h // patch, w // patch
 
 
+def check_image_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> None:
+    """Raise a ValueError unless the images have the model's dtype (or a float type under torch.autocast).
+
+    uint8 images would fail deep inside the stem conv, float64 ones with a dtype clash; both name the fix here."""
+    if x.dtype == weight_dtype:
+        return
+    autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)   # meta has no autocast
+    if autocast and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return
+    raise ValueError(f"images are {x.dtype} but the model's weights are {weight_dtype}: pass {weight_dtype} images "
+                     f"(uint8 pictures: x.float() / 255, then normalise with the ImageNet mean/std), or bf16/fp16 "
+                     f"ones under torch.autocast")
+
+
 def check_ids_keep(ids_keep: torch.Tensor, *, batch_size: int, num_units: int) -> None:
-    """Raise a ValueError unless ids_keep is a (B, N_vis) integer tensor of unit indices in [0, N)."""
+    """Raise a ValueError unless ids_keep is a (B, N_vis) integer tensor of unit indices in [0, N), N_vis >= 1."""
     if ids_keep.dtype not in (torch.int64, torch.int32) or ids_keep.ndim != 2 or ids_keep.shape[0] != batch_size:
         raise ValueError(f"ids_keep must be a (B={batch_size}, N_vis) integer tensor of unit indices, got "
                          f"{tuple(ids_keep.shape)} {ids_keep.dtype} (mim.random_masking returns one)")
+    if ids_keep.shape[1] == 0:
+        raise ValueError(f"ids_keep keeps no unit of this {num_units}-unit image: at least one unit must stay "
+                         f"visible (lower the mask ratio or use larger images)")
     if ids_keep.device.type == "meta" or not ids_keep.numel():           # meta (FLOP counting): no values to check
         return
     if int(ids_keep.min()) < 0 or int(ids_keep.max()) >= num_units:
@@ -311,11 +377,11 @@ def init_weights(module: nn.Module) -> None:
 class PatchEmbed(nn.Module):
     """4x4 stem conv, then the nested unit layout (B, N, 4, 4, C/4): each 16x16 unit holds 4x4 inner patches."""
 
-    def __init__(self, dim: int, *, inner: int = 4, norm: bool = True):
+    def __init__(self, dim: int, *, inner: int = 4, norm: bool = True, ln_eps: float = LN_EPS):
         super().__init__()
         self.inner = inner                                                # inner patches per unit side (16 / 4)
         self.proj = nn.Conv2d(3, dim, kernel_size=4, stride=4)            # one token per 4x4-px inner patch
-        self.norm = nn.LayerNorm(dim, eps=LN_EPS) if norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim, eps=ln_eps) if norm else nn.Identity()
 
     def forward(self, x):
         x = self.proj(x)                                                  # (B, C/4, 4Hp, 4Wp)
@@ -443,33 +509,36 @@ class HiViT(nn.Module):
 
     def __init__(self, cfg: HiViTConfig):
         super().__init__()
+        check_config(cfg, HIVIT_RULES)
         self.cfg = cfg
-        c, n1, n2, n3 = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth
-        self.grid = (cfg.img_size // 16, cfg.img_size // 16)              # (Hp, Wp) the tables are built for
+        c, n1, n2, n3, eps = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth, cfg.ln_eps
+        self.grid = (cfg.img_size // UNIT, cfg.img_size // UNIT)          # (Hp, Wp) the RPE tables are built for
+        ape_side = (cfg.ape_size or cfg.img_size) // UNIT                 # official seg: 14 (224 px) at Hp = 32
+        self.ape_grid = (ape_side, ape_side)                              # the APE table's grid, resized per input
         dpr = drop_path_rates(cfg.drop_path_rate, n1 + n2 + n3)          # Sec. 4: merges get no drop path
 
         def mlp_stage(dim, rates):
             return nn.ModuleList(MLPBlock(dim, mlp_ratio=cfg.bridge_mlp_ratio, drop_path=p,
-                                          layer_scale=cfg.layer_scale) for p in rates)
+                                          layer_scale=cfg.layer_scale, ln_eps=eps) for p in rates)
 
-        self.patch_embed = PatchEmbed(c // 4)                             # Sec. 3.1: 4x4 stem + LN
+        self.patch_embed = PatchEmbed(c // 4, ln_eps=eps)                 # Sec. 3.1: 4x4 stem + LN
         self.stage1 = mlp_stage(c // 4, dpr[:n1])                         # (B, N, 4, 4, C/4)
-        self.merge1 = PatchMerge(c // 4)
+        self.merge1 = PatchMerge(c // 4, ln_eps=eps)
         self.stage2 = mlp_stage(c // 2, dpr[n1:n1 + n2])                  # (B, N, 2, 2, C/2)
-        self.merge2 = PatchMerge(c // 2)
-        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], c))
+        self.merge2 = PatchMerge(c // 2, ln_eps=eps)
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, ape_side * ape_side, c))
         self.blocks = nn.ModuleList(                                      # stage 3: (B, N, C) tokens
             AttentionBlock(c, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path=p,
-                           layer_scale=cfg.layer_scale, rpe_grid=self.grid if cfg.rpe else None)
+                           layer_scale=cfg.layer_scale, rpe_grid=self.grid if cfg.rpe else None, ln_eps=eps)
             for p in dpr[n1 + n2:])
-        self.fc_norm = nn.LayerNorm(c, eps=LN_EPS) if cfg.num_classes > 0 else None
+        self.fc_norm = nn.LayerNorm(c, eps=eps) if cfg.num_classes > 0 else None
         self.head = nn.Linear(c, cfg.num_classes) if cfg.num_classes > 0 else None
         self.apply(init_weights)
         nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)         # fine-tune init; MIM: init_pos_embed_sincos
 
     def init_pos_embed_sincos(self) -> None:
         """Start the (still trainable) APE from MAE's 2-D sin-cos table, as masked pre-training does."""
-        init_sincos_(self.absolute_pos_embed, self.grid)
+        init_sincos_(self.absolute_pos_embed, self.ape_grid)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names the fine-tuning recipes exempt from weight decay (besides biases and norms)."""
@@ -480,6 +549,7 @@ class HiViT(nn.Module):
     def embed_units(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None):
         """Stem on the full image, then keep only visible units: ((B, N_vis, 4, 4, C/4), (Hp, Wp))."""
         grid_hw = check_image_size(x)
+        check_image_dtype(x, self.patch_embed.proj.weight.dtype)
         if ids_keep is not None:
             check_ids_keep(ids_keep, batch_size=x.shape[0], num_units=grid_hw[0] * grid_hw[1])
         units = self.patch_embed(x)                                       # (B, N, 4, 4, C/4)
@@ -561,6 +631,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
+        check_config(cfg, VIT_RULES)
         self.cfg = cfg
         c, p = cfg.embed_dim, cfg.patch_size
         self.grid = (cfg.img_size // p, cfg.img_size // p)
@@ -599,6 +670,7 @@ class VisionTransformer(nn.Module):
         if (mask is None) != (mask_token is None):
             raise ValueError("pass mask and mask_token together (or neither)")
         grid_hw = check_image_size(x, self.cfg.patch_size)
+        check_image_dtype(x, self.patch_embed.weight.dtype)
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)          # (B, N, C)
         if mask is not None:
             tokens = mask_blend(tokens, mask[:, :, None], mask_token)     # (B, N, C), mask (B, N, 1)
@@ -626,7 +698,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.fc_norm(self.forward_features(x)[-1].mean(dim=1)))   # (B, K)
 
 
-# ---- 9. Loading official checkpoints ------------------------------------------------------------------------------
+# ---- 9. Reading checkpoint files, loading official checkpoints ----------------------------------------------------
 
 # Keys that exist only in official *pre-training* checkpoints (pyramid, decoders, MIM/CLIP heads): a classifier
 # ignores them, and `load_official` reports them in its return value.
@@ -659,8 +731,40 @@ def map_official_key(key: str, *, mlp_depth1: int, mlp_depth2: int) -> str | Non
     return f"blocks.{i - n1 - n2 - 2}.{rest}"
 
 
+def read_checkpoint(path: str, *, what: str = "checkpoint") -> dict:
+    """The one reader of checkpoint-like files (train.py --resume, finetune.py --finetune, itpn.py's teachers, ...):
+    torch.load(weights_only=True), so no pickled code is ever run, with one ValueError per kind of bad file.
+
+    `what` names the file's role in the messages (a flag such as "--resume", or "teacher"). Returns the dict as
+    stored; hivit.unwrap_checkpoint finds the state_dict inside it."""
+    if os.path.isdir(path or ""):
+        raise ValueError(f"{what} {path!r} is a folder: pass the checkpoint file inside it")
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} not found: no such file (a local file is needed; nothing is downloaded)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                                             # torch raises many types here
+        if "Unsupported global" in str(err):                              # weights_only met a pickled class
+            reason = ("it holds pickled Python objects, which are not loaded from files (they could run code); "
+                      "re-save its tensors as a plain dict")
+        else:
+            reason = f"it is not a PyTorch checkpoint or it is truncated ({type(err).__name__})"
+        raise ValueError(f"{what} {path!r} cannot be read: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
 def unwrap_checkpoint(ckpt: dict) -> dict:
-    """Find the state_dict in an official file ({'model'|'module'|'state_dict': sd} or sd) and strip 'module.'."""
+    """Find the state_dict in an official file ({'model'|'module'|'state_dict': sd} or sd) and strip 'module.'.
+
+    Anything but a dict with string keys is a ValueError that says what is expected (a path: read_checkpoint)."""
+    if not isinstance(ckpt, dict) or not all(isinstance(k, str) for k in ckpt):
+        got = f"the str {ckpt!r}" if isinstance(ckpt, (str, os.PathLike)) else \
+            ("a dict with non-string keys" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}")
+        fix = ": read the file first, hivit.read_checkpoint(path)" if isinstance(ckpt, (str, os.PathLike)) else ""
+        raise ValueError(f"expected a state dict (name -> tensor), or a checkpoint dict holding one under 'model', "
+                         f"'module' or 'state_dict'; got {got}{fix}")
     for k in ("model", "module", "state_dict"):
         if isinstance(ckpt.get(k), dict):
             ckpt = ckpt[k]
@@ -677,6 +781,10 @@ def check_state_dict(found: dict, expected: dict, *, what: str, hint: str, names
     that may stay at their init. `what` says what failed to match, `hint` what the user should check. Every strict
     loader of this project (hivit, itpn, fast_itpn, itpn's teachers) reports through this one function.
     """
+    not_tensors = sorted((names or {}).get(k, k) for k, v in found.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{what}: entries that are not tensors: {not_tensors[:8]} (a state dict maps names to "
+                         f"tensors; {hint})")
     unexpected = sorted((names or {}).get(k, k) for k in set(found) - set(expected))
     missing = sorted(k for k in set(expected) - set(found) if not k.startswith(tuple(allow_missing)))
     if unexpected or missing:

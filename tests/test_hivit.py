@@ -1,5 +1,6 @@
 """Oracles for hivit.py: paper/official sizes, visible-unit equivalence, an independent official forward, loading."""
 import os
+import re
 from dataclasses import replace
 
 import pytest
@@ -404,3 +405,102 @@ def test_seam_lists_every_stage3_block_and_select_units_matches_indexing():
     idx = torch.randint(0, 7, (2, 3, 4))                                  # (B, nW, m)
     ref = torch.stack([torch.stack([w[b, j, idx[b, j]] for j in range(3)]) for b in range(2)])
     assert torch.equal(hivit.select_units(w, idx), ref)
+
+
+# ---- reliability: checkpoint files, configs, inputs ----
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "not found: no such file"),
+    ("folder", "is a folder"),
+    (lambda p: open(p, "wb").write(os.urandom(256)), "is not a PyTorch checkpoint or it is truncated"),
+    (lambda p: open(p, "w").write("hello"), "is not a PyTorch checkpoint or it is truncated"),
+    (lambda p: torch.save(torch.ones(3), p), "holds a Tensor, not a checkpoint dict"),
+    (lambda p: torch.save([torch.ones(3)], p), "holds a list, not a checkpoint dict"),
+    (lambda p: torch.save({"args": __import__("argparse").Namespace(model="x")}, p), "pickled Python objects")])
+def test_read_checkpoint_gives_one_message_per_kind_of_bad_file(tmp_path, content, expected):
+    path = str(tmp_path / "thing.pth")
+    if content == "folder":
+        os.mkdir(path)
+    elif content is not None:
+        content(path)
+    with pytest.raises(ValueError, match=f"^teacher '{path}'.*{expected}"):
+        hivit.read_checkpoint(path, what="teacher")
+
+
+def test_read_checkpoint_truncated_file_and_good_file(tmp_path):
+    path = str(tmp_path / "ckpt.pth")
+    torch.save({"model": {"w": torch.arange(1000.0)}, "step": 3}, path)
+    assert hivit.read_checkpoint(path)["step"] == 3
+    blob = open(path, "rb").read()
+    open(path, "wb").write(blob[: len(blob) // 2])                        # an interrupted copy
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint or it is truncated"):
+        hivit.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("thing, expected", [
+    ("model.pth", r"got the str 'model.pth': read the file first, hivit.read_checkpoint\(path\)"),
+    (None, "got a NoneType"), (torch.zeros(3), "got a Tensor"), ({0: torch.zeros(3)}, "non-string keys"),
+    ({"model": {"head.weight": [1.0, 2.0]}}, r"entries that are not tensors: \['head.weight'\]")])
+def test_load_official_says_it_expects_a_state_dict(thing, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_official(HiViT(PRESETS["tiny"]), thing)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(num_heads=3), "num_heads=3 must be >= 1 and divide embed_dim"), (dict(num_heads=0), "num_heads=0"),
+    (dict(depth=0), "depth=0 must be >= 1"), (dict(mlp_depth1=-1), "mlp_depth1=-1 must be >= 0"),
+    (dict(mlp_depth2=-2), "mlp_depth2=-2"), (dict(embed_dim=66, num_heads=1), "embed_dim=66 must be a positive "
+                                                                             "multiple of 4"),
+    (dict(img_size=72), "img_size=72 must be a positive multiple of the 16-px unit"), (dict(img_size=0), "img_size=0"),
+    (dict(ape_size=40), "ape_size=40"), (dict(drop_path_rate=1.0), "drop_path_rate=1.0 must be in"),
+    (dict(ln_eps=0.0), "ln_eps=0.0 must be > 0"), (dict(num_classes=-1), "num_classes=-1"),
+    (dict(mlp_ratio=0.0), "mlp_ratio=0.0"), (dict(bridge_mlp_ratio=-1.0), "bridge_mlp_ratio=-1.0"),
+    (dict(layer_scale=-0.1), "layer_scale=-0.1")])
+def test_hivit_constructor_names_the_bad_field_and_the_fix(change, field):
+    with pytest.raises(ValueError, match=r"^invalid HiViTConfig: " + re.escape(field)):
+        HiViT(replace(PRESETS["tiny"], **change))
+
+
+def test_vit_constructor_checks_its_config_and_lists_every_problem():
+    with pytest.raises(ValueError, match=r"img_size=72 must be a positive multiple of patch_size"):
+        VisionTransformer(replace(VIT_PRESETS["vit_tiny"], img_size=72))
+    with pytest.raises(ValueError, match=r"^invalid ViTConfig: num_heads=5 .*; depth=0 must be >= 1"):
+        VisionTransformer(replace(VIT_PRESETS["vit_tiny"], num_heads=5, depth=0))
+    with pytest.raises(ValueError, match="width divisible by 4"):                 # MIM's sin-cos start
+        VisionTransformer(replace(VIT_PRESETS["vit_tiny"], embed_dim=66, num_heads=1)).init_pos_embed_sincos()
+
+
+def test_image_dtypes_other_than_the_models_name_the_fix():
+    model, vit = HiViT(PRESETS["tiny"]).eval(), VisionTransformer(VIT_PRESETS["vit_tiny"]).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for m in (model, vit):
+        with pytest.raises(ValueError, match=r"images are torch.uint8 .* x.float\(\) / 255"):
+            m(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="images are torch.float64 but the model's weights are torch.float32"):
+            m.forward_features(x.double())
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # bf16 input under autocast: fine
+            assert torch.isfinite(m(x.bfloat16()).float()).all()
+    with torch.no_grad():
+        assert torch.allclose(model.double()(x.double()), model.float()(x).double(), atol=1e-4)   # a float64 model
+
+
+def test_ids_keep_without_a_unit_is_refused():
+    with pytest.raises(ValueError, match="keeps no unit of this 4-unit image"):
+        HiViT(PRESETS["tiny"]).forward_features(torch.randn(2, 3, 32, 32), ids_keep=torch.zeros(2, 0).long())
+
+
+def test_ln_eps_reaches_every_layernorm_and_ape_size_sets_the_ape_table_alone():
+    cfg = replace(PRESETS["tiny"], img_size=128, ape_size=64, ln_eps=1e-5)
+    model = HiViT(cfg)
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    # stem, stage-1 block, merge 1, stage-2 block, merge 2, 2 x 2 in the attention blocks, fc_norm
+    assert len(norms) == 1 + 1 + 1 + 1 + 1 + 2 * 2 + 1 and all(m.eps == 1e-5 for m in norms)
+    assert all(m.eps == hivit.LN_EPS for m in HiViT(PRESETS["tiny"]).modules() if isinstance(m, nn.LayerNorm))
+    assert model.absolute_pos_embed.shape == (1, 4 * 4, 64)               # APE: the 64-px grid
+    assert model.blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 2)   # RPE: the 128-px grid
+    model.init_pos_embed_sincos()
+    assert torch.equal(model.absolute_pos_embed[0], hivit.sincos_pos_embed_2d(64, 4, 4))
+    with torch.no_grad():                                                 # the 4x4 table is resized to 8x8 units
+        torch.testing.assert_close(model.pos_embed_for((8, 8)), hivit.resize_pos_embed(model.absolute_pos_embed,
+                                                                                        (8, 8)))
+        assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()
