@@ -37,10 +37,13 @@ Differences from the papers / official code (the classes MAE, FastMIM, M3I and `
     - Visible count `round(N * (1 - mask_ratio))` (MAE: int(), which loses a unit to float error at 10 * 0.1).
     - Every method starts the position table from the 2-D sin-cos table and keeps it TRAINABLE, as iTPN's pixel
       pre-training does (MAE freezes it). Build the method first, then load weights.
-    - MAE on HiViT has no CLS token; "simmim" is FastMIM's formulation of SimMIM; HOG runs in fp32, per colour.
+    - MAE on HiViT has no CLS token and a 6-block decoder (`MAE_HIVIT`, HiViT App. A; MAE's 8 on a plain ViT);
+      "simmim" is FastMIM's formulation of SimMIM; HOG runs in fp32, per colour.
     - M3I (no code released): the self-supervised M3I and the 12 rows of Tab. 2 are built; its supervised
       category and text targets are not (pre-training here reads unlabelled images). The choices the paper leaves
-      open (views, mixing, decoder positions, losses; no UniGrad) are listed in the M3I docstring.
+      open are listed in the M3I docstring: the two views (train.py crops both, only the input view changes
+      colour), mixing, decoder positions, and one loss per target type in all rows (L2 for pixels and dense
+      features, InfoNCE for global features; no UniGrad).
 
 Run:
     # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (2nd)
@@ -48,7 +51,8 @@ Run:
     torchrun --nproc_per_node 8 train.py --model hivit_b --method mae  # pre-training (train.py drives this file)
     # How train.py drives a method (README "Seams"), on an encoder without a head (tiny models: tiny_decoder(cfg)):
     pretrainer = mim.METHODS[name](encoder, cfg=mim.PRESETS[name])
-    out = pretrainer(imgs)           # imgs (B, 3, H, W), or (B, 2, 3, H, W) when pretrainer.num_views == 2
+    out = pretrainer(imgs)           # imgs (B, 3, H, W); when pretrainer.num_views == 2 (M3I, Tab. 2 rows g-l):
+    out = pretrainer(imgs, geometry=geometry)   # imgs (B, 2, 3, H, W) [target view, input view], geometry (B, 2, 5)
     pretrainer.ema_update(progress=step / total_steps)                # after each optimizer step, if it has one
 """
 
@@ -71,8 +75,8 @@ __all__ = [
     "hog_picture", "l2_loss", "smooth_l1_loss", "cosine_loss", "cross_entropy_loss", "info_nce_loss", "LOSSES",
     "DENSE_LOSSES", "LightDecoder", "unshuffle", "MAEDecoder", "view_pos_embed", "QueryDecoder", "AttentionPool",
     "make_teacher", "ema_update_", "cosine_momentum",
-    "MAE", "FastMIM", "random_resized_views", "view_coords", "mix_images", "M3I",
-    "PRESETS", "M3I_PRESET_NAMES", "METHODS",
+    "MAE", "FastMIM", "view_coords", "mix_images", "M3I",
+    "PRESETS", "M3I_PRESET_NAMES", "MAE_HIVIT", "METHODS",
 ]
 
 
@@ -87,12 +91,12 @@ class MIMConfig:
     loss: str = "l2"                  # key of LOSSES: "l2", "smooth_l1", "cosine", "info_nce"
     loss_on_masked: bool = True       # average over masked units only (MAE, FastMIM) or all target units (M3I)
     decoder_dim: int = 512            # D (MAE 512, FastMIM ViT-B 256, M3I 512 here; SiameseIM 768)
-    decoder_depth: int = 8            # decoder blocks (MAE 8, FastMIM ViT-B 1, M3I 4)
+    decoder_depth: int = 8            # decoder blocks (MAE 8, MAE on HiViT 6, FastMIM ViT-B 1, M3I 4)
     decoder_heads: int = 16           # decoder heads (FastMIM: D / 32)
     input_view: str = "same"          # M3I Tab. 2: "same" = intra-view (input is the target view), "other" = inter
     mix_ratio: float = 0.0            # M3I Sec. 3.4: fraction of units taken from image j; 0 = no mixing
     momentum: float = 0.995           # EMA teacher momentum m0 (SiameseIM: cosine to 1); 1.0 = frozen teacher
-    temperature: float = 0.2          # tau of InfoNCE (MoCo v3's 0.2; our choice for M3I Tab. 2 rows f, i, l)
+    temperature: float = 0.2          # tau of InfoNCE (MoCo v3's 0.2; our choice for M3I Tab. 2 rows c, f, i, l)
     img_sizes: tuple = ((0.0, 224),)  # (fraction of training, side in px) schedule; FastMIM 128, FastMIM-P 3 steps
 
 
@@ -617,53 +621,33 @@ class FastMIM(nn.Module):
 LOG_SCALE = 10.0    # SiameseIM embeds 10 * ln(scale), so that scales 0.5..2 span a useful angle range
 
 
-def random_resized_views(imgs: torch.Tensor, *, scale: tuple[float, float] = (0.25, 1.0),
-                         ratio: tuple[float, float] = (3 / 4, 4 / 3), generator=None):
-    """Cut another view out of each image: random resized crop + horizontal flip, resampled to the same size.
-
-    Returns views (B, 3, H, W), boxes (B, 4) = (top, left, height, width) as fractions of the source image, and
-    flip (B,) bool. Done with one affine grid_sample per batch, so the geometry is exact and known to the decoder.
-    The scale range is our choice: this view is a sub-crop of the target view (SiameseIM crops both views from the
-    full image with scale 0.08-1), so it always overlaps the target view.
-    """
-    b = imgs.shape[0]
-    area = torch.empty(b).uniform_(*scale, generator=generator)          # fraction of the source area
-    aspect = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator).exp()   # w / h
-    height, width = (area / aspect).sqrt().clamp(max=1), (area * aspect).sqrt().clamp(max=1)
-    top = torch.rand(b, generator=generator) * (1 - height)
-    left = torch.rand(b, generator=generator) * (1 - width)
-    flip = torch.rand(b, generator=generator) < 0.5
-    theta = torch.zeros(b, 2, 3)                                          # output [-1, 1] -> source [-1, 1]
-    theta[:, 0, 0] = torch.where(flip, -width, width)                    # x_src = cx + (+-w) * x_out
-    theta[:, 0, 2] = 2 * left + width - 1
-    theta[:, 1, 1] = height
-    theta[:, 1, 2] = 2 * top + height - 1
-    grid = F.affine_grid(theta.to(imgs), list(imgs.shape), align_corners=False)   # (B, H, W, 2)
-    views = F.grid_sample(imgs, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    boxes = torch.stack([top, left, height, width], dim=1).to(imgs.device)   # (B, 4)
-    return views, boxes, flip.to(imgs.device)
-
-
-def view_coords(grid_hw: tuple[int, int], boxes: torch.Tensor | None = None, flip: torch.Tensor | None = None):
+def view_coords(grid_hw: tuple[int, int], geometry: torch.Tensor | None = None) -> torch.Tensor:
     """Coordinates of the TARGET view's units in the frame of the INPUT view: (B or 1, N, 4).
 
-    The input view is the crop `boxes` (+ `flip`) of the target view (random_resized_views). A target unit (r, c)
-    gets (row, col) in units of the input view's patches from its top-left corner (M3I Sec. 3.4), plus
-    10 ln(scale) of a target unit measured in input units. boxes None = the input IS the target view: (r, c, 0, 0).
+    geometry (B, 2, 5): per image, (top, left, height, width, flip) of the target view (row 0) and of the input view
+    (row 1): crop boxes as fractions of the source image, flip 1 = mirrored after cropping (train.PretrainViews makes
+    both views and this tensor). A target unit's centre goes to the source image and from there into the input
+    view: (row, col) in units of the input view's patches from its top-left corner (M3I Sec. 3.4), plus 10 ln(scale)
+    of a target unit measured in input units, per side. geometry None = the input IS the target view: (r, c, 0, 0).
     """
     hp, wp = grid_hw
     rows, cols = torch.meshgrid(torch.arange(hp, dtype=torch.float32), torch.arange(wp, dtype=torch.float32),
                                 indexing="ij")
     rows, cols = rows.flatten()[None], cols.flatten()[None]               # (1, N) each
-    if boxes is None:
+    if geometry is None:
         return torch.stack([rows, cols, torch.zeros_like(rows), torch.zeros_like(rows)], dim=-1)   # (1, N, 4)
-    rows, cols = rows.to(boxes.device), cols.to(boxes.device)
-    top, left, height, width = boxes.float().unbind(dim=1)               # (B,) each
-    y = ((rows + 0.5) / hp - top[:, None]) / height[:, None]             # (B, N) in input-view fractions
-    x = ((cols + 0.5) / wp - left[:, None]) / width[:, None]             # (B, N)
-    x = torch.where(flip[:, None], 1 - x, x)                              # mirrored input view
-    scale_h = (LOG_SCALE * torch.log(1 / height))[:, None].expand_as(y)  # (B, N)
-    scale_w = (LOG_SCALE * torch.log(1 / width))[:, None].expand_as(y)  # (B, N)
+    rows, cols = rows.to(geometry.device), cols.to(geometry.device)
+    target, inp = geometry.float().unbind(dim=1)                          # (B, 5) each
+    t_top, t_left, t_h, t_w, t_flip = (v[:, None] for v in target.unbind(dim=1))   # (B, 1) each
+    i_top, i_left, i_h, i_w, i_flip = (v[:, None] for v in inp.unbind(dim=1))      # (B, 1) each
+    fx = (cols + 0.5) / wp                                                # (1, N) unit centres in target-view fractions
+    fx = torch.where(t_flip > 0.5, 1 - fx, fx)                            # (B, N) a mirrored view = its crop mirrored
+    y = t_top + (rows + 0.5) / hp * t_h                                   # (B, N) in source-image fractions
+    x = t_left + fx * t_w                                                 # (B, N)
+    y, x = (y - i_top) / i_h, (x - i_left) / i_w                          # (B, N) in input-crop fractions
+    x = torch.where(i_flip > 0.5, 1 - x, x)                               # mirrored input view
+    scale_h = (LOG_SCALE * torch.log(t_h / i_h)).expand_as(y)            # (B, N)
+    scale_w = (LOG_SCALE * torch.log(t_w / i_w)).expand_as(y)            # (B, N)
     return torch.stack([y * hp - 0.5, x * wp - 0.5, scale_h, scale_w], dim=-1)   # (B, N, 4)
 
 
@@ -683,30 +667,38 @@ class M3I(nn.Module):
     The paper's supervised targets (category embeddings, a text encoder) are not built: there are no labels here.
 
     Our choices where the paper is silent (no code was released):
-    * train.py hands one crop per image, (B, 3, H, W), or two photometric variants of the SAME crop,
-      (B, 2, 3, H, W). The second, "other" view is cut from it here by a random resized crop + flip
-      (`random_resized_views`), so the crop geometry that the decoder positions need is known exactly.
-      Target view v_k = the crop itself. No per-view colour augmentation beyond what train.py supplies.
+    * Views: train.PretrainViews(num_views=2) hands two independent random resized crops (scale 0.2-1) + flips of
+      each image, (B, 2, 3, H, W), with their exact crop geometry (B, 2, 5) (`view_coords`). View 0 is the target
+      view v, left in its colours as the one view of rows a-f; view 1 is the input view u, which also gets colour
+      augmentation (ColorJitter: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1; then grayscale with p 0.2,
+      MoCo v3's strengths). So v has one distribution in all 12 rows, and rows g-l differ from a-f in the input
+      alone: another crop and other colours (instance discrimination without a colour change invites colour
+      shortcuts). Image j of full M3I is such a u.
     * Mixing: per-sample random unit mask with `mix_ratio` 0.5 of the units from image j = sigma(i), sigma a
       random batch permutation; both halves are exact counts. No "which image" embedding (the paper mentions none).
-    * Dense feature targets: the EMA encoder on the full target view, LayerNorm without affine (SiameseIM),
-      L2 loss on ALL target positions (not only the positions hidden by the other image); no UniGrad term.
+    * One loss per target type, in every row that has that target, so that the rows Tab. 2 compares (a/d, b/e,
+      c/f, g/j, h/k, i/l: masked or not; a-c vs g-i: same or other view) differ only in the factor compared:
+      - pixels (a, d, g, j): L2 on per-unit normalised pixels (MAE's norm_pix_loss);
+      - dense features (b, e, h, k, and M3I): L2 on the EMA encoder's features of the full target view,
+        LayerNorm-ed without affine (SiameseIM's target; SiameseIM's UniGrad loss is not implemented);
+      - global features (c, f, i, l): InfoNCE, tau = 0.2, over the batch, between an attention-pooled vector of
+        the encoder tokens and the GAP of the EMA features. Why InfoNCE and not L2: regressing a vector onto its
+        own EMA copy has no negatives and can collapse to a constant (BYOL needs a predictor and a tuned momentum
+        against that); the batch negatives rule it out, and rows i and l are instance discrimination.
+      Averaged over all target units, except row d (masked units only, as MAE, which the paper equates with d).
     * One 4-block decoder shared by images i and j: visible tokens of that image + one query per target-view
       unit; positions are 4-d (row, col, log scale h, log scale w) in units of the INPUT view's patches from its
       top-left corner, sin-cos encoded then a learnable Linear, used for visible tokens and queries alike.
-    * Global-feature rows (c, f, i, l): attention pooling + Linear on the encoder tokens, target = GAP of the
-      EMA features; rows f, i, l: InfoNCE with tau = 0.2 over the batch (the negatives prevent collapse); row c
-      (global distillation): L2 on the vectors. UniGrad (SiameseIM's loss) is not implemented: dense rows use L2
-      on the LayerNorm-ed target instead.
-    * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of rows f, i, l depends on the world
-      size; gathering keys across ranks is out of scope.
+    * InfoNCE negatives come from the LOCAL batch only, so under DDP the loss of rows c, f, i, l depends on the
+      world size; gathering keys across ranks is out of scope.
     * Masked rows: intra-view rows (d-f) drop MAE's 0.75 at random, inter-view rows (j-l) SiameseIM's 118/196 ~ 0.6
       in BEiT blocks (the paper gives neither ratio).
     * Loss terms are summed with weight 1 (Eq. 4 is an unweighted sum). EMA momentum: constant `momentum`, or
       SiameseIM's cosine ramp to 1 when train.py passes `progress`.
 
-    forward(imgs (B, 3, H, W) or (B, 2, 3, H, W)) -> {"loss", "mask" (B, N): mixing or input mask (with mixing,
-    1 = unit from image j), "pred": image i's prediction, "logs": one loss term per image}.
+    forward(imgs (B, 3, H, W)) for one-view rows (a-f), forward(imgs (B, 2, 3, H, W), geometry (B, 2, 5)) when
+    `num_views` == 2 (rows g-l, M3I) -> {"loss", "mask" (B, N): mixing or input mask (with mixing, 1 = unit from
+    image j), "pred": image i's prediction, "logs": one loss term per image}.
     """
 
     def __init__(self, encoder: nn.Module, *, cfg: MIMConfig):
@@ -723,6 +715,8 @@ class M3I(nn.Module):
         # target encoder: identity for pixels, a momentum copy of the encoder for features (Sec. 3.4)
         self.teacher = make_teacher(encoder) if cfg.target in ("dense_feature", "global_feature") else None
         if cfg.target == "global_feature":                                # Tab. 2 rows c, f, i, l
+            if cfg.loss != "info_nce":
+                raise ValueError(f"a global-feature target takes the 'info_nce' loss (M3I docstring), not {cfg.loss!r}")
             self.global_head = AttentionPool(c, num_heads=max(1, c // 64), out_dim=c)   # head dim 64, as encoders
         else:                                                             # dense pixels or dense features
             check_dense_loss(cfg)
@@ -759,10 +753,8 @@ class M3I(nn.Module):
         sample b predicts the target of sample target_ids[b] (itself for image i, sigma(b) for image j)."""
         if self.cfg.target == "global_feature":
             pred = self.global_head(tokens)                               # (B, C)
-            if self.cfg.loss == "info_nce":                               # Boltzmann: the batch is the candidates
-                per_sample = info_nce_loss(pred, targets, positive=target_ids, temperature=self.cfg.temperature)
-            else:                                                         # Gaussian on the vectors (no negatives)
-                per_sample = LOSSES[self.cfg.loss](pred.float(), targets[target_ids])   # (B,)
+            per_sample = info_nce_loss(pred, targets, positive=target_ids,   # Boltzmann: the batch is the candidates
+                                       temperature=self.cfg.temperature)  # (B,)
             return per_sample.mean(), pred
         grid = view_coords(grid_hw).to(tokens.device).expand(unit_ids.shape[0], -1, -1)   # (B, N, 4) input grid
         token_coords = select_units(grid, unit_ids)                       # (B, L, 4) where the tokens sit
@@ -770,21 +762,31 @@ class M3I(nn.Module):
         per_unit = LOSSES[self.cfg.loss](pred.float(), targets[target_ids])   # (B, N)
         return (masked_mean(per_unit, mask) if self.cfg.loss_on_masked else per_unit.mean()), pred
 
-    def forward(self, imgs: torch.Tensor) -> dict:
+    def split_views(self, imgs: torch.Tensor, geometry: torch.Tensor | None):
+        """Check the batch contract; returns the target view v (B, 3, H, W) and the input view u (or None)."""
+        if self.num_views == 1:
+            if imgs.ndim != 4 or geometry is not None:
+                raise ValueError(f"this M3I config (input_view 'same', no mixing) takes one view per image, imgs "
+                                 f"(B, 3, H, W) and no geometry; got imgs {tuple(imgs.shape)}")
+            return imgs, None
+        if imgs.ndim != 5 or imgs.shape[1] != 2 or geometry is None or \
+                tuple(geometry.shape) != (imgs.shape[0], 2, 5):
+            raise ValueError(f"this M3I config (input_view {self.cfg.input_view!r}, mix_ratio {self.cfg.mix_ratio}) "
+                             f"takes two views per image, imgs (B, 2, 3, H, W), and their crop geometry (B, 2, 5) "
+                             f"(train.PretrainViews(num_views=2) makes both); got imgs {tuple(imgs.shape)}, geometry "
+                             f"{None if geometry is None else tuple(geometry.shape)}")
+        return imgs[:, 0], imgs[:, 1]                                     # v (target view), u (input view)
+
+    def forward(self, imgs: torch.Tensor, geometry: torch.Tensor | None = None) -> dict:
         cfg = self.cfg
-        if self.num_views == 2 and (imgs.ndim != 5 or imgs.shape[1] != 2):
-            raise ValueError(f"this M3I config (input_view {cfg.input_view!r}, mix_ratio {cfg.mix_ratio}) takes two "
-                             f"views per image, imgs (B, 2, 3, H, W); got shape {tuple(imgs.shape)}")
-        target_view = imgs[:, 0] if imgs.ndim == 5 else imgs             # v: the target view (B, 3, H, W)
-        crop = imgs[:, -1] if imgs.ndim == 5 else imgs                    # the same crop, maybe other colours
+        target_view, other_view = self.split_views(imgs, geometry)       # v, u: (B, 3, H, W) each
         grid_hw = check_image_size(target_view, self.patch)
         b, n, dev = target_view.shape[0], grid_hw[0] * grid_hw[1], target_view.device
         targets = self.targets(target_view)
         samples = torch.arange(b, device=dev)                             # image i predicts its own target
         target_grid = view_coords(grid_hw).to(dev).expand(b, -1, -1)      # (B, N, 4) target view in its own frame
         if self.num_views == 2:
-            other_view, boxes, flip = random_resized_views(crop)          # u: another view of each image
-            other_coords = view_coords(grid_hw, boxes, flip)              # (B, N, 4) v's units in u's frame
+            other_coords = view_coords(grid_hw, geometry)                 # (B, N, 4) v's units in u's frame
         if cfg.mix_ratio > 0:                                             # Sec. 3.4: two images, one input
             sigma = torch.randperm(b, device=dev)                        # image j of slot i is sigma(i)
             _, _, mix = random_masking(b, n, cfg.mix_ratio, device=dev)  # (B, N): 1 = unit from image j
@@ -813,8 +815,9 @@ class M3I(nn.Module):
 
 # ---- 11. Presets and METHODS: what train.py builds ----------------------------------------------------------------
 
-# The 12 self-supervised instantiations of M3I Tab. 2: input (same/other view, full/masked), target (dense pixels,
-# dense feature, global feature) and loss (our choices, see M3I). IN top-1 / COCO AP^box of the paper in comments.
+# The 12 self-supervised instantiations of M3I Tab. 2: input (same/other view, full/masked) and target (dense pixels,
+# dense feature, global feature); one loss per target type for every row (our choice, see M3I). IN top-1 / COCO
+# AP^box of the paper in comments.
 _M3I = MIMConfig(decoder_dim=512, decoder_depth=4, decoder_heads=16, loss_on_masked=False, mask_ratio=0.0)
 _PIX, _DENSE = dict(target="pixel", loss="l2"), dict(target="dense_feature", loss="l2")
 _GLOBAL = dict(target="global_feature", loss="info_nce")
@@ -822,7 +825,7 @@ _INTRA_MASK, _INTER_MASK = dict(mask_ratio=0.75), dict(mask_ratio=0.6, mask_patt
 M3I_TABLE2: dict[str, MIMConfig] = {
     "m3i_a_auto_encoder": replace(_M3I, **_PIX),                                          # 77.5 IN / 0.0 COCO
     "m3i_b_dense_distillation": replace(_M3I, **_DENSE),                                  # 78.8 / 32.4
-    "m3i_c_global_distillation": replace(_M3I, target="global_feature", loss="l2"),       # 77.1 / 27.9 (MSE)
+    "m3i_c_global_distillation": replace(_M3I, **_GLOBAL),                                # 77.1 / 27.9
     "m3i_d_mim_pixel": replace(_M3I, **_PIX, **_INTRA_MASK, loss_on_masked=True),         # 83.1 / 46.8 (~ MAE)
     "m3i_e_mim_feat": replace(_M3I, **_DENSE, **_INTRA_MASK),                             # 83.3 / 47.4
     "m3i_f_mim_global": replace(_M3I, **_GLOBAL, **_INTRA_MASK),                          # 83.2 / 47.5
@@ -836,7 +839,7 @@ M3I_TABLE2: dict[str, MIMConfig] = {
 M3I_PRESET_NAMES = tuple(M3I_TABLE2)
 
 PRESETS: dict[str, MIMConfig] = {
-    "mae": MIMConfig(),                                                     # MAE: 8b512d decoder, norm-pix, 0.75
+    "mae": MIMConfig(),                                                     # MAE (ViT): 8b512d decoder, norm-pix
     "simmim": MIMConfig(loss="smooth_l1", decoder_dim=256, decoder_depth=1, decoder_heads=8),   # full input, 224
     "fastmim": MIMConfig(target="hog", decoder_dim=256, decoder_depth=1, decoder_heads=8,        # Tab. 11, ViT-B
                          img_sizes=((0.0, 128),)),                                              # 1b256d, 128 px
@@ -845,6 +848,10 @@ PRESETS: dict[str, MIMConfig] = {
     "m3i": replace(_M3I, **_DENSE, mix_ratio=0.5, input_view="other"),     # Sec. 3.4, self-supervised targets
     **M3I_TABLE2,
 }
+
+# HiViT App. A: HiViT's MAE pre-training uses a 6-block decoder (MAE's 8 blocks are for ViT). train.py takes this
+# recipe for "mae" on every hierarchical encoder (HiViT, iTPN's HiViT, Fast-iTPN) and PRESETS["mae"] on a plain ViT.
+MAE_HIVIT = replace(PRESETS["mae"], decoder_depth=6)
 
 # Name -> class; a method is built as METHODS[name](encoder, cfg=PRESETS[name]) (header, Run). A plain dict of
 # direct references (grep finds every class), not a registry.
@@ -865,9 +872,12 @@ if __name__ == "__main__":
         model = METHODS[name](HiViT(encoder_cfg), cfg=cfg)
         side = max(16, img_size_at(cfg, progress=0.9) * 64 // 224 // 16 * 16)   # schedule scaled 224 -> 64 px
         x = torch.nn.functional.interpolate(imgs, size=side) if side != 64 else imgs
-        if model.num_views == 2:                                          # M3I: two views of each image
+        extra = {}
+        if model.num_views == 2:                                          # M3I: the image and its mirror image
             x = torch.stack([x, x.flip(3)], dim=1)                        # (B, 2, 3, H, W)
-        out = model(x)
+            frames = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0]])   # full crops, 2nd flipped
+            extra = {"geometry": frames.expand(x.shape[0], -1, -1)}       # (B, 2, 5)
+        out = model(x, **extra)
         out["loss"].backward()
         logs = " ".join(f"{k} {v:.3f}" for k, v in out.get("logs", {}).items())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6

@@ -553,24 +553,39 @@ class SeededViews(Dataset):
 class PretrainViews(SeededViews):
     """MAE / iTPN augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + ImageNet mean/std.
 
-    x is (3, H, W), or (V, 3, H, W) for a two-view method (M3I): mim.py cuts the second view out of this crop
-    itself, so it knows the geometry between the two; the V views handed over are the same crop. `.input_size`
-    may change between epochs (FastMIM-P).
+    x is (3, H, W). A two-view method (M3I, num_views = 2) gets x = {"imgs": (2, 3, H, W), "geometry": (2, 5)}, the
+    keyword arguments of its forward (mim.M3I): two independent crops + flips of the image. View 0, the target view,
+    is made exactly as a one-view x; view 1, the input view, is also colour-augmented by `colour` (ColorJitter:
+    brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, then RandomGrayscale p 0.2; MoCo v3's strengths).
+    geometry[k] = (top, left, height, width, flip) of view k: the integer pixel box that was cut, as fractions of
+    the source image's height / width, and 1.0 if the crop was then mirrored. It is exact: PIL resizes the box with
+    pixel centres at (i + 0.5) * box / side, the convention of mim.view_coords. `.input_size` may change between
+    epochs (FastMIM-P).
     """
 
     def __init__(self, dataset: Dataset, *, input_size: int, num_views: int = 1, seed: int = 0):
         super().__init__(dataset, self.augment, seed=seed)
         self.input_size, self.num_views = input_size, num_views
+        self.colour = T.Compose([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1),
+                                 T.RandomGrayscale(p=0.2)])
+
+    def view(self, image: Image.Image, *, colour: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented view (3, H, W) and its geometry (5,); the draws of RandomResizedCrop + RandomHorizontalFlip."""
+        top, left, height, width = T.RandomResizedCrop.get_params(image, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+        x = T.functional.resized_crop(image, top, left, height, width, [self.input_size, self.input_size],
+                                      interpolation=T.InterpolationMode.BICUBIC)
+        flip = bool(torch.rand(1) < 0.5)
+        x = T.functional.hflip(x) if flip else x
+        x = self.colour(x) if colour else x
+        x = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(x))      # (3, H, W)
+        side_w, side_h = image.size
+        return x, torch.tensor([top / side_h, left / side_w, height / side_h, width / side_w, float(flip)])
 
     def augment(self, image: Image.Image, target):
-        view = T.Compose([
-            T.RandomResizedCrop(self.input_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)             # (3, H, W)
-        if self.num_views > 1:
-            view = view.expand(self.num_views, -1, -1, -1).clone()        # (V, 3, H, W)
-        return view, target
+        if self.num_views == 1:
+            return self.view(image, colour=False)[0], target
+        (v, v_geometry), (u, u_geometry) = self.view(image, colour=False), self.view(image, colour=True)
+        return {"imgs": torch.stack([v, u]), "geometry": torch.stack([v_geometry, u_geometry])}, target   # (2, ...)
 
 
 def ignore_sigint(worker_id: int) -> None:
@@ -654,10 +669,12 @@ def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_
         recipe = replace(recipe, mask_ratio=mask_ratio) if mask_ratio is not None else recipe
         extra = {"teacher_path": teacher} if method in TEACHER_METHODS else {}
         return module.METHODS[method](preset, cfg=recipe, **extra)
-    cfg = mim.tiny_decoder(mim.PRESETS[method]) if tiny else mim.PRESETS[method]
+    encoder = build_encoder(family, mim.truncate_encoder_config(preset, truncate))   # FastMIM Tab. 1c (0 = full)
+    hierarchical_mae = method == "mae" and not isinstance(encoder, hivit.VisionTransformer)   # HiViT App. A
+    cfg = mim.MAE_HIVIT if hierarchical_mae else mim.PRESETS[method]     # 6-block decoder, or the method's own
+    cfg = mim.tiny_decoder(cfg) if tiny else cfg
     cfg = replace(cfg, **{k: v for k, v in (("mask_ratio", mask_ratio), ("norm_pix_loss", norm_pix_loss))
                           if v is not None})
-    encoder = build_encoder(family, mim.truncate_encoder_config(preset, truncate))   # FastMIM Tab. 1c (0 = full)
     return mim.METHODS[method](encoder, cfg=cfg)
 
 
@@ -838,15 +855,17 @@ def titled_grid(path: str, panels: dict[str, torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def save_pictures(path: str, pretrainer: nn.Module, imgs: torch.Tensor, *, seed: int, norm_pix_loss: bool) -> None:
+def save_pictures(path: str, pretrainer: nn.Module, imgs, *, seed: int, norm_pix_loss: bool) -> None:
     """MAE Fig. 2 panels per image: original | masked | prediction | prediction + visible, plus the method's own
-    panels (e.g. HOG target / HOG prediction). Fixed images and a fixed mask seed, so epochs compare."""
+    panels (e.g. HOG target / HOG prediction). Fixed images and a fixed mask seed, so epochs compare.
+    imgs: a batch as PretrainTask.loss takes it, (B, 3, H, W) or the two-view dict (the panels show view 0)."""
     was_training = pretrainer.training
     pretrainer.eval()
     torch.manual_seed(seed)                                               # the next step reseeds: nothing leaks
-    out = pretrainer(imgs)
+    out = pretrainer(**imgs) if isinstance(imgs, dict) else pretrainer(imgs)   # two views: keyword arguments
     pretrainer.train(was_training)
-    first = imgs[:, 0] if imgs.ndim == 5 else imgs                        # (B, 3, H, W): first view
+    views = imgs["imgs"] if isinstance(imgs, dict) else imgs
+    first = views[:, 0] if views.ndim == 5 else views                     # (B, 3, H, W): the (target) view
     size = first.shape[-2:]
     original = denormalize(first.float())
     unit = round(math.sqrt(size[0] * size[1] / out["mask"].shape[1]))   # units are square: N x unit^2 = H x W
@@ -1095,8 +1114,15 @@ class PretrainTask:
         return epoch_loader(self.views, epoch=epoch, skip_batches=skip, batch_size=self.cfg.batch_size,
                             dist_=self.dist, num_workers=self.cfg.num_workers)
 
-    def loss(self, model: nn.Module, imgs: torch.Tensor, targets) -> dict:
-        return model(imgs.to(self.dist.device, non_blocking=True))      # (B, 3, H, W) or (B, V, 3, H, W)
+    def on_device(self, inputs):
+        """A batch on this rank's device: imgs (B, 3, H, W), or PretrainViews' two-view dict of tensors."""
+        if isinstance(inputs, dict):                                      # imgs (B, 2, 3, H, W), geometry (B, 2, 5)
+            return {k: v.to(self.dist.device, non_blocking=True) for k, v in inputs.items()}
+        return inputs.to(self.dist.device, non_blocking=True)
+
+    def loss(self, model: nn.Module, inputs, targets) -> dict:
+        inputs = self.on_device(inputs)
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)   # two views: keyword arguments
 
     def after_step(self, progress: float) -> None:
         if hasattr(self.model, "ema_update"):                             # momentum teacher follows the student
@@ -1105,9 +1131,9 @@ class PretrainTask:
     def end_of_epoch(self, epoch: int, *, finished: bool, last: bool) -> dict:
         if self.dist.master and ((finished and (epoch + 1) % self.cfg.vis_every == 0) or last):
             self.pictures.input_size = self.views.input_size
-            imgs = torch.stack([self.pictures[i][0] for i in range(min(4, len(self.pictures)))])   # (4, [V,] 3, H, W)
+            batch = torch.utils.data.default_collate([self.pictures[i][0] for i in range(min(4, len(self.pictures)))])
             save_pictures(os.path.join(self.cfg.output_dir, f"reconstruction-epoch{epoch:03d}.png"), self.model,
-                          imgs.to(self.dist.device), seed=self.cfg.seed, norm_pix_loss=self.norm_pix_loss)
+                          self.on_device(batch), seed=self.cfg.seed, norm_pix_loss=self.norm_pix_loss)
         return {"input_size": self.views.input_size}
 
     def state(self) -> dict:

@@ -120,6 +120,120 @@ def test_pretrain_views_depend_only_on_seed_epoch_and_index():
     assert a.shape == (3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+class SolidOrRamp(torch.utils.data.Dataset):
+    """Images whose pixels tell where and what they are: "solid" = one colour per image (so only a colour change can
+    change a view's pixels), "ramp" = red = column and green = row (so a view's pixels tell which source pixel they
+    show). 200 x 256 px."""
+
+    def __init__(self, kind: str, n: int = 8):
+        self.kind, self.n = kind, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        a = np.zeros((200, 256, 3), np.uint8)
+        if self.kind == "solid":
+            a[:] = np.random.default_rng(i).integers(30, 220, 3)
+        else:
+            a[..., 0] = np.arange(256)[None, :]                           # red = column (1 per px)
+            a[..., 1] = np.arange(200)[:, None] * 255 // 199              # green = row (~1.28 per px)
+        return Image.fromarray(a), 0
+
+
+def pixel_values(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (..., 3, H, W) -> 0..255."""
+    mean, std = torch.tensor(train.IMAGENET_MEAN)[:, None, None], torch.tensor(train.IMAGENET_STD)[:, None, None]
+    return (x * std + mean) * 255
+
+
+def test_two_views_are_independent_crops_and_only_the_input_view_changes_colour():
+    """M3I (num_views 2): view 0 (target) and view 1 (input) have different crop boxes; on one-colour images view 0
+    keeps the image's colour exactly as the one-view recipe does, view 1 does not (ColorJitter / grayscale)."""
+    views = train.PretrainViews(SolidOrRamp("solid"), input_size=32, num_views=2, seed=0)
+    one_view = train.PretrainViews(SolidOrRamp("solid"), input_size=32, seed=0)
+    for i in range(len(views)):
+        x, _, _ = views[i]
+        assert x["imgs"].shape == (2, 3, 32, 32) and x["geometry"].shape == (2, 5)
+        assert not torch.equal(x["geometry"][0, :4], x["geometry"][1, :4])   # other crop boxes
+        colour = torch.tensor(np.asarray(SolidOrRamp("solid")[i][0])[0, 0], dtype=torch.float32)   # (3,)
+        target, other = pixel_values(x["imgs"]).mean(dim=(2, 3))         # (3,) mean colour of each view
+        assert (target - colour).abs().max() < 0.5                        # view 0: the source colour
+        assert (other - colour).abs().max() > 2                           # view 1: another colour
+        torch.testing.assert_close(x["imgs"][0], one_view[i][0])          # view 0 = the one-view recipe's view
+
+
+def test_two_view_geometry_is_exact():
+    """Oracle: with the colour change off, each ramp pixel tells its source position. A target unit's centre
+    read in view 0 and view 1 read at mim.view_coords(geometry) show the same source pixel (within 1 px; the
+    flip and crop draws cover mirrored and plain views)."""
+    import mim
+    views = train.PretrainViews(SolidOrRamp("ramp", n=16), input_size=64, num_views=2, seed=0)
+    views.colour = lambda image: image                                    # geometry only
+    hp, checked, flips = 4, 0, set()
+
+    def sample(view, coords):                                             # (3, H, W) at (N, 2) unit coords -> (3, N)
+        grid = (coords[:, [1, 0]] + 0.5) * 2 / hp - 1
+        return torch.nn.functional.grid_sample(view[None], grid[None, :, None], align_corners=False)[0, :, :, 0]
+
+    for i in range(len(views)):
+        x, _, _ = views[i]
+        geometry = x["geometry"]                                          # (2, 5)
+        flips.add(tuple(geometry[:, 4].tolist()))
+        coords = mim.view_coords((hp, hp), geometry[None])[0]             # (N, 4): view 0's units in view 1
+        truth = sample(pixel_values(x["imgs"][0]), mim.view_coords((hp, hp))[0, :, :2])[:2]   # (2, N) red, green
+        seen = sample(pixel_values(x["imgs"][1]), coords[:, :2])[:2]
+        inside = ((coords[:, :2] > 0) & (coords[:, :2] < hp - 1)).all(dim=-1)   # (N,) away from view 1's border
+        checked += int(inside.sum())
+        assert (seen - truth)[:, inside].abs().max() < 1.0, i
+    assert checked > 50 and len(flips) >= 3
+
+
+class TwoViewStandIn(StandIn):
+    """StandIn with M3I's batch contract: forward(imgs (B, 2, 3, H, W), geometry (B, 2, 5)); records its inputs."""
+
+    num_views = 2
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, imgs, geometry):
+        self.seen.append((imgs.shape, geometry.clone()))
+        return super().forward(imgs[:, 1])
+
+
+def test_pretrain_task_hands_both_views_and_their_geometry_to_the_model(tmp_path, monkeypatch):
+    """train.py -> PretrainTask.loss: a two-view method is called with the views and their geometry as keyword
+    arguments, for the training steps and for the pictures."""
+    model = TwoViewStandIn()
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: model)
+    records, out = run(tmp_path, *TINY, "--num_images", "4", "--epochs", "1", "--vis_every", "1")
+    assert records[0]["step"] == 2 and len(model.seen) == 3               # 2 steps + the pictures
+    for shape, geometry in model.seen:
+        assert shape[1:] == (2, 3, 32, 32) and geometry.shape == (shape[0], 2, 5)
+        assert ((geometry[..., 2:4] > 0) & (geometry[..., 2:4] <= 1)).all()   # box sides: fractions of the source
+    assert any(f.startswith("reconstruction-") for f in os.listdir(out))
+
+
+def test_the_momentum_teacher_follows_the_student_after_every_step(tmp_path):
+    """After each optimizer step train.py calls ema_update: the iTPN teacher after one step is exactly
+    m t0 + (1 - m) s1 (m = 0.996), t0 = the initial backbone, s1 = the backbone after the step."""
+    import itpn
+    torch.manual_seed(0)                                                  # prepare() seeds the init the same way
+    initial = train.build_pretrainer("itpn_tiny", "itpn", mask_ratio=None, norm_pix_loss=None, teacher=None)
+    records, out = run(tmp_path, *TINY, "--model", "itpn_tiny", "--method", "itpn", "--num_images", "2",
+                       "--max_steps", "1")
+    state = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["model"]
+    m = itpn.PRETRAIN_PRESETS["itpn"].ema_momentum
+    moved = 0
+    for name, t0 in initial.teacher.state_dict().items():
+        s1, t1 = state["encoder.backbone." + name], state["teacher." + name]
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * s1 if t0.is_floating_point() else s1)
+        moved += int(not torch.equal(t1, t0))
+    assert moved > 0
+
+
 def test_image_modes_are_converted(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
     write_png(tmp_path / "grey.png", rgb[..., 0])
@@ -444,9 +558,10 @@ def runs(model, method, *, backward=False, teacher=None):
     try:
         torch.manual_seed(0)
         pretrainer = train.build_pretrainer(model, method, mask_ratio=None, norm_pix_loss=None, teacher=teacher)
-        views = (2,) if getattr(pretrainer, "num_views", 1) == 2 else ()
+        two = getattr(pretrainer, "num_views", 1) == 2                    # M3I: two views + their geometry
+        frames = {"geometry": torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0]]).expand(2, -1, -1)}
         with torch.set_grad_enabled(backward):
-            out = pretrainer(torch.randn(2, *views, 3, 32, 32))           # (B, [V,] 3, H, W)
+            out = pretrainer(torch.randn(2, *(2,) * two, 3, 32, 32), **(frames if two else {}))   # (B, [2,] 3, H, W)
     except (TypeError, ValueError, AttributeError, KeyError):
         return False
     if backward:
@@ -715,3 +830,14 @@ def test_files_that_are_not_checkpoints_get_one_message_each(tmp_path, content, 
 def argparse_namespace():
     import argparse
     return argparse.Namespace(model="itpn_tiny")
+
+
+@pytest.mark.parametrize("model, depth", [("hivit_b", 6), ("itpn_b", 6), ("fast_itpn_b", 6), ("itpn_vit_b", 8),
+                                          ("vit_b", 8)])
+def test_mae_decoder_depth_follows_the_encoder_family(model, depth):
+    """HiViT App. A: MAE on a hierarchical encoder decodes with 6 blocks; MAE's own 8 stay for a plain ViT (also
+    iTPN's plain-ViT backbone). Built on the meta device: no memory, no init time."""
+    with torch.device("meta"):
+        pretrainer = train.build_pretrainer(model, "mae", mask_ratio=None, norm_pix_loss=None, teacher=None)
+    assert len(pretrainer.decoder.blocks) == depth == pretrainer.cfg.decoder_depth
+    assert pretrainer.cfg.decoder_dim == 512 and pretrainer.cfg.decoder_heads == 16
