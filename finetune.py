@@ -72,9 +72,9 @@ import fast_itpn
 import hivit
 import itpn
 from train import (
-    IMAGENET_MEAN, IMAGENET_STD, MODELS, METHOD_FILE, TEACHER_METHODS, ConfigError, DataError, Dist, ImageFiles,
-    RunConfig, SeededViews, ShapesDataset, Trainer, cosine_schedule, count_steps, denormalize, epoch_loader, flag,
-    find_checkpoint, load_checkpoint, parse_config, prepare_output_dir, print0, setup_distributed,
+    IMAGENET_MEAN, IMAGENET_STD, MODELS, METHOD_FILE, ConfigError, DataError, Dist, ImageFiles, RunConfig,
+    SeededViews, ShapesDataset, Trainer, clear_run, cosine_schedule, count_steps, denormalize, epoch_loader, flag,
+    find_checkpoint, load_checkpoint, one_line, parse_config, prepare_output_dir, print0, setup_distributed,
     teardown_distributed, write_run_config,
 )
 
@@ -334,20 +334,39 @@ class Pretrained:
     truncate: int = 0      # train.py --truncate K: the last K attention blocks are missing (FastMIM Tab. 1c)
 
 
+def backbone_prefix(model: str) -> str:
+    """Where a --model's classifier keeps its bare backbone (a HiViT, ViT or Fast-iTPN): iTPN wraps it as
+    `backbone` (a plain-ViT iTPN one level deeper, as `backbone.vit`); the others are their backbone."""
+    family, preset = MODELS[model]
+    if family != "itpn":
+        return ""
+    return "backbone.vit." if preset.plain_vit else "backbone."
+
+
+def distilled(method: str) -> bool:
+    """Frozen-teacher pre-training (CLIP in the papers): the method's class is itpn.PyramidDistillation's."""
+    module = {"itpn": itpn, "fast_itpn": fast_itpn}.get(METHOD_FILE.get(method))
+    return module is not None and issubclass(module.METHODS[method], itpn.PyramidDistillation)
+
+
 def read_pretrained(path: str) -> Pretrained:
     """Read any file --finetune accepts (one clear message per unreadable kind, through train.load_checkpoint)."""
     ckpt = load_checkpoint(path, what="--finetune")
     args = ckpt.get("args")
     if isinstance(args, dict) and "model" in args and isinstance(ckpt.get("model"), dict):
         state, method = ckpt["model"], args.get("method")
+        if args["model"] not in MODELS or (method is not None and method not in METHOD_FILE):
+            raise ConfigError(f"--finetune {path!r} was written by --model {args['model']} --method {method}, which "
+                              f"this version does not have")
         if method is None:                                                # finetune.py: the classifier itself
             layout, prefix = "classifier", ("encoder." if args.get("linear_probe") else "")
             source = f"finetune.py {args['model']}"
         else:                                                             # train.py: the pre-trainer's encoder
-            layout, prefix = "encoder", ("encoder.backbone." if METHOD_FILE.get(method) == "itpn" else "encoder.")
+            inside = backbone_prefix(args["model"]) if METHOD_FILE.get(method) == "itpn" else ""   # iTPN / bare
+            layout, prefix = "encoder", "encoder." + inside
             source = f"train.py {args['model']} --method {method}"
         layer_scale = any(k.startswith(prefix) and k.endswith("gamma_1") for k in state)
-        kind = "clip" if method in TEACHER_METHODS or (method is None and layer_scale) else "pixel"
+        kind = "clip" if (distilled(method) if method else layer_scale) else "pixel"
         return Pretrained(state, layout, prefix, source, args["model"], kind, int(args.get("truncate") or 0))
     state = hivit.unwrap_checkpoint(ckpt)                                 # released files: {'model': sd} or sd
     if "patch_embed.proj.weight" not in state or not any(k.startswith("blocks.") for k in state):
@@ -397,14 +416,9 @@ def check_architecture(pretrained: Pretrained, model_name: str, cfg) -> None:
                           f"--model {model_name} is {describe(wanted)}: pass --model {names[0]}")
 
 
-def backbone_prefix(model: nn.Module) -> str:
-    """Where a classifier keeps its backbone: iTPN wraps a HiViT as `backbone`; the others are their backbone."""
-    return "backbone." if isinstance(model, itpn.iTPN) else ""
-
-
-def to_model_keys(pretrained: Pretrained, model: nn.Module) -> tuple[dict, dict]:
+def to_model_keys(pretrained: Pretrained, model: nn.Module, model_name: str) -> tuple[dict, dict]:
     """({classifier key: tensor}, {classifier key: the file's key}); keys outside the backbone are left out."""
-    target, mapped, names = backbone_prefix(model), {}, {}
+    target, mapped, names = backbone_prefix(model_name), {}, {}
     for key, value in pretrained.state.items():
         if not key.startswith(pretrained.prefix):
             continue                                                      # decoders, teachers, pre-training heads
@@ -471,7 +485,7 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, *, model_name: str
     The backbone must be complete (up to a --truncate'd tail); a fresh head of a pre-trained model starts at
     trunc-normal(2e-5) as in MAE and the official iTPN pixel script (Fast-iTPN keeps its own 0.01-scaled init)."""
     check_architecture(pretrained, model_name, model.cfg)
-    mapped, names = to_model_keys(pretrained, model)
+    mapped, names = to_model_keys(pretrained, model, model_name)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     head = [k for k in mapped if owner(k) == "head"]
     if any(mapped[k].shape != expected.get(k) for k in head):             # another number of classes: a new head
@@ -865,10 +879,12 @@ def main(argv=None) -> list[dict]:
             print0(json.dumps(record))
             return [record]
         if dist_.master:
+            if resume is None and cfg.overwrite:
+                clear_run(cfg.output_dir)
             trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
         return trainer.fit(resume_command=" ".join(["python finetune.py", *argv]))
     except ConfigError as err:                                            # bad input: one message, no traceback
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {one_line(err)}") from None
     finally:
         teardown_distributed()
 

@@ -126,6 +126,10 @@ def test_vit_layer_ids_are_maes():
     assert got["blocks.11.attn.qkv.weight"] == pytest.approx(0.65)
     assert got["head.weight"] == got["fc_norm.weight"] == 1.0
     assert "pos_embed" in no_decay and "blocks.0.attn.qkv.weight" not in no_decay
+    with torch.device("meta"):                                            # iTPN on a plain ViT: the same ids
+        plain = finetune.build_classifier("itpn_vit_b", num_classes=10, drop_path=0.0, input_size=224)
+    got_plain, _ = scales_and_decay(plain, "itpn", 0.65)
+    assert got_plain == {"backbone.vit." + k: v for k, v in got.items()}
 
 
 # ---- 2. position tables: resized by bicubic convolution (torch's a = -0.75), identity at the same grid -----------
@@ -169,7 +173,7 @@ def vit_teacher(tmp_path_factory):
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("teacher") / "vit_tiny.pth"
     vit = hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_tiny"], num_classes=0))
-    torch.save({"model": vit.state_dict()}, path)
+    torch.save({"model": vit.state_dict(), "config": {"num_heads": vit.cfg.num_heads}}, path)
     return str(path)
 
 
@@ -190,9 +194,10 @@ def pretrain_checkpoint(tmp_path, model, method, *, teacher=None, truncate=0):
 @pytest.mark.parametrize("model, method, truncate", [
     ("itpn_tiny", "itpn", 0), ("itpn_tiny", "itpn_pixel", 0), ("hivit_tiny", "mae", 0), ("itpn_tiny", "m3i", 0),
     ("vit_tiny", "fastmim", 0), ("fast_itpn_tiny", "simmim", 0), ("hivit_tiny", "mae", 1),
-    ("itpn_tiny", "itpn_distill", 0), ("fast_itpn_tiny", "fast_itpn_distill", 0)])
+    ("itpn_tiny", "itpn_distill", 0), ("fast_itpn_tiny", "fast_itpn_distill", 0), ("itpn_vit_tiny", "itpn", 0),
+    ("itpn_vit_tiny", "mae", 0)])
 def test_a_train_checkpoint_gives_the_encoders_features(tmp_path, vit_teacher, model, method, truncate):
-    teacher = vit_teacher if method in train.TEACHER_METHODS else None
+    teacher = vit_teacher if method in ("itpn_distill", "fast_itpn_distill") else None   # frozen-teacher methods
     pretrainer, path = pretrain_checkpoint(tmp_path, model, method, teacher=teacher, truncate=truncate)
     pretrained = finetune.read_pretrained(path)
     assert pretrained.kind == ("clip" if teacher else "pixel")
@@ -210,9 +215,22 @@ def test_a_train_checkpoint_gives_the_encoders_features(tmp_path, vit_teacher, m
         got = feats[len(feats) - 1 - truncate] if truncate else feats[-1]   # the truncated encoder's last block
     assert torch.equal(got, want)
     fresh = set(report["fresh"])
+    head = next(p for n, p in classifier.named_parameters() if n.endswith("head.weight"))
     assert any(k.endswith("head.weight") for k in fresh)
+    if model != "fast_itpn_tiny":                                         # MAE: a fresh head starts at std 2e-5
+        assert 0 < head.abs().max() < 1e-4
     if truncate:                                                          # the removed block starts fresh
         assert {k.split(".")[1] for k in fresh if k.startswith("blocks.")} == {str(hivit.PRESETS["tiny"].depth - 1)}
+
+
+def test_an_incomplete_backbone_is_refused_naming_what_is_missing(tmp_path):
+    pretrainer, path = pretrain_checkpoint(tmp_path, "hivit_tiny", "mae")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["model"]["encoder.stage2.0.mlp.fc1.weight"]
+    torch.save(ckpt, path)
+    classifier = finetune.build_classifier("hivit_tiny", num_classes=8, drop_path=0.0, input_size=64)
+    with pytest.raises(train.ConfigError, match=r"does not fit --model hivit_tiny: missing stage2\.\*\.mlp\.fc1"):
+        finetune.load_pretrained(classifier, finetune.read_pretrained(path), model_name="hivit_tiny")
 
 
 def test_a_checkpoint_at_another_grid_is_resized_when_loaded(tmp_path):
@@ -393,6 +411,43 @@ def test_smoothing_of_soft_targets_is_timms_mixed_smoothing():
     assert F.cross_entropy(logits, soft, label_smoothing=eps).item() == pytest.approx(want.item(), rel=1e-6)
 
 
+def test_the_training_loss_mixes_first_and_smooths_the_mixed_targets():
+    cfg = finetune.FinetuneConfig(mixup=0.8, cutmix=1.0, smoothing=0.1, batch_size=4)
+    model = finetune.build_classifier("hivit_tiny", num_classes=8, drop_path=0.0, input_size=32).eval()
+    dist_ = train.Dist(0, 1, torch.device("cpu"))
+    task = finetune.FinetuneTask(model, [], [], cfg=cfg, dist_=dist_, classes=list("abcdefgh"))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 7])
+    for seed in range(4):                                                 # both MixUp and CutMix batches
+        torch.manual_seed(seed)
+        loss = task.loss(model, x, y)["loss"]
+        torch.manual_seed(seed)
+        mixed, soft = finetune.make_mixing(mixup=0.8, cutmix=1.0, num_classes=8)(x, y)
+        assert soft.max() < 1                                             # a real mix happened
+        want = -((0.9 * soft + 0.1 / 8) * model(mixed).log_softmax(1)).sum(1).mean()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_train_transform_is_maes_pipeline_from_torchvision():
+    steps = finetune.train_transform(64, randaug=9, reprob=0.25).transform.transforms
+    kinds = [type(t).__name__ for t in steps]
+    assert kinds == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize",
+                     "RandomErasing"]
+    assert steps[0].scale == (0.08, 1.0) and (steps[2].num_ops, steps[2].magnitude) == (2, 9)
+    assert steps[5].p == 0.25 and steps[5].value == "random"              # timm's per-pixel random fill
+    plain = [type(t).__name__ for t in finetune.train_transform(64, randaug=0, reprob=0.0).transform.transforms]
+    assert plain == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]   # the probe's
+
+
+def test_eval_transform_resizes_to_256_and_keeps_the_central_224():
+    frame = np.full((256, 256, 3), 255, np.uint8)
+    frame[16:240, 16:240] = 0                                             # a 16-px white frame around black
+    x, _ = finetune.eval_transform(224)(Image.fromarray(frame), 0)
+    assert x.shape == (3, 224, 224)
+    assert torch.allclose(x, finetune.eval_transform(224)(Image.new("RGB", (224, 224)), 0)[0], atol=1e-6)
+    big, _ = finetune.eval_transform(384)(Image.fromarray(frame), 0)      # from 384 on: resize, no crop
+    assert big.shape == (3, 384, 384) and big[:, 0, 0].mean() > 0 and big[:, 192, 192].mean() < 0
+
+
 def test_topk_counts_a_hand_made_case():
     logits = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6],                       # label 6: top-1
                            [6.0, 5, 4, 3, 2, 1, 0],                       # label 4: 5th best -> top-5 only
@@ -507,6 +562,7 @@ def test_linear_probe_trains_the_head_only(tmp_path):
             assert torch.equal(v, encoder[k]), k
     assert {"bn.running_mean", "bn.running_var", "head.weight", "head.bias"} <= set(ckpt["model"])
     assert "bn.weight" not in ckpt["model"] and ckpt["optimizer"]["param_groups"][0]["momentum"] == 0.9   # LARS
+    assert [len(g["params"]) for g in ckpt["optimizer"]["param_groups"]] == [2]   # head weight and bias only
 
 
 def test_fast_itpn_switches_reach_the_model(tmp_path):
