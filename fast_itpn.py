@@ -40,7 +40,8 @@ Differences from the paper / official code:
     - Token migration and token gathering (Sec. 4.1-4.2) have no official code: every equation is ours, and each
       open choice is stated with its reason in the docstring that makes it (window_shape, migration_schedule,
       select_migrants, replenish, FastAttention, FastBlock.forward_windows, FastiTPN.forward_stage3). They also
-      work for classification (the paper: dense fine-tuning only).
+      work for classification (the paper: dense fine-tuning only). Windows divide the grid (no padding): a side
+      with no window of 2..window_size tokens (208 px = 13 units) is refused with the nearest sizes that work.
     - Pre-training (Sec. 4.3) was never released: FastiTPNDistillPretrainer is our reading of it.
 
 Run:
@@ -217,8 +218,23 @@ def window_shape(grid_hw: tuple[int, int], window_size: int) -> tuple[int, int]:
     Window size (open choice): `window_size` = 8 tokens per side, so a 512-px image (32x32 tokens) has 4x4 windows
     of 64 tokens, and a side that 8 does not divide uses its largest divisor <= 8 (14 -> 7 at 224 px). Why: 8 keeps
     >= 16 windows at the paper's 512-px dense inputs and divisors avoid padding tokens that would need masking in
-    every layer.
+    every layer. A side > 1 with no divisor in 2..window_size (a prime above it: 11, 13, 17, 19, 23, ... units) would
+    give windows one token wide: window attention would mix nothing along it and every migration group would hold
+    one token (r = 0). Such a side is refused (ValueError) with the nearest sides that work; padding it to whole
+    windows and masking the padding (Swin) is the alternative this file does not take.
     """
+    def works(side: int) -> bool:
+        return side == 1 or any(side % d == 0 for d in range(2, min(window_size, side) + 1))
+
+    for side in grid_hw:
+        if not works(side):
+            lower = next(t for t in range(side - 1, 0, -1) if works(t))
+            upper = next((t for t in range(side + 1, 2 * side + 2) if works(t)), None)
+            sizes = f"{lower * 16} px ({lower} units)" + (f" or {upper * 16} px ({upper} units)" if upper else "")
+            raise ValueError(f"window attention / token migration cannot split a {side}-unit side ({side * 16} px) "
+                             f"into windows of 2..{window_size} tokens ({side} has no divisor there), so its windows "
+                             f"would be 1 token wide and mix nothing: use {sizes} for that side, or "
+                             f"attention='global' with migration_ratio=0 (the plain path takes any size)")
     return tuple(max(d for d in range(1, min(window_size, s) + 1) if s % d == 0) for s in grid_hw)
 
 

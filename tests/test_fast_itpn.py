@@ -326,7 +326,23 @@ def test_gradients_reach_every_parameter_with_both_switches_on():
 
 def test_window_shape_rule():
     assert window_shape((14, 14), 8) == (7, 7) and window_shape((32, 40), 8) == (8, 8)
-    assert window_shape((4, 6), 8) == (4, 6) and window_shape((13, 16), 8) == (1, 8)
+    assert window_shape((4, 6), 8) == (4, 6) and window_shape((1, 16), 8) == (1, 8)   # a 1-unit side: 1 token
+
+
+@pytest.mark.parametrize("switches", [dict(attention="window"), dict(attention="gathering"),
+                                      dict(attention="global", migration_ratio=0.2)])
+def test_window_attention_never_silently_vanishes_at_208_px(switches):
+    """208 px = 13 units: no window of 2..8 tokens divides 13, so windows would be 1 token wide (no mixing, no
+    migration). Refused with the nearest sizes that work (192 / 224 px); the plain path runs at 208 px."""
+    model = tiny(num_classes=0, window_size=8)
+    x = torch.randn(1, 3, 208, 208)
+    model.set_acceleration(**switches)
+    with pytest.raises(ValueError, match=r"13-unit side \(208 px\).*192 px \(12 units\) or 224 px \(14 units\)"):
+        model.forward_features(x)
+    with pytest.raises(ValueError, match=r"13-unit side"):
+        window_shape((16, 13), 8)
+    model.set_acceleration(attention="global", migration_ratio=0.0)
+    assert model.forward_features(x)[-1].shape == (1, 169, 64)
 
 
 @pytest.mark.parametrize("size", [224, 512, 640])
