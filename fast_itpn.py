@@ -58,10 +58,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hivit import (LN_EPS, DropPath, check_image_size, count_params, drop_path_rates, init_sincos_, init_weights,
-                   load_official as hivit_load_official, map_to_units, mask_blend, resize_pos_embed, select_units)
+from hivit import (HIVIT_RULES, LN_EPS, DropPath, check_config, check_image_dtype, check_image_size, count_params,
+                   drop_path_rates, init_sincos_, init_weights, load_official as hivit_load_official, map_to_units,
+                   mask_blend, resize_pos_embed, select_units)
 from mim import mask_to_map
-from itpn import (FeaturePyramid, PRETRAIN_PRESETS as ITPN_PRETRAIN_PRESETS, PyramidDistillation,
+from itpn import (ITPN_RULES, FeaturePyramid, PRETRAIN_PRESETS as ITPN_PRETRAIN_PRESETS, PyramidDistillation,
                   distillation_mask, iTPNPretrainConfig, pyramid_maps)
 
 __all__ = [
@@ -466,6 +467,10 @@ class FastBlock(nn.Module):
 
 # ---- 7. The Fast-iTPN model ---------------------------------------------------------------------------------------
 
+# Fast-iTPN's own field; HiViT's and iTPN's rules cover the fields the configs share (hivit.check_config).
+FAST_RULES = [("window_size", lambda c: c.window_size >= 1, "must be >= 1 (tokens per window side; ours 8)")]
+
+
 def check_acceleration(cfg: FastiTPNConfig) -> FastiTPNConfig:
     """Validate the two run-time switches (Sec. 4.1 ratio, Tab. 7 attention mode); returns cfg unchanged."""
     if cfg.attention not in ATTENTION_MODES:
@@ -484,6 +489,7 @@ class FastiTPN(nn.Module):
         gives the bare backbone that mim.py's methods wrap (they read stage 3 only, so a pyramid would get no
         gradient and stall DDP)."""
         super().__init__()
+        check_config(cfg, HIVIT_RULES + ITPN_RULES + FAST_RULES)          # one message naming each bad field
         self.cfg = check_acceleration(cfg)
         c, n1, n2, n3 = cfg.embed_dim, cfg.mlp_depth1, cfg.mlp_depth2, cfg.depth
         self.grid = (cfg.img_size // 16, cfg.img_size // 16)              # (Hp, Wp) the position table is built for
@@ -534,6 +540,7 @@ class FastiTPN(nn.Module):
     def forward_early(self, x: torch.Tensor, *, mask: torch.Tensor | None = None):
         """Stem, stages 1-2 and both merges: f4 (B, C/4, H/4, W/4), f8 (B, C/2, H/8, W/8), tokens (B, N, C)."""
         check_image_size(x)
+        check_image_dtype(x, self.patch_embed.proj.weight.dtype)
         x = self.patch_embed(x, mask=mask)                                # (B, C/4, H/4, W/4)
         for blk in self.stage1:
             x = blk(x)

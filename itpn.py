@@ -42,6 +42,9 @@ Differences from the paper / official code (the docstring of each recipe has the
       (num_classes = 0) carries it, like the pre-training and det/seg models. Dense outputs: see pyramid_maps.
     - Plain-ViT iTPN (supplementary Sec. 3, presets "itpn_vit_*"): layers 4 and 7 of 12 up-sampled by PatchSplit.
     - Module names differ (e.g. `pyramid.lateral8` for `align_dim_16to8`); `load_official` renames.
+    - The released det/seg backbones are DENSE_PRESETS (LayerNorm eps 1e-5; the seg APE kept at 224 px beside RPE
+      tables for 512 px); their outputs match exactly. Not built: the large CLIP detection backbone (ViTDet's
+      decomposed relative positions).
 
 Run:
     # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (3rd)
@@ -53,6 +56,7 @@ Run:
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -60,9 +64,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hivit import (
-    LN_EPS, HiViT, HiViTConfig, VIT_PRESETS, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
-    check_image_size, check_state_dict, count_params, drop_path_rates, init_weights, map_official_key, select_units,
-    sincos_pos_embed_2d, units_to_map, unwrap_checkpoint,
+    HIVIT_RULES, LN_EPS, HiViT, HiViTConfig, VIT_PRESETS, ViTConfig, VisionTransformer, AttentionBlock, MLPBlock,
+    check_config, check_image_size, check_state_dict, count_params, drop_path_rates, init_weights, map_official_key,
+    read_checkpoint, select_units, sincos_pos_embed_2d, units_to_map, unwrap_checkpoint,
 )
 from hivit import load_official as load_official_hivit
 from mim import (
@@ -71,8 +75,8 @@ from mim import (
 )
 
 __all__ = [
-    "iTPNConfig", "PRESETS", "backbone_config", "iTPNPretrainConfig", "tiny_decoder",
-    "PatchSplit", "FeaturePyramid", "pyramid_maps", "PlainViTUnits", "iTPN",
+    "iTPNConfig", "PRESETS", "DENSE_PRESETS", "ITPN_RULES", "backbone_config", "iTPNPretrainConfig", "tiny_decoder",
+    "PatchSplit", "FeaturePyramid", "DENSE_MIN_SIZE", "check_dense_size", "pyramid_maps", "PlainViTUnits", "iTPN",
     "LevelEmbed", "iTPNPixelPretrainer", "LevelDecoder", "iTPNPaperPretrainer",
     "DISTILL_MASK_RATIO", "distillation_mask", "FrozenTeacher", "load_teacher", "PyramidDistillation",
     "iTPNDistillPretrainer", "PRETRAIN_PRESETS", "METHODS", "map_itpn_key", "load_official",
@@ -114,6 +118,32 @@ PRESETS: dict[str, iTPNConfig] = {
                              plain_vit=True),
 }
 
+# The released detection / segmentation backbones (backbone + pyramid, num_classes=0), one per official layout in
+# tests/official_keys/ (`itpn_<size>[_clip]_<det|seg>_dense`). They differ from the pre-training models in three
+# ways: torch's default LayerNorm eps 1e-5 everywhere (ln_eps), their fpn_depth, and for segmentation RPE tables
+# built for 512 px beside an APE table kept at 224 px (ape_size), resized to the 32 x 32 grid in every forward.
+# Dense maps: forward_pyramid(x, mode="det") for *_det, mode="seg" for *_seg. drop_path_rate: the official configs'.
+# Not here: the large CLIP detection backbone (`itpn_large_clip_det_dense`), whose attention uses ViTDet's
+# decomposed relative positions (`rel_pos_h` / `rel_pos_w`); load_official refuses it with that reason.
+_DET = dict(num_classes=0, rpe=False, fpn_depth=1, ln_eps=1e-5)         # `det/.../iTPN_pixel.py`, `iTPN_CLIP.py`
+_SEG = dict(num_classes=0, rpe=True, fpn_depth=2, ln_eps=1e-5, img_size=512, ape_size=224)   # `seg/backbone/iTPN.py`
+DENSE_PRESETS: dict[str, iTPNConfig] = {
+    "itpn_b_det": replace(PRESETS["itpn_b"], **_DET, drop_path_rate=0.05),                       # 81.552M
+    "itpn_b_clip_det": replace(PRESETS["itpn_b"], **_DET, layer_scale=0.1, drop_path_rate=0.3),  # 81.578M
+    "itpn_b_seg": replace(PRESETS["itpn_b"], **_SEG, drop_path_rate=0.1),                        # 83.366M
+    "itpn_b_clip_seg": replace(PRESETS["itpn_b"], **_SEG, layer_scale=0.1, drop_path_rate=0.2),  # 83.392M
+    "itpn_l_seg": replace(PRESETS["itpn_l"], **_SEG, drop_path_rate=0.2),                        # 294.356M
+    "itpn_l_clip_seg": replace(PRESETS["itpn_l"], **_SEG, layer_scale=0.1, drop_path_rate=0.2),  # 294.418M
+}
+
+# iTPN's own fields, checked with hivit.HIVIT_RULES by the constructor (hivit.check_config).
+ITPN_RULES = [
+    ("fpn_dim", lambda c: c.fpn_dim >= 1, "must be >= 1 (the width F of every pyramid level; official 256)"),
+    ("fpn_depth", lambda c: c.fpn_depth >= 0, "must be >= 0 (C-MLP fusion blocks per top-down step)"),
+    ("ape_size", lambda c: not c.plain_vit or c.ape_size is None,
+     "must be None with plain_vit (the ViT's position table is built for img_size)"),
+]
+
 
 def backbone_config(cfg: iTPNConfig) -> HiViTConfig | ViTConfig:
     """The backbone alone: HiViT's config, or for `plain_vit` a ViT/16 with the same width, depth, heads and head.
@@ -124,7 +154,7 @@ def backbone_config(cfg: iTPNConfig) -> HiViTConfig | ViTConfig:
     if cfg.plain_vit:
         return ViTConfig(img_size=cfg.img_size, patch_size=UNIT, embed_dim=cfg.embed_dim, depth=cfg.depth,
                          num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate,
-                         num_classes=cfg.num_classes)
+                         ln_eps=cfg.ln_eps, num_classes=cfg.num_classes)
     return HiViTConfig(**{f.name: getattr(cfg, f.name) for f in fields(HiViTConfig)})
 
 
@@ -183,8 +213,6 @@ def c_mlp(dim: int, *, ln_eps: float) -> MLPBlock:
 
 # ---- 3. Feature pyramid (Eq. 3) -----------------------------------------------------------------------------------
 
-# ---- 3. Feature pyramid (Eq. 3) -----------------------------------------------------------------------------------
-
 class FeaturePyramid(nn.Module):
     """Top-down pyramid of C-MLP blocks on unit tensors: forward(f4, f8, f16) -> [p16, p8, p4] (official order).
 
@@ -224,6 +252,21 @@ class FeaturePyramid(nn.Module):
 
 # ---- 4. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
 
+# Smallest input side (px) per mode: "det" pools the stride-16 map twice (stride 64 needs H/16 >= 4), "seg" once.
+DENSE_MIN_SIZE = {"det": 64, "seg": 32}
+
+
+def check_dense_size(grid_hw: tuple[int, int], mode: str) -> None:
+    """Raise a ValueError unless `mode` is "det" or "seg" and a (Hp, Wp) unit grid is large enough for it."""
+    if mode not in DENSE_MIN_SIZE:
+        raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
+    need = DENSE_MIN_SIZE[mode]
+    if min(grid_hw) * UNIT < need:
+        coarsest = "stride 64 = two 2x poolings" if mode == "det" else "stride 32 = one 2x pooling"
+        raise ValueError(f"mode {mode!r} needs images of at least {need}x{need} px ({coarsest} of the stride-16 map), "
+                         f"got {grid_hw[0] * UNIT}x{grid_hw[1] * UNIT}: resize or pad the input")
+
+
 def pyramid_maps(pyramid: FeaturePyramid, feats: list, grid_hw, *, mode: str = "det") -> dict[str, torch.Tensor]:
     """Run the pyramid on a full-image seam list `feats` = [f4, f8, ..., f16] and unfold the levels [p16, p8, p4]
     (unit tensors) into image-layout maps keyed "p4".."p64". iTPN.forward_pyramid and fast_itpn.py use it.
@@ -232,12 +275,12 @@ def pyramid_maps(pyramid: FeaturePyramid, feats: list, grid_hw, *, mode: str = "
         stride; p32 = avg_pool(p16, 2) and p64 = avg_pool(p32, 2). The pyramid is the neck: no extra FPN.
     mode "seg" (official UPerNet backbone, `seg/backbone/iTPN.py`): each level is concatenated with the backbone
         feature of its stride (f4, f8, f16), giving F+C/4, F+C/2, F+C channels; p32 = max_pool(p16, 2).
-    The official det/seg backbones use LayerNorm eps 1e-5 (ours 1e-6): the pixel det layout loads (keys, shapes)
-    into iTPN(num_classes=0, fpn_depth=1, rpe=False) but its outputs then differ slightly; the seg layouts (APE at
-    196 units with RPE at 32x32) are not supported.
+    Input: any multiple of 16 px from DENSE_MIN_SIZE[mode] on (64 for "det", 32 for "seg"); the pooled levels
+    floor odd sides (an 80-px image: p16 5x5, p32 2x2, p64 1x1), so multiples of 32 / 64 keep every pixel.
+    The released det/seg backbones are DENSE_PRESETS (LayerNorm eps 1e-5, the seg APE at 224 px): built from those,
+    the outputs equal the official ones exactly (tested on their key listings).
     """
-    if mode not in ("det", "seg"):
-        raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
+    check_dense_size(grid_hw, mode)
     p16, p8, p4 = pyramid(feats[0], feats[1], feats[-1])                 # (B, N, h, w, F) each
     if mode == "seg":
         f4, f8, f16 = feats[0], feats[1], feats[-1][:, :, None, None, :]   # f16 as (B, N, 1, 1, C)
@@ -274,8 +317,8 @@ class PlainViTUnits(nn.Module):
         self.taps = (max(1, round(cfg.depth * 4 / 12)), max(1, round(cfg.depth * 7 / 12)))   # 1-based layers
         self.up4 = self.up8 = None
         if cfg.num_classes == 0:                                          # only the pyramid reads them
-            self.up4 = PatchSplit(c, out_dim=c // 4, scale=4)             # layer 4 -> (B, N, 4, 4, C/4)
-            self.up8 = PatchSplit(c, out_dim=c // 2, scale=2)             # layer 7 -> (B, N, 2, 2, C/2)
+            self.up4 = PatchSplit(c, out_dim=c // 4, scale=4, ln_eps=cfg.ln_eps)   # layer 4 -> (B, N, 4, 4, C/4)
+            self.up8 = PatchSplit(c, out_dim=c // 2, scale=2, ln_eps=cfg.ln_eps)   # layer 7 -> (B, N, 2, 2, C/2)
             self.up4.apply(init_weights)
             self.up8.apply(init_weights)
 
@@ -308,12 +351,14 @@ class iTPN(nn.Module):
 
     def __init__(self, cfg: iTPNConfig):
         super().__init__()
+        check_config(cfg, HIVIT_RULES + ITPN_RULES)                       # one message naming each bad field
         self.cfg = cfg
         self.backbone = PlainViTUnits(cfg) if cfg.plain_vit else HiViT(backbone_config(cfg))
         self.grid = self.backbone.grid                                    # (Hp, Wp) the position tables are for
         self.pyramid = None
         if cfg.num_classes == 0:
-            self.pyramid = FeaturePyramid(cfg.embed_dim, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth)
+            self.pyramid = FeaturePyramid(cfg.embed_dim, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth,
+                                          ln_eps=cfg.ln_eps)
             self.pyramid.apply(init_weights)
 
     def init_pos_embed_sincos(self) -> None:
@@ -345,8 +390,12 @@ class iTPN(nn.Module):
         return self.require_pyramid()(feats[0], feats[1], feats[-1])
 
     def forward_pyramid(self, x, *, mode: str = "det") -> dict[str, torch.Tensor]:
-        """Dense maps for detection ("det": p4..p64, F channels) or segmentation ("seg": p4..p32); see pyramid_maps."""
-        return pyramid_maps(self.require_pyramid(), self.forward_features(x), check_image_size(x), mode=mode)
+        """Dense maps for detection ("det": p4..p64, F channels) or segmentation ("seg": p4..p32); see pyramid_maps.
+
+        x: (B, 3, H, W), H and W multiples of 16 and at least DENSE_MIN_SIZE[mode] (64 px for det, 32 for seg)."""
+        grid_hw = check_image_size(x)
+        check_dense_size(grid_hw, mode)                                   # before the forward, not after it
+        return pyramid_maps(self.require_pyramid(), self.forward_features(x), grid_hw, mode=mode)
 
     def forward(self, x):
         return self.backbone(x)                                           # (B, K): mean pool -> fc_norm -> head
@@ -616,6 +665,11 @@ def clip_to_vit_state_dict(sd: dict) -> tuple[ViTConfig, dict, torch.Tensor]:
     Heads = C / 64 (every OpenAI CLIP ViT); QuickGELU, LayerNorm eps 1e-5.
     """
     sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")} or sd
+    needed = ("conv1.weight", "class_embedding", "positional_embedding", "proj",
+              "transformer.resblocks.0.mlp.c_fc.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise ValueError(f"teacher has conv1.weight like an OpenAI-CLIP visual state_dict but lacks {missing}")
     c, _, p, _ = sd["conv1.weight"].shape
     g = math.isqrt(sd["positional_embedding"].shape[0] - 1)
     depth = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
@@ -655,11 +709,21 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
                          "hivit.VisionTransformer state_dict (patch_embed.weight)")
     prefix = anchor[: -len("patch_embed.weight")]
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    missing = [k for k in ("pos_embed", "blocks.0.mlp.fc1.weight") if k not in sd]
+    if missing:
+        raise ValueError(f"teacher has {anchor} like a hivit.VisionTransformer state_dict but lacks "
+                         f"{[prefix + k for k in missing]}")
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     saved = saved["model"] if isinstance(saved.get("model"), dict) else saved   # train.py: {"model", "method"}
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     c, _, p, _ = sd["patch_embed.weight"].shape
-    heads = saved.get("num_heads") or getattr(VIT_PRESETS.get(run_args.get("model")), "num_heads", max(1, c // 64))
+    heads = saved.get("num_heads") or getattr(VIT_PRESETS.get(run_args.get("model")), "num_heads", None)
+    if heads is None:                                                     # nothing in the file says it
+        heads = max(1, c // 64)
+        warnings.warn(f"the teacher file records no head count (no 'config' with num_heads, no train.py 'args' "
+                      f"naming a ViT preset): assuming 64-d heads, {heads} head(s) of width {c}. A teacher trained "
+                      f"with another count gives wrong targets: save it as {{'model': state_dict, 'config': "
+                      f"{{'num_heads': H}}}} (train.py checkpoints record it)")
     cfg = ViTConfig(img_size=math.isqrt(sd["pos_embed"].shape[1]) * p, patch_size=p, embed_dim=c,
                     depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=heads,
                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / c, class_token="cls_token" in sd,
@@ -672,14 +736,12 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
 def load_teacher(path: str) -> FrozenTeacher:
     """Build a FrozenTeacher from a local file: an OpenAI-CLIP image encoder or a project ViT (see the two mappers).
 
-    Never downloads. Raises FileNotFoundError for a missing file, then (hivit.check_state_dict) KeyError for
-    missing/unexpected keys and ValueError naming every tensor whose shape disagrees with the architecture read
-    from the file.
+    Never downloads. The file is read by hivit.read_checkpoint (a ValueError per kind of unreadable file), then
+    (hivit.check_state_dict) a KeyError names missing/unexpected keys and a ValueError every tensor whose shape
+    disagrees with the architecture read from the file. A project ViT file that records no head count gets 64-d
+    heads and a warning that says so.
     """
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher checkpoint {path!r} not found: pass a local file (an OpenAI-CLIP visual "
-                                f"state_dict or a ViT checkpoint written by this project); nothing is downloaded")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, what="teacher")
     flat = unwrap_checkpoint(ckpt)                                        # {'model'|'module'|'state_dict': sd}
     if any(k.endswith("conv1.weight") for k in flat):
         cfg, sd, proj = clip_to_vit_state_dict(flat)
@@ -840,6 +902,8 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
 
     - iTPN classifier (num_classes > 0) <- `itpn_*_finetune` / `itpn_*_clip_finetune` (via hivit.load_official);
     - iTPN backbone (num_classes = 0)   <- any pre-training layout: backbone + pyramid, the heads are ignored;
+                                           the det/seg layouts into DENSE_PRESETS (mmdet / mmseg files: the
+                                           `backbone.*` keys, the heads' keys are ignored);
     - iTPNPixelPretrainer               <- `itpn_*_pixel_pretrain` (build with ape_quirk=True for output parity);
     - iTPNDistillPretrainer             <- `itpn_*_clip_pretrain` (our teacher is not in the file, it stays).
     Errors (hivit.check_state_dict) name missing and unexpected keys by our names and every shape mismatch. Strict
@@ -857,6 +921,13 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
     is_backbone = isinstance(model, iTPN)
     arch = model.cfg if is_backbone else model.encoder.cfg
     mapped, ignored = {}, []
+    if is_backbone and any(k.startswith("backbone.") for k in sd):       # mmdet / mmseg: heads beside backbone.*
+        ignored = [k for k in sd if not k.startswith("backbone.")]
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if any(k.endswith((".rel_pos_h", ".rel_pos_w")) for k in sd):
+        raise ValueError("this checkpoint's attention uses ViTDet's decomposed relative positions (rel_pos_h / "
+                         "rel_pos_w: the official large CLIP detection backbone with rpe=True), which this iTPN does "
+                         "not implement; DENSE_PRESETS lists the layouts it loads")
     for key, value in sd.items():
         new = map_itpn_key(key, arch)
         if new is not None and is_backbone:
@@ -868,7 +939,8 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
     expected = {k: v.shape for k, v in model.state_dict().items()
                 if not k.startswith("teacher.")}                          # the frozen teacher comes from its own file
     check_state_dict(mapped, expected, what=f"official checkpoint does not match {type(model).__name__}",
-                     hint="check the preset: depths, fpn_depth, rpe, layer_scale, img_size, and the teacher's width")
+                     hint="check the preset: depths, fpn_depth, rpe, layer_scale, img_size, and the teacher's width; "
+                          "official det/seg backbones: DENSE_PRESETS")
     model.load_state_dict(mapped, strict=not isinstance(model, iTPNDistillPretrainer))
     return ignored
 

@@ -40,3 +40,161 @@ def gmacs(model, side: int = 224) -> float:
     with counter:
         model(torch.empty(1, 3, side, side, device="meta"))
     return counter.get_total_flops() / 2e9
+
+
+# ---- the released det/seg backbones, written out on their own key names (an oracle independent of itpn.py) ----
+
+import math
+
+import torch.nn.functional as F
+
+
+def official_dense_keys(*, c, n1, n2, depth, heads, fpn_dim, fpn_depth, layer_scale, rpe_side, mlp_ratio=4.0,
+                        bridge_mlp_ratio=3.0):
+    """key -> shape of the official det/seg backbone's state_dict, from its constructor (`seg/backbone/iTPN.py`;
+    the det files `det/mmdet/models/backbones/iTPN_pixel.py`, `iTPN_CLIP.py` build the same names): a 196-entry APE,
+    one flat `blocks.{i}` list (merges at n1 and n1 + n2 + 1), `relative_position_index` and per-block RPE tables
+    for an rpe_side x rpe_side grid (None: no RPE), then the pyramid (`align_dim_*`, `split_*`, `block_*`,
+    `fpn_modules.*`); layer scale (init_values) on backbone blocks only."""
+    keys = {"absolute_pos_embed": (1, 196, c), "patch_embed.proj.weight": (c // 4, 3, 4, 4),
+            "patch_embed.proj.bias": (c // 4,), "patch_embed.norm.weight": (c // 4,), "patch_embed.norm.bias": (c // 4,)}
+    if rpe_side:
+        keys["relative_position_index"] = (rpe_side ** 2, rpe_side ** 2)
+
+    def c_mlp(p, dim, ratio, gamma):                                      # BlockWithRPE(num_heads=0)
+        hidden = int(dim * ratio)
+        keys.update({p + "norm2.weight": (dim,), p + "norm2.bias": (dim,), p + "mlp.fc1.weight": (hidden, dim),
+                     p + "mlp.fc1.bias": (hidden,), p + "mlp.fc2.weight": (dim, hidden), p + "mlp.fc2.bias": (dim,)})
+        if gamma:
+            keys[p + "gamma_2"] = (dim,)
+
+    i = 0
+    for dim, n in ((c // 4, n1), (c // 2, n2)):
+        for _ in range(n):
+            c_mlp(f"blocks.{i}.", dim, bridge_mlp_ratio, layer_scale)
+            i += 1
+        keys.update({f"blocks.{i}.norm.weight": (4 * dim,), f"blocks.{i}.norm.bias": (4 * dim,),
+                     f"blocks.{i}.reduction.weight": (2 * dim, 4 * dim)})
+        i += 1
+    for _ in range(depth):
+        p = f"blocks.{i}."
+        c_mlp(p, c, mlp_ratio, layer_scale)
+        keys.update({p + "norm1.weight": (c,), p + "norm1.bias": (c,), p + "attn.qkv.weight": (3 * c, c),
+                     p + "attn.qkv.bias": (3 * c,), p + "attn.proj.weight": (c, c), p + "attn.proj.bias": (c,)})
+        if layer_scale:
+            keys[p + "gamma_1"] = (c,)
+        if rpe_side:
+            keys[p + "attn.relative_position_bias_table"] = ((2 * rpe_side - 1) ** 2, heads)
+        i += 1
+    f = fpn_dim
+    if c != f:
+        keys.update({"align_dim_16tofpn.weight": (f, c), "align_dim_16tofpn.bias": (f,)})
+    keys.update({"align_dim_16to8.weight": (f, c // 2), "align_dim_8to4.weight": (f, c // 4),
+                 "split_16to8.norm.weight": (c,), "split_16to8.norm.bias": (c,), "split_16to8.reduction.weight": (4 * f, c),
+                 "split_8to4.norm.weight": (f,), "split_8to4.norm.bias": (f,), "split_8to4.reduction.weight": (4 * f, f)})
+    for j in range(fpn_depth):
+        c_mlp(f"block_16to8.{j}.", f, mlp_ratio, False)
+        c_mlp(f"block_8to4.{j}.", f, mlp_ratio, False)
+    for j in range(3):
+        c_mlp(f"fpn_modules.{j}.", f, mlp_ratio, False)
+    return keys
+
+
+def official_random_weights(keys: dict, seed: int = 0) -> dict:
+    """Random tensors for official keys: norms near 1, everything else small, so activations stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in keys.items():
+        if k.endswith("relative_position_index"):                          # derived buffer: any values, ignored
+            sd[k] = torch.zeros(shape, dtype=torch.long)
+        elif ".norm" in k and k.endswith(".weight") or k.startswith("patch_embed.norm.w"):
+            sd[k] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[k] = 0.05 * torch.randn(shape, generator=g)
+    return sd
+
+
+def official_dense_forward(sd, x, *, n1, n2, heads, fpn_depth, mode, eps, rpe):
+    """The released dense backbone's forward on its own key names, step by step as `seg/backbone/iTPN.py` writes it
+    (and, for mode "det", the reference description of the det files: F channels at every level, stride 32/64 by
+    average pooling). Returns {"p4": ..., "p32"} ("seg") or {"p4": ..., "p64"} ("det")."""
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps)
+
+    def lin(t, p):
+        return F.linear(t, sd[p + ".weight"], sd.get(p + ".bias"))
+
+    def c_mlp(t, p):                                                       # x + gamma_2 * mlp(norm2(x))
+        y = lin(F.gelu(lin(ln(t, p + ".norm2"), p + ".mlp.fc1")), p + ".mlp.fc2")
+        return t + (sd[p + ".gamma_2"] * y if p + ".gamma_2" in sd else y)
+
+    def split(t, p):                                                       # PatchSplit: group k -> (k // 2, k % 2)
+        b, n, h, w, _ = t.shape
+        t = F.linear(ln(t, p + ".norm"), sd[p + ".reduction.weight"])
+        return t.reshape(b, n, h, w, 2, 2, -1).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, n, 2 * h, 2 * w, -1)
+
+    b, _, hh, ww = x.shape
+    hp, wp = hh // 16, ww // 16
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
+    t = t.view(b, -1, hp, 4, wp, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, hp * wp, 4, 4, -1)
+    t = ln(t, "patch_embed.norm")
+    features, merges = [], (n1, n1 + n2 + 1)
+    for i in range(n1 + n2 + 2):
+        p = f"blocks.{i}"
+        if i in merges:                                                   # PatchMerge: x0, x1, x2, x3, LN, Linear
+            features.append(t)
+            t = torch.cat([t[..., 0::2, 0::2, :], t[..., 1::2, 0::2, :], t[..., 0::2, 1::2, :],
+                           t[..., 1::2, 1::2, :]], dim=-1)
+            t = F.linear(ln(t, p + ".norm"), sd[p + ".reduction.weight"])
+        else:
+            t = c_mlp(t, p)
+    t = t[..., 0, 0, :]
+    ape = sd["absolute_pos_embed"]                                        # interpolate_pos_encoding
+    n_ape, dim = ape.shape[1], ape.shape[2]
+    if not (t.shape[1] == n_ape and hp == wp):
+        g = math.sqrt(n_ape)
+        ape = F.interpolate(ape.reshape(1, int(g), int(g), dim).permute(0, 3, 1, 2),
+                            scale_factor=((hp + 0.1) / g, (wp + 0.1) / g), mode="bicubic")
+        ape = ape.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    t = t + ape
+    n = t.shape[1]
+    rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+    coords = torch.stack([rows.flatten(), cols.flatten()])                # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)      # (N, N, 2)
+    index = (rel[..., 0] + hp - 1) * (2 * wp - 1) + rel[..., 1] + wp - 1
+    for i in range(n1 + n2 + 2, len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
+        p = f"blocks.{i}"
+        qkv = lin(ln(t, p + ".norm1"), p + ".attn.qkv").reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+        if rpe:
+            bias = sd[p + ".attn.relative_position_bias_table"][index.reshape(-1)].view(-1, n, n, heads)
+            att = att + bias.permute(0, 3, 1, 2)
+        fmax = torch.finfo(torch.float32).max
+        att = att.float().clamp(min=-fmax, max=fmax).softmax(dim=-1)
+        y = lin((att @ v).transpose(1, 2).reshape(b, n, -1), p + ".attn.proj")
+        t = t + (sd[p + ".gamma_1"] * y if p + ".gamma_1" in sd else y)
+        t = c_mlp(t, p)
+    x16 = t[..., None, None, :]
+    features.append(x16)
+    outs = [lin(x16, "align_dim_16tofpn") if "align_dim_16tofpn.weight" in sd else x16]
+    o = split(x16, "split_16to8") + F.linear(features[1], sd["align_dim_16to8.weight"])
+    for j in range(fpn_depth):
+        o = c_mlp(o, f"block_16to8.{j}")
+    outs.append(o)
+    o = split(o, "split_8to4") + F.linear(features[0], sd["align_dim_8to4.weight"])
+    for j in range(fpn_depth):
+        o = c_mlp(o, f"block_8to4.{j}")
+    outs.append(o)
+    outs = [c_mlp(o, f"fpn_modules.{i}") for i, o in enumerate(outs)]
+    if mode == "seg":                                                     # each level + the backbone feature
+        outs = [torch.cat([o, features[len(features) - i - 1]], dim=-1) for i, o in enumerate(outs)]
+    maps = [o.reshape(b, hp, wp, *o.shape[-3:]).permute(0, 5, 1, 3, 2, 4).reshape(b, -1, hp * o.shape[-3],
+                                                                                    wp * o.shape[-2]) for o in outs]
+    out = {"p16": maps[0], "p8": maps[1], "p4": maps[2]}
+    if mode == "seg":
+        out["p32"] = F.max_pool2d(out["p16"], kernel_size=2, stride=2)
+    else:
+        out["p32"] = F.avg_pool2d(out["p16"], kernel_size=2, stride=2)
+        out["p64"] = F.avg_pool2d(out["p32"], kernel_size=2, stride=2)
+    return out

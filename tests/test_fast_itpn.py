@@ -393,7 +393,7 @@ def teacher_file(tmp_path):
     torch.manual_seed(1)
     vit = hivit.VisionTransformer(hivit.VIT_PRESETS["vit_tiny"])          # 16-px patches: the student's unit grid
     path = tmp_path / "teacher.pth"
-    torch.save({"model": vit.state_dict()}, path)
+    torch.save({"model": vit.state_dict(), "config": {"num_heads": vit.cfg.num_heads}}, path)   # heads: not in a shape
     return str(path)
 
 
@@ -478,3 +478,27 @@ def test_distillation_pretrainer_keeps_the_official_head_names(teacher_file):
     assert isinstance(pre, itpn.PyramidDistillation)
     assert {k.split(".")[0] for k in pre.state_dict()} == {"teacher", "decoder_embed", "norm", "lm_head", "encoder"}
     assert "encoder.patch_embed.mask_token" in pre.state_dict()
+
+
+# ---- 8. reliability: configs and inputs ----
+
+@pytest.mark.parametrize("change, field", [
+    (dict(num_heads=3), "num_heads=3 must be >= 1 and divide embed_dim"), (dict(depth=0), "depth=0 must be >= 1"),
+    (dict(mlp_depth1=-1), "mlp_depth1=-1"), (dict(img_size=40), "img_size=40"), (dict(window_size=0), "window_size=0"),
+    (dict(fpn_dim=0), "fpn_dim=0"), (dict(fpn_depth=-1), "fpn_depth=-1"),
+    (dict(embed_dim=66, num_heads=1), "embed_dim=66 must be a positive multiple of 4")])
+def test_constructor_names_the_bad_field(change, field):
+    with pytest.raises(ValueError, match="^invalid FastiTPNConfig: " + field):
+        tiny(**change)
+
+
+def test_image_dtype_and_dense_input_size_messages():
+    model = tiny(num_classes=0)
+    with pytest.raises(ValueError, match=r"images are torch.uint8 .* x.float\(\) / 255"):
+        model.forward_features(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="images are torch.float64"):
+        model.forward_pyramid(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mode 'det' needs images of at least 64x64 px"):
+        model.forward_pyramid(torch.zeros(1, 3, 32, 64))
+    with torch.no_grad():
+        assert model.forward_pyramid(torch.zeros(1, 3, 32, 32), mode="seg")["p32"].shape[-2:] == (1, 1)

@@ -14,7 +14,8 @@ from itpn import (
     load_official, load_teacher,
 )
 from mim import mask_to_map
-from conftest import gmacs, official_layout
+from conftest import (gmacs, official_dense_forward, official_dense_keys, official_layout,
+                      official_random_weights)
 
 TINY = PRESETS["tiny"]
 META_COPY = "ignore:for .*copying from a non-meta parameter"   # teacher weights copied into a meta model: a no-op
@@ -706,7 +707,7 @@ def test_openai_clip_teacher_matches_an_independent_clip_forward(tmp_path):
 
 
 def test_teacher_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(ValueError, match="^teacher .*missing.pth' not found: .*nothing is downloaded"):
         load_teacher(str(tmp_path / "missing.pth"))
     sd = clip_state_dict(width=32)
     sd["transformer.resblocks.0.mlp.c_proj.weight"] = torch.zeros(48, 128)   # wrong width in one block
@@ -822,3 +823,138 @@ def test_recipe_presets_and_methods_agree():
     assert not arch_fields & set(vars(PRETRAIN_PRESETS["itpn"]))
     assert PRETRAIN_PRESETS["itpn_distill"].distill_loss == "smooth_l1"
     assert PRETRAIN_PRESETS["itpn_distill_cosine"].distill_loss == "cosine"
+
+
+# ---- reliability: files, configs, inputs; the released det/seg backbones ----
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda p: torch.save(torch.ones(3), p), "holds a Tensor, not a checkpoint dict"),
+    (lambda p: open(p, "wb").write(b"\x00" * 64), "is not a PyTorch checkpoint or it is truncated"),
+    (lambda p: open(p, "w").write("a text file"), "is not a PyTorch checkpoint or it is truncated"),
+    (lambda p: torch.save({"model": {"conv1.weight": torch.zeros(8, 3, 16, 16)}}, p), r"lacks \['class_embedding'"),
+    (lambda p: torch.save({"patch_embed.weight": torch.zeros(8, 3, 16, 16)}, p), r"lacks \['pos_embed'"),
+    (lambda p: torch.save({"args": __import__("argparse").Namespace(model="vit_b")}, p), "pickled Python objects")])
+def test_teacher_files_that_are_not_teachers_get_one_message_each(tmp_path, content, expected):
+    path = str(tmp_path / "teacher.pth")
+    content(path)
+    with pytest.raises(ValueError, match=expected):
+        load_teacher(path)
+
+
+def test_a_bare_vit_state_dict_as_teacher_says_its_head_count_is_a_guess(tmp_path, teacher_path):
+    vit = VisionTransformer(ViTConfig(img_size=64, embed_dim=128, depth=1, num_heads=4, num_classes=0))
+    path = str(tmp_path / "bare.pth")
+    torch.save(vit.state_dict(), path)
+    with pytest.warns(UserWarning, match=r"records no head count.*assuming 64-d heads, 2 head\(s\) of width 128"):
+        assert load_teacher(path).vit.cfg.num_heads == 2
+    torch.save({"model": vit.state_dict(), "config": {"num_heads": 4}}, path)
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("error")                    # recorded: no warning
+        assert load_teacher(path).vit.cfg.num_heads == 4
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(fpn_dim=0), "fpn_dim=0 must be >= 1"), (dict(fpn_depth=-1), "fpn_depth=-1 must be >= 0"),
+    (dict(num_heads=3), "num_heads=3 must be >= 1 and divide embed_dim"), (dict(depth=0), "depth=0"),
+    (dict(img_size=100), "img_size=100"), (dict(plain_vit=True, ape_size=64), "ape_size=64 must be None")])
+def test_itpn_constructor_names_the_bad_field(change, field):
+    with pytest.raises(ValueError, match="^invalid iTPNConfig: " + field):
+        iTPN(replace(TINY, num_classes=0, **change))
+
+
+def test_dense_maps_state_their_minimum_input_size():
+    model = iTPN(replace(TINY, num_classes=0)).eval()
+    with torch.no_grad():
+        for mode, side in itpn.DENSE_MIN_SIZE.items():
+            maps = model.forward_pyramid(torch.randn(1, 3, side, side + 16), mode=mode)
+            coarsest = maps["p64" if mode == "det" else "p32"]
+            assert coarsest.shape[-2] == 1 and torch.isfinite(coarsest).all()
+            with pytest.raises(ValueError, match=f"mode '{mode}' needs images of at least {side}x{side} px"):
+                model.forward_pyramid(torch.randn(1, 3, side - 16, 128), mode=mode)
+    assert itpn.DENSE_MIN_SIZE == {"det": 64, "seg": 32}
+    with pytest.raises(ValueError, match="mode must be 'det' or 'seg'"):
+        model.forward_pyramid(torch.randn(1, 3, 64, 64), mode="cls")
+
+
+@pytest.mark.parametrize("thing, expected", [
+    ("itpn_b.pth", "read the file first"), (None, "got a NoneType"), (torch.ones(2), "got a Tensor")])
+def test_load_official_says_what_it_expects(thing, expected):
+    for model in (iTPN(TINY), iTPN(replace(TINY, num_classes=0))):      # classifier and backbone paths
+        with pytest.raises(ValueError, match=expected):
+            load_official(model, thing)
+
+
+# The released dense layouts: DENSE_PRESETS name -> (listing, forward mode, tiny-width stand-in kwargs).
+DENSE = {"itpn_b_det": "itpn_base_det_dense", "itpn_b_clip_det": "itpn_base_clip_det_dense",
+         "itpn_b_seg": "itpn_base_seg_dense", "itpn_b_clip_seg": "itpn_base_clip_seg_dense",
+         "itpn_l_seg": "itpn_large_seg_dense", "itpn_l_clip_seg": "itpn_large_clip_seg_dense"}
+
+
+def dense_keys_of(cfg):
+    """official_dense_keys for a DENSE_PRESETS-like config (the oracle's own reading of the official constructor)."""
+    return official_dense_keys(c=cfg.embed_dim, n1=cfg.mlp_depth1, n2=cfg.mlp_depth2, depth=cfg.depth,
+                               heads=cfg.num_heads, fpn_dim=cfg.fpn_dim, fpn_depth=cfg.fpn_depth,
+                               layer_scale=cfg.layer_scale, rpe_side=cfg.img_size // 16 if cfg.rpe else None)
+
+
+@pytest.mark.filterwarnings(META_COPY)
+@pytest.mark.parametrize("name", DENSE)
+def test_dense_presets_are_the_official_layouts(name):
+    """Keys, shapes and parameter counts of every released det/seg backbone: the oracle's key builder reproduces
+    the listing, and the listing's tensors load strictly into iTPN(DENSE_PRESETS[name]) (meta: no memory)."""
+    layout = official_layout(DENSE[name])
+    cfg = itpn.DENSE_PRESETS[name]
+    assert {k: tuple(s) for k, s, _ in layout["keys"]} == dense_keys_of(cfg)
+    assert count_params(iTPN, cfg) == layout["n_params"]
+    assert cfg.ln_eps == 1e-5 and cfg.img_size == layout["config"]["img_size"]
+    with torch.device("meta"):
+        model = iTPN(cfg)
+    assert load_official(model, {"model": layout_tensors(DENSE[name])}) == ["relative_position_index"] * cfg.rpe
+
+
+def small_dense(name):
+    """A narrow stand-in with every trait of the layout that shapes the forward (eps, APE grid vs RPE grid, 512 px
+    for segmentation, fpn_depth, layer scale): iTPN-B's segmentation forward at 512 px takes ~5 s on CPU."""
+    return replace(itpn.DENSE_PRESETS[name], embed_dim=64, num_heads=2, mlp_depth1=1, mlp_depth2=1, depth=2,
+                   fpn_dim=32)
+
+
+@pytest.mark.parametrize("name, width, side", [
+    ("itpn_b_det", "wide", (64, 96)), ("itpn_b_clip_det", "small", (96, 64)),
+    ("itpn_b_seg", "small", (512, 512)), ("itpn_b_clip_seg", "small", (512, 512))])
+def test_dense_layouts_equal_the_official_forward_exactly(name, width, side):
+    """Random weights under the official names -> load_official -> forward_pyramid equals the official forward
+    written out in conftest, bit for bit; with our default eps 1e-6 instead of the layout's 1e-5 it does not."""
+    preset = itpn.DENSE_PRESETS[name]
+    cfg = replace(preset, depth=4) if width == "wide" else small_dense(name)   # "wide": iTPN-B's widths, 4 blocks
+    mode = name.rsplit("_", 1)[1]
+    sd = official_random_weights(dense_keys_of(cfg))
+    x = torch.randn(1, 3, *side, generator=torch.Generator().manual_seed(1))
+    with torch.device("meta"):
+        model = iTPN(cfg)
+    model = model.to_empty(device="cpu").eval()
+    load_official(model, {"state_dict": {f"backbone.{k}": v for k, v in sd.items()},   # an mmseg file
+                          "meta": {"epoch": 12}} if mode == "seg" else sd)
+    with torch.no_grad():
+        ref = official_dense_forward(sd, x, n1=cfg.mlp_depth1, n2=cfg.mlp_depth2, heads=cfg.num_heads,
+                                     fpn_depth=cfg.fpn_depth, mode=mode, eps=1e-5, rpe=cfg.rpe)
+        maps = model.forward_pyramid(x, mode=mode)
+        assert maps.keys() == ref.keys() and all(torch.equal(maps[k], ref[k]) for k in ref)
+        for norm in (m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)):
+            norm.eps = 1e-6                                               # our classifiers' eps: not the layout
+        maps = model.forward_pyramid(x, mode=mode)
+        assert not any(torch.equal(maps[k], ref[k]) for k in ref)
+    if mode == "seg":                                                     # APE 196 positions resized to 32 x 32
+        assert sd["absolute_pos_embed"].shape[1] == 196 and model.grid == (32, 32)
+
+
+def test_mmseg_files_give_the_backbone_keys_and_the_large_clip_det_layout_is_refused():
+    cfg = small_dense("itpn_b_seg")
+    sd = {f"backbone.{k}": v for k, v in official_random_weights(dense_keys_of(cfg)).items()}
+    sd["decode_head.conv_seg.weight"] = torch.zeros(150, 512, 1, 1)
+    ignored = load_official(iTPN(cfg), {"state_dict": sd})
+    assert sorted(ignored) == ["decode_head.conv_seg.weight", "relative_position_index"]
+    with torch.device("meta"):
+        model = iTPN(replace(itpn.DENSE_PRESETS["itpn_l_clip_seg"], img_size=224, ape_size=None, fpn_depth=1))
+    with pytest.raises(ValueError, match="decomposed relative positions"):
+        load_official(model, layout_tensors("itpn_large_clip_det_dense"))
