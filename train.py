@@ -651,6 +651,39 @@ def build_encoder(family: str, preset) -> nn.Module:
     return model(replace(backbone, num_classes=0))
 
 
+def masked_loss(method: str) -> bool:
+    """Whether the method's loss is computed on masked units only: MAE, SimMIM, FastMIM, M3I row d, iTPN's pixel
+    and paper recipes (with nothing masked it is exactly 0, or 0 / 0 = NaN). Distillation supervises every unit."""
+    if METHOD_FILE[method] == "mim":
+        return mim.PRESETS[method].loss_on_masked
+    return method not in TEACHER_METHODS
+
+
+def unit_split(method: str, grid_hw: tuple[int, int], mask_ratio: float | None) -> dict[str, int]:
+    """How the method's masking splits one image of Hp x Wp units, counted with its own masking function:
+    {"masked": m, "visible": v}, for M3I's mixing {"from image i": .., "from image j": ..}, for a full-input M3I
+    row {"units": N}. A method needs at least one unit in every part: no visible unit leaves the encoder nothing to
+    read, no masked unit leaves a masked-unit loss at 0 or NaN and a masking recipe without masking.
+    mask_ratio: the --mask_ratio flag (None = the method's own)."""
+    n = grid_hw[0] * grid_hw[1]
+    if METHOD_FILE[method] == "mim":
+        cfg = mim.PRESETS[method]                                         # masking as in its forward (mim.py)
+        ratio = cfg.mask_ratio if mask_ratio is None else mask_ratio
+        if cfg.mix_ratio > 0:                                             # M3I Sec. 3.4: units of two images
+            mix = mim.random_masking(1, n, cfg.mix_ratio)[2]              # (1, N), 1 = from image j
+            return {"from image i": n - int(mix.sum()), "from image j": int(mix.sum())}
+        if ratio == 0 and not cfg.loss_on_masked:                         # M3I Tab. 2 rows with the full input
+            return {"units": n}
+        mask = mim.mask_units(1, grid_hw, mask_ratio=ratio, pattern=cfg.mask_pattern)[2]   # (1, N)
+    elif method in TEACHER_METHODS:                                       # BEiT block masking, fixed ratio
+        recipe = (itpn if METHOD_FILE[method] == "itpn" else fast_itpn).PRETRAIN_PRESETS[method]
+        mask = itpn.distillation_mask(1, grid_hw, mask_ratio=recipe.distill_mask_ratio)   # (1, N)
+    else:                                                                 # iTPN's pixel and paper recipes
+        ratio = itpn.PRETRAIN_PRESETS[method].mask_ratio if mask_ratio is None else mask_ratio
+        mask = mim.random_masking(1, n, ratio)[2]                         # (1, N)
+    return {"masked": int(mask.sum()), "visible": n - int(mask.sum())}
+
+
 def build_pretrainer(model: str, method: str, *, mask_ratio: float | None, norm_pix_loss: bool | None,
                      teacher: str | None, truncate: int = 0) -> nn.Module:
     """The nn.Module train.py drives (PRETRAINER CONTRACT, README "Seams"). None = the method's own default."""
@@ -757,22 +790,14 @@ def find_checkpoint(output_dir: str) -> str | None:
 
 
 def load_checkpoint(path: str, *, what: str = "--resume", required: tuple[str, ...] = ()) -> dict:
-    """torch.load(weights_only=True) with one clear ConfigError per kind of problem (no pickled code is run).
+    """hivit.read_checkpoint, the one reader of checkpoint-like files (torch.load(weights_only=True), no pickled
+    code is run, one message per kind of bad file), raising ConfigError; then the keys a script's checkpoint holds.
 
     `what` names the flag in messages; `required` lists keys the file must hold (a resume needs train.py's)."""
-    if not path or not os.path.isfile(path):
-        raise ConfigError(f"{what} {path!r}: no such file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:                                             # torch raises many types here
-        if "Unsupported global" in str(err):                              # weights_only met a pickled class
-            reason = ("it holds pickled Python objects, which are not loaded from files (they could run code); "
-                      "re-save its tensors as a plain dict")
-        else:
-            reason = f"it is not a PyTorch checkpoint or it is truncated ({type(err).__name__})"
-        raise ConfigError(f"{what} {path!r} cannot be read: {reason}") from None
-    if not isinstance(ckpt, dict):
-        raise ConfigError(f"{what} {path!r} holds a {type(ckpt).__name__}, not a checkpoint dict")
+        ckpt = hivit.read_checkpoint(path, what=what)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     missing = [k for k in required if k not in ckpt]
     if missing:
         raise ConfigError(f"{what} {path!r} is not a checkpoint written by this project's scripts (no "
@@ -1157,8 +1182,19 @@ def input_schedule(method: str, input_size: int | None, unit: int):
     return lambda progress: max(unit, round(mim.img_size_at(cfg, progress) * scale / unit) * unit)
 
 
+MAX_SIDE = 4096          # px: the largest --input_size the minimum-size search tries
+
+
+def training_sides(method: str, input_size: int | None, unit: int) -> list[int]:
+    """Every crop side a run trains at: one, or FastMIM-P's schedule (rescaled by --input_size, input_schedule)."""
+    starts = [start for start, _ in mim.PRESETS[method].img_sizes] if METHOD_FILE[method] == "mim" else [0.0]
+    at = input_schedule(method, input_size, unit)
+    return sorted({at(start) for start in starts})
+
+
 def check_pretrain_flags(cfg: PretrainConfig, parser: argparse.ArgumentParser) -> None:
-    """Flag combinations argparse cannot check: the method must fit the model, the size its unit."""
+    """Flag combinations argparse cannot check, refused before any work: the method must fit the model, the size
+    its unit, the mask ratio its loss, and every training size must leave a masked and a visible unit."""
     family, preset = MODELS[cfg.model]
     if cfg.method not in compatible_methods(family):
         parser.error(f"--method {cfg.method} does not run on --model {cfg.model}; valid methods for {family} "
@@ -1167,6 +1203,39 @@ def check_pretrain_flags(cfg: PretrainConfig, parser: argparse.ArgumentParser) -
     if cfg.input_size is not None and cfg.input_size % unit:
         parser.error(f"--input_size {cfg.input_size} is not a multiple of {cfg.model}'s {unit}-px unit; "
                      f"try {max(unit, cfg.input_size // unit * unit)} or {(cfg.input_size // unit + 1) * unit}")
+    mim_cfg = mim.PRESETS.get(cfg.method) if METHOD_FILE[cfg.method] == "mim" else None
+    if cfg.mask_ratio == 0 and masked_loss(cfg.method):
+        parser.error(f"--mask_ratio 0 masks no unit, but {cfg.method}'s loss is computed on masked units only "
+                     f"(it would be 0, or NaN): use a ratio in (0, 1), e.g. the method's default")
+    if cfg.mask_ratio is not None and mim_cfg is not None and mim_cfg.mix_ratio > 0:
+        parser.error(f"--mask_ratio does not apply to --method {cfg.method}: it mixes the units of two images "
+                     f"(mix_ratio {mim_cfg.mix_ratio}) instead of masking them")
+    if mim_cfg is not None and cfg.truncate >= preset.depth:
+        parser.error(f"--truncate {cfg.truncate} removes every attention block of {cfg.model} (depth "
+                     f"{preset.depth}): use 0..{preset.depth - 1}")
+
+    def problem(input_size):                                              # the first side that leaves a part empty
+        for side in training_sides(cfg.method, input_size, unit):
+            parts = unit_split(cfg.method, (side // unit, side // unit), cfg.mask_ratio)
+            if min(parts.values()) < 1:
+                return side, parts
+        return None
+
+    found = problem(cfg.input_size)
+    if found is not None:
+        side, parts = found
+        sides = training_sides(cfg.method, cfg.input_size, unit)
+        trains = f"trains at {'/'.join(map(str, sides))} px (its schedule, rescaled)" if len(sides) > 1 else \
+            f"trains at {side} px"
+        fits = next((s for s in range(unit, MAX_SIDE + 1, unit) if problem(s) is None), None)
+        fix = f"use --input_size {fits} or more" if fits else f"no --input_size up to {MAX_SIDE} works"
+        fixed = cfg.method in TEACHER_METHODS or (mim_cfg is not None and mim_cfg.mix_ratio > 0)   # no ratio flag
+        ratio = "" if fixed else " (or another --mask_ratio)"
+        split = ", ".join(f"{v} {k}" for k, v in parts.items())
+        given = f"--input_size {cfg.input_size}" if cfg.input_size else "the method's input size"
+        parser.error(f"{given}: --method {cfg.method} on --model {cfg.model} {trains}; "
+                     f"a {side}-px image has {(side // unit) ** 2} unit(s) of {unit} px, which its masking splits "
+                     f"into {split}, and it needs at least one of each: {fix}{ratio}")
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -611,10 +611,11 @@ def test_compatibility_table_is_right_both_ways():
 
 
 def test_fastmim_p_crop_side_follows_its_schedule_across_epochs(tmp_path):
-    # 128 -> 160 -> 192 at 0, 1/2, 3/4 of training, rescaled so the last side is --input_size 32, in whole units
-    records, _ = run(tmp_path, *TINY, "--model", "hivit_tiny", "--method", "fastmim_p", "--num_images", "2",
-                     "--epochs", "4", "--warmup_epochs", "0")
-    assert [r["input_size"] for r in records] == [16, 16, 32, 32]
+    # 128 -> 160 -> 192 at 0, 1/2, 3/4 of training, rescaled so the last side is --input_size 64, in whole units
+    # (at --input_size 32 the schedule would start at 16 px = one unit, which masking leaves invisible: refused)
+    records, _ = run(tmp_path, *TINY, "--input_size", "64", "--model", "hivit_tiny", "--method", "fastmim_p",
+                     "--num_images", "2", "--epochs", "4", "--warmup_epochs", "0")
+    assert [r["input_size"] for r in records] == [48, 48, 48, 64]
     assert all(np.isfinite(r["train_loss"]) for r in records)
 
 
@@ -841,3 +842,105 @@ def test_mae_decoder_depth_follows_the_encoder_family(model, depth):
         pretrainer = train.build_pretrainer(model, "mae", mask_ratio=None, norm_pix_loss=None, teacher=None)
     assert len(pretrainer.decoder.blocks) == depth == pretrainer.cfg.decoder_depth
     assert pretrainer.cfg.decoder_dim == 512 and pretrainer.cfg.decoder_heads == 16
+
+
+# ---- reliability: sizes and mask ratios each method can train at, teacher files (model side) ----
+
+def flags_verdict(argv, capsys, monkeypatch):
+    """(exit code, message) of train.main(argv) when every start-up check has run; nothing is built or written."""
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: (_ for _ in ()).throw(train.ConfigError("flags ok")))
+    with pytest.raises(SystemExit) as info:
+        train.main([*argv, "--output_dir", "/nonexistent/never-written"])
+    code = info.value.code
+    return (0, "flags ok") if code == "error: flags ok" else (code, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv, split, smallest", [
+    (["--model", "itpn_tiny", "--input_size", "16"], "1 masked, 0 visible", 32),             # was: a reshape crash
+    (["--model", "itpn_tiny", "--method", "itpn_pixel", "--input_size", "16"], "1 masked, 0 visible", 32),
+    (["--model", "hivit_tiny", "--method", "mae", "--input_size", "16"], "1 masked, 0 visible", 32),   # was: 0 units
+    (["--model", "vit_tiny", "--method", "simmim", "--input_size", "16"], "1 masked, 0 visible", 32),
+    (["--model", "hivit_tiny", "--method", "fastmim_p", "--input_size", "32"], "1 masked, 0 visible", 48),  # 16 px
+    (["--model", "hivit_tiny", "--method", "m3i", "--input_size", "16"], "0 from image i, 1 from image j", 32),
+    (["--model", "itpn_tiny", "--method", "itpn_distill", "--teacher", "t.pth", "--input_size", "16"],
+     "0 masked, 1 visible", 32),
+    (["--model", "hivit_tiny", "--method", "mae", "--mask_ratio", "0.01", "--input_size", "64"],
+     "0 masked, 16 visible", 128)])
+def test_sizes_a_method_cannot_train_at_are_refused_naming_the_smallest(argv, split, smallest, capsys, monkeypatch):
+    code, err = flags_verdict(argv, capsys, monkeypatch)
+    assert code == 2 and f"splits into {split}" in err and f"use --input_size {smallest} or more" in err, err
+    size_at = argv.index("--input_size") + 1
+    for side, verdict in ((smallest - 16, 2), (smallest, 0)):            # the stated minimum is the minimum
+        argv[size_at] = str(side)
+        assert flags_verdict(argv, capsys, monkeypatch)[0] == verdict, side
+
+
+@pytest.mark.parametrize("method", ["mae", "simmim", "fastmim", "fastmim_p", "m3i_d_mim_pixel", "itpn",
+                                    "itpn_pixel"])
+def test_mask_ratio_zero_is_refused_where_the_loss_lives_on_masked_units(method, capsys, monkeypatch):
+    model = "itpn_tiny" if method.startswith("itpn") else "hivit_tiny"
+    code, err = flags_verdict(["--model", model, "--method", method, "--mask_ratio", "0"], capsys, monkeypatch)
+    assert code == 2 and f"--mask_ratio 0 masks no unit, but {method}'s loss is computed on masked units" in err
+
+
+def test_full_input_m3i_rows_take_mask_ratio_zero_and_mixing_refuses_a_mask_ratio(capsys, monkeypatch):
+    assert flags_verdict(["--model", "hivit_tiny", "--method", "m3i_b_dense_distillation", "--mask_ratio", "0",
+                          "--input_size", "16"], capsys, monkeypatch) == (0, "flags ok")
+    code, err = flags_verdict(["--model", "hivit_tiny", "--method", "m3i", "--mask_ratio", "0.5"], capsys, monkeypatch)
+    assert code == 2 and "--mask_ratio does not apply to --method m3i" in err
+    code, err = flags_verdict(["--model", "hivit_tiny", "--method", "mae", "--truncate", "2"], capsys, monkeypatch)
+    assert code == 2 and "--truncate 2 removes every attention block of hivit_tiny (depth 2): use 0..1" in err
+
+
+@pytest.mark.parametrize("model, method, side", [
+    ("itpn_tiny", "itpn", 32), ("itpn_tiny", "itpn_pixel", 48), ("hivit_tiny", "mae", 32), ("vit_tiny", "fastmim", 48),
+    ("hivit_tiny", "m3i", 32), ("hivit_tiny", "m3i_k_siamese_im_feat", 48), ("itpn_tiny", "itpn_distill", 32),
+    ("fast_itpn_tiny", "fast_itpn_distill", 48)])
+def test_unit_split_counts_what_the_methods_forward_masks(model, method, side, tmp_path):
+    """The size check reads unit_split; here it is held against the mask each pre-trainer's own forward returns."""
+    import hivit
+    from dataclasses import replace
+    teacher = None
+    if method in train.TEACHER_METHODS:
+        teacher = str(tmp_path / "t.pth")
+        torch.save(hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_tiny"], num_classes=0)).state_dict(), teacher)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                   # the teacher's guessed head count
+        pretrainer = train.build_pretrainer(model, method, mask_ratio=None, norm_pix_loss=None, teacher=teacher)
+    grid = side // 16
+    imgs = torch.randn(2, 3, side, side)
+    if pretrainer.num_views == 2:
+        views = train.PretrainViews(train.ShapesDataset(2, image_size=side), input_size=side, num_views=2)
+        batch = torch.utils.data.default_collate([views[i][0] for i in range(2)])
+        out = pretrainer(**batch)
+    else:
+        out = pretrainer(imgs)
+    parts = train.unit_split(method, (grid, grid), None)
+    masked = parts.get("masked", parts.get("from image j"))                # M3I's mask: 1 = unit from image j
+    assert out["mask"].sum(1).tolist() == [float(masked)] * 2 and sum(parts.values()) == grid * grid
+
+
+def test_a_bare_vit_teacher_gets_a_message_that_its_head_count_is_guessed(tmp_path):
+    import hivit
+    from dataclasses import replace
+    vit = hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_tiny"], num_classes=0))   # 2 heads of 32 channels
+    torch.save(vit.state_dict(), tmp_path / "bare.pth")
+    argv = [*TINY, "--method", "itpn_distill", "--num_images", "2", "--max_steps", "1", "--teacher"]
+    with pytest.warns(UserWarning, match=r"records no head count.*assuming 64-d heads, 1 head\(s\) of width 64"):
+        run(tmp_path, *argv, str(tmp_path / "bare.pth"))
+    torch.save({"model": vit.state_dict(), "config": {"num_heads": 2}}, tmp_path / "recorded.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)                       # the count is in the file: no guess
+        run(tmp_path, *argv, str(tmp_path / "recorded.pth"), name="recorded")
+
+
+@pytest.mark.parametrize("content, expected", [
+    (lambda p: torch.save(torch.ones(3), p), "holds a Tensor, not a checkpoint dict"),
+    (lambda p: open(p, "wb").write(os.urandom(256)), "is not a PyTorch checkpoint"),
+    (lambda p: open(p, "w").write("hello"), "is not a PyTorch checkpoint"),
+    (lambda p: torch.save({"model": {}, "args": argparse_namespace()}, p), "pickled Python objects")])
+def test_teacher_files_that_are_not_checkpoints_get_one_message_each(tmp_path, content, expected):
+    path = str(tmp_path / "teacher.pth")
+    content(path)
+    msg = error_of([*TINY, "--method", "itpn_distill", "--teacher", path], tmp_path)
+    assert msg.startswith(f"error: teacher '{path}'") and expected in msg and "Traceback" not in msg
