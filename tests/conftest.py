@@ -57,7 +57,8 @@ def official_dense_keys(*, c, n1, n2, depth, heads, fpn_dim, fpn_depth, layer_sc
     for an rpe_side x rpe_side grid (None: no RPE), then the pyramid (`align_dim_*`, `split_*`, `block_*`,
     `fpn_modules.*`); layer scale (init_values) on backbone blocks only."""
     keys = {"absolute_pos_embed": (1, 196, c), "patch_embed.proj.weight": (c // 4, 3, 4, 4),
-            "patch_embed.proj.bias": (c // 4,), "patch_embed.norm.weight": (c // 4,), "patch_embed.norm.bias": (c // 4,)}
+            "patch_embed.proj.bias": (c // 4,), "patch_embed.norm.weight": (c // 4,),
+            "patch_embed.norm.bias": (c // 4,)}
     if rpe_side:
         keys["relative_position_index"] = (rpe_side ** 2, rpe_side ** 2)
 
@@ -90,8 +91,9 @@ def official_dense_keys(*, c, n1, n2, depth, heads, fpn_dim, fpn_depth, layer_sc
     if c != f:
         keys.update({"align_dim_16tofpn.weight": (f, c), "align_dim_16tofpn.bias": (f,)})
     keys.update({"align_dim_16to8.weight": (f, c // 2), "align_dim_8to4.weight": (f, c // 4),
-                 "split_16to8.norm.weight": (c,), "split_16to8.norm.bias": (c,), "split_16to8.reduction.weight": (4 * f, c),
-                 "split_8to4.norm.weight": (f,), "split_8to4.norm.bias": (f,), "split_8to4.reduction.weight": (4 * f, f)})
+                 "split_16to8.norm.weight": (c,), "split_16to8.norm.bias": (c,),
+                 "split_16to8.reduction.weight": (4 * f, c), "split_8to4.norm.weight": (f,),
+                 "split_8to4.norm.bias": (f,), "split_8to4.reduction.weight": (4 * f, f)})
     for j in range(fpn_depth):
         c_mlp(f"block_16to8.{j}.", f, mlp_ratio, False)
         c_mlp(f"block_8to4.{j}.", f, mlp_ratio, False)
@@ -107,7 +109,7 @@ def official_random_weights(keys: dict, seed: int = 0) -> dict:
     for k, shape in keys.items():
         if k.endswith("relative_position_index"):                          # derived buffer: any values, ignored
             sd[k] = torch.zeros(shape, dtype=torch.long)
-        elif ".norm" in k and k.endswith(".weight") or k.startswith("patch_embed.norm.w"):
+        elif ".norm" in k and k.endswith(".weight"):                    # every LayerNorm weight, stem included
             sd[k] = 1 + 0.1 * torch.randn(shape, generator=g)
         else:
             sd[k] = 0.05 * torch.randn(shape, generator=g)
