@@ -417,6 +417,28 @@ def test_distillation_pretrainer_contract(teacher_file):
     assert [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
+
+def test_distillation_loss_is_one_minus_cosine_on_all_units_and_masked_pixels_reach_no_prediction(teacher_file):
+    """Sec. 4.3 as built here: the loss is the mean over all B x N units of 1 - cos(pred, teacher target), computed
+    by hand; stem masking hides a masked unit's pixels from every prediction (the teacher still sees them)."""
+    torch.manual_seed(0)
+    pre = build_pretrainer(TINY, teacher_file).eval()
+    x = F.interpolate(torch.randn(2, 3, 8, 8), size=64, mode="bilinear")
+    torch.manual_seed(5)
+    out = pre(x)
+    with torch.no_grad():
+        target = pre.teacher(x)                                           # (B, N, T)
+    pred = out["pred"]
+    cos = (pred * target).sum(-1) / (pred.norm(dim=-1) * target.norm(dim=-1))   # (B, N)
+    torch.testing.assert_close(out["loss"], (1 - cos).mean())
+    mask = out["mask"]
+    noisy = x + F.interpolate(mask.view(2, 1, 4, 4), scale_factor=16) * torch.randn_like(x)   # masked units only
+    torch.manual_seed(5)                                                  # the same block mask
+    out2 = pre(noisy)
+    assert torch.equal(out2["mask"], mask) and 0 < mask.sum() < 32
+    assert torch.equal(out2["pred"], pred)                                # no prediction saw the masked pixels
+    assert not torch.equal(pre.teacher(noisy), target)                    # the noise was real
+
 def test_distillation_pretrainer_overfits_one_batch(teacher_file):
     torch.manual_seed(0)
     pre = build_pretrainer(TINY, teacher_file)

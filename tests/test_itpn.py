@@ -563,6 +563,21 @@ def test_overfits_one_batch(method, steps, teacher_path):
     assert min(losses[-3:]) < 0.5 * losses[0], losses
 
 
+
+def test_official_distillation_loss_is_smooth_l1_over_every_unit(teacher_path):
+    """The released CLIP recipe (`itpn_clip/engine_for_pretraining.py`): nn.SmoothL1Loss() (beta 1, mean over every
+    element of every unit) between a head's output and the teacher target, recomputed here by hand for the main
+    head; the total is main + aux with weight 1."""
+    model = build("itpn_distill", teacher_path).eval()
+    x = smooth_batch()
+    torch.manual_seed(5)
+    out = model(x)
+    with torch.no_grad():
+        target = model.teacher(x)                                         # (B, N, T)
+    d = (out["pred"] - target).abs()
+    torch.testing.assert_close(out["logs"]["loss_main"], torch.where(d < 1, 0.5 * d ** 2, d - 0.5).mean())
+    torch.testing.assert_close(out["loss"], out["logs"]["loss_main"] + out["logs"]["loss_aux"])
+
 def test_cosine_distillation_loss_and_the_aux_tap_at_three_quarters_depth(teacher_path):
     """The "itpn_distill_cosine" preset (Fast-iTPN's loss): each loss is the mean over all B*N units of
     1 - cos(pred, target); the aux head reads the output of block int(0.75 * depth) = 6 (0-based) of 8, then 2

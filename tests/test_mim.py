@@ -325,6 +325,22 @@ def test_simmim_input_at_masked_units_is_the_mask_token():
     assert torch.equal(x[~pixel_mask], imgs[~pixel_mask])                # visible units: untouched
 
 
+
+@pytest.mark.parametrize("name", ["simmim", "fastmim"])
+def test_fastmim_encoder_never_sees_the_masked_pixels(name, monkeypatch):
+    """FastMIM Sec. 4.1: the RGB input is masked before the encoder, so new pixels in the masked units change no
+    prediction (every unit is encoded, and attention would carry a leak to all of them), while the target moves."""
+    torch.manual_seed(0)
+    model = build(name).eval()
+    fixed = mim.random_masking(2, 16, 0.75, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(mim, "mask_units", lambda *a, **k: fixed)
+    mask = fixed[2]
+    imgs = torch.randn(2, 3, 64, 64)
+    noisy = imgs + mask_to_map(mask, (4, 4), 16)[:, None] * torch.randn_like(imgs)   # masked units only
+    with torch.no_grad():
+        a, b = model(imgs), model(noisy)
+    assert torch.equal(a["pred"], b["pred"]) and a["loss"] != b["loss"]
+
 @pytest.mark.parametrize("name, kind", [("simmim", "hivit"), ("fastmim", "hivit"), ("fastmim", "vit")])
 def test_fastmim_step(name, kind):
     out = check_step(build(name, kind), torch.randn(2, 3, 32, 32))
@@ -670,8 +686,14 @@ def test_each_table2_row_encodes_its_input_view_and_predicts_the_target_views_un
     else:
         out, expected_input = model(imgs[:, 0]), imgs[:, 0]
     assert len(encoded) == 1 and torch.equal(encoded[0], expected_input)
-    if model.cfg.target == "global_feature":
+    if model.cfg.target == "global_feature":                              # InfoNCE, tau 0.2, by hand
         assert len(taught) == 1 and torch.equal(taught[0], imgs[:, 0])
+        with torch.no_grad():
+            keys = teacher_features(imgs[:, 0])[-1].mean(dim=1)           # (B, C) GAP of the EMA features
+        q, k = (v / v.norm(dim=-1, keepdim=True) for v in (out["pred"], keys))   # out["pred"]: pooled (B, C)
+        logits = q @ k.t() / 0.2                                          # (B, B): the batch is the candidates
+        expected = (logits.logsumexp(dim=1) - logits.diagonal()).mean()
+        assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
         return
     (_, _, queries), = model.decoder.calls
     grid = mim.view_coords((2, 2)).expand(4, -1, -1)
