@@ -1,0 +1,151 @@
+"""detect_seg.py's driver: the three heads end to end on built-in shapes, records, resume, DDP, schedules, bad input.
+
+CPU only, tiny models, 64-px images, a few steps each (the heads' own oracles are in the other test_detect_seg_*)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import detect_seg as ds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--num_images", "16", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are overhead-bound: one thread is the fastest on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, *argv, name="out"):
+    out = str(tmp_path / name)
+    return ds.main([*argv, "--output_dir", out]), out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def error_of(tmp_path, *argv, name="bad"):
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, *argv, name=name)
+    return str(info.value.code)
+
+
+@pytest.mark.parametrize("argv, metric", [
+    ([], "test_mIoU"),
+    (["--task", "det", "--head", "maskrcnn"], "test_segm_AP"),
+    (["--task", "det", "--head", "dino"], "test_bbox_AP"),
+    (["--task", "seg", "--model", "hivit_tiny"], "test_mIoU"),                # the simple feature pyramid
+    (["--task", "det", "--model", "vit_tiny"], "test_bbox_AP")])
+def test_every_head_trains_evaluates_and_writes_its_records(tmp_path, argv, metric):
+    records, out = run(tmp_path, *SMALL, *argv)
+    assert len(records) == 2 and records == read_log(out)
+    last = records[-1]
+    assert last["step"] == 8 and torch.isfinite(torch.tensor(last["train_loss"]))
+    assert metric in last and 0 <= last[metric] <= 100                   # evaluated at the end of the run
+    files = set(os.listdir(out))
+    assert {"checkpoint-last.pth", "checkpoint-best.pth", "config.json", "log.txt"} <= files
+    assert any(f.endswith("-epoch001.png") for f in files)
+    ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
+    assert ckpt["args"]["task"] == (argv[1] if argv else "seg") and ckpt["step"] == 8
+
+
+def test_eval_only_reproduces_the_logged_evaluation(tmp_path):
+    records, out = run(tmp_path, *SMALL)
+    again, _ = run(tmp_path, *SMALL, "--eval", "--resume", os.path.join(out, "checkpoint-last.pth"), name="eval")
+    assert again[0]["test_mIoU"] == pytest.approx(records[-1]["test_mIoU"], abs=1e-9)
+    assert not os.path.exists(tmp_path / "eval" / "log.txt")              # --eval writes nothing
+
+
+def test_resume_continues_bitwise(tmp_path):
+    argv = [*SMALL, "--task", "det", "--head", "maskrcnn"]                   # 4 steps per epoch
+    run(tmp_path, *argv, name="straight")
+    run(tmp_path, *argv, "--max_steps", "3", name="stopped")
+    run(tmp_path, *argv, "--resume", "auto", name="stopped")
+    a = torch.load(tmp_path / "straight" / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "checkpoint-last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert read_log(str(tmp_path / "straight"))[-1]["test_bbox_AP"] == read_log(
+        str(tmp_path / "stopped"))[-1]["test_bbox_AP"]
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    """Global batch 4 = 2 ranks x 2 micro-steps x 1 image = 1 process x 4 micro-steps x 1 image: shard k of a step
+    reads the k-th image and seeds the samplers by k, so Mask R-CNN-lite's losses and gradients agree."""
+    argv = ["--task", "det", "--head", "maskrcnn", "--num_images", "8", "--batch_size", "1", "--epochs", "2",
+            "--warmup_epochs", "1", "--num_workers", "0", "--eval_every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    ddp_out = str(tmp_path / "ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "detect_seg.py", *argv, "--accum_iter", "2", "--output_dir", ddp_out],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, _ = run(tmp_path, *argv, "--accum_iter", "4", name="single")
+    ddp = read_log(ddp_out)
+    assert len(ddp) == len(single) == 2
+    for a, b in zip(ddp, single):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["train_grad_norm"] == pytest.approx(b["train_grad_norm"], rel=1e-4)
+    assert ddp[-1]["test_bbox_AP"] == pytest.approx(single[-1]["test_bbox_AP"], abs=1e-6)   # eval sharded
+
+
+def test_schedules_follow_the_papers():
+    assert [ds.step_lr(s, lr=1.0, warmup_steps=4, milestones=(8, 11)) for s in (0, 2, 4, 7, 8, 10, 11)] == \
+        [0.0, 0.5, 1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01)]
+    cfg = ds.DenseConfig(task="det", head="maskrcnn", epochs=12, warmup_epochs=0, min_lr=0.0)
+    lr_at = ds.dense_schedule(cfg, lr=1.0, steps_per_epoch=10)              # mmdet 1x: x0.1 at epochs 8 and 11
+    assert [lr_at(s) for s in (79, 80, 109, 110)] == [1.0, pytest.approx(0.1), pytest.approx(0.1),
+                                                      pytest.approx(0.01)]
+    cfg = ds.DenseConfig(task="det", head="dino", epochs=12, warmup_epochs=0, min_lr=0.0)
+    lr_at = ds.dense_schedule(cfg, lr=1.0, steps_per_epoch=10)              # DINO: x0.1 at epoch 11
+    assert [lr_at(s) for s in (80, 109, 110)] == [1.0, 1.0, pytest.approx(0.1)]
+    cfg = ds.DenseConfig(task="seg", epochs=10, warmup_epochs=1, min_lr=0.0)
+    lr_at = ds.dense_schedule(cfg, lr=1.0, steps_per_epoch=10)              # poly, power 1, after warm-up
+    assert lr_at(55) == pytest.approx(ds.poly_lr(55, lr=1.0, warmup_steps=10, total_steps=100))
+    assert lr_at(99) < lr_at(50) < lr_at(10)
+
+
+def test_dino_trains_its_backbone_at_a_tenth_of_the_lr(tmp_path):
+    cfg = ds.DenseConfig(task="det", head="dino", model="itpn_tiny", weight_decay=1e-4, layer_decay=1.0,
+                         drop_path=0.0)
+    backbone, neck, widths = ds.build_backbone(cfg.model, cfg)
+    model = ds.DenseModel(backbone, neck=neck, head=ds.build_head(cfg, widths=widths, num_classes=3, tiny=True),
+                          task="det", head_name="dino")
+    scale = {id(p): g.get("lr_scale", 1.0) for g in ds.dense_param_groups(model, cfg) for p in g["params"]}
+    assert all(scale[id(p)] == pytest.approx(0.1) for p in model.backbone.parameters())   # layer decay 1
+    assert {scale[id(p)] for p in model.head.parameters()} == {1.0}
+    assert len(scale) == sum(1 for _ in model.parameters())              # every parameter in exactly one group
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--task", "seg", "--head", "dino"], "does not do --task seg"),
+    (["--model", "itpn_tiny", "--migration_ratio", "0.2"], "Fast-iTPN switches"),
+    (["--input_size", "48"], "--input_size 48 is out of range"),
+    (["--epochs", "2", "--warmup_epochs", "2"], "must be below --epochs"),
+    (["--model", "nope"], "invalid choice")])
+def test_bad_flags_stop_at_start_up(tmp_path, capsys, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        run(tmp_path, *argv)
+    assert info.value.code == 2 and expected in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_bad_data_and_weights_end_in_one_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    msg = error_of(tmp_path, "--data_path", str(tmp_path / "empty"))
+    assert msg.startswith("error:") and "ADE20K layout" in msg
+    msg = error_of(tmp_path, "--task", "det", "--data_path", str(tmp_path / "empty"))
+    assert msg.startswith("error:") and "COCO layout" in msg
+    msg = error_of(tmp_path, "--model", "hivit_tiny", "--pyramid", "random")
+    assert "has no pre-trained pyramid" in msg
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    assert "cannot be read" in error_of(tmp_path, "--finetune", str(tmp_path / "junk.pth"))
