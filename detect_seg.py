@@ -177,6 +177,9 @@ DEFAULTS = {
                       weight_decay=1e-4, layer_decay=1.0, drop_path=0.0, eval_every=4, save_every=4, slide=False,
                       num_workers=0, clip_grad=0.1, num_images=400, threads=1),
 }
+# --model: train.py's models, plus the released det / seg backbones of iTPN (itpn.DENSE_PRESETS: LayerNorm eps 1e-5,
+# the seg ones with RPE tables for 512 px), whose official files --finetune loads with identical outputs.
+DENSE_MODELS = {**MODELS, **{name: ("itpn", cfg) for name, cfg in itpn.DENSE_PRESETS.items()}}
 DEFAULT_HEAD = {"seg": "uperhead", "det": "maskrcnn"}
 HEADS = {"seg": ("uperhead",), "det": ("maskrcnn", "dino")}
 BACKBONE_LR = {"dino": 0.1}      # DINO trains the backbone at lr / 10 (official config); the others at lr
@@ -2867,7 +2870,7 @@ DINO_LEVELS = ("p8", "p16", "p32")               # DINO-4scale: strides 8-32 + o
 
 def build_backbone(model: str, cfg) -> tuple[nn.Module, nn.Module | None, list[int]]:
     """(backbone, neck or None, channels of p4..p32) for --model, without a classification head."""
-    family, preset = MODELS[model]
+    family, preset = DENSE_MODELS[model]
     if family in ("itpn", "fast_itpn"):
         arch = replace(preset, num_classes=0, drop_path_rate=cfg.drop_path)
         if family == "fast_itpn":
@@ -2898,8 +2901,15 @@ def build_head(cfg, *, widths: list[int], num_classes: int, tiny: bool) -> nn.Mo
 
 
 def load_backbone(model: DenseModel, cfg) -> None:
-    """--finetune into the backbone (and its pyramid); --pyramid random re-initialises the pyramid afterwards."""
-    if cfg.finetune:
+    """--finetune into the backbone (and its pyramid); --pyramid random re-initialises the pyramid afterwards.
+
+    A released det / seg backbone (--model itpn_b_det, ...) reads its official file with itpn.load_official
+    (strict, outputs identical to the official forward); everything else goes through finetune.py's converter."""
+    if cfg.finetune and cfg.model in itpn.DENSE_PRESETS:
+        ignored = itpn.load_official(model.backbone, hivit.read_checkpoint(cfg.finetune, what="--finetune"))
+        print0(f"--finetune: the official {cfg.model} layout, loaded strictly ({len(ignored)} keys of its heads "
+               f"ignored)")
+    elif cfg.finetune:
         load_pretrained(model.backbone, read_pretrained(cfg.finetune), model_name=cfg.model)
     if cfg.pyramid == "random":
         if getattr(model.backbone, "pyramid", None) is None:
@@ -2932,7 +2942,7 @@ def dense_schedule(cfg: DenseConfig, *, lr: float, steps_per_epoch: int):
 def dense_param_groups(model: DenseModel, cfg: DenseConfig) -> list[dict]:
     """finetune.py's layer-decay groups for the backbone (official ids; the pyramid counts as the top layer),
     MAE-style decay groups for the neck and head; DINO's backbone at lr / 10."""
-    family, preset = MODELS[cfg.model]
+    family, preset = DENSE_MODELS[cfg.model]
     groups = layer_decay_groups(model.backbone, family=family, cfg=preset, weight_decay=cfg.weight_decay,
                                 layer_decay=cfg.layer_decay)
     for g in groups:
@@ -3173,14 +3183,17 @@ DESCRIPTION = ("Dense fine-tuning on the pyramid: semantic segmentation (UPerHea
 
 def check_dense_flags(cfg: DenseConfig, parser) -> None:
     """Flag combinations argparse cannot check."""
-    if cfg.model not in MODELS:
-        parser.error(f"argument --model: invalid choice: {cfg.model!r} (choose from {', '.join(MODELS)})")
+    if cfg.model not in DENSE_MODELS:
+        parser.error(f"argument --model: invalid choice: {cfg.model!r} (choose from {', '.join(DENSE_MODELS)})")
     if cfg.head not in HEADS[cfg.task]:
         parser.error(f"--head {cfg.head} does not do --task {cfg.task}; choose {' or '.join(HEADS[cfg.task])}")
     if cfg.warmup_epochs >= cfg.epochs:
         parser.error(f"--warmup_epochs {cfg.warmup_epochs} must be below --epochs {cfg.epochs} (the schedule warms "
                      f"up, then decays)")
-    family = MODELS[cfg.model][0]
+    family = DENSE_MODELS[cfg.model][0]
+    if cfg.model in itpn.DENSE_PRESETS and not cfg.model.endswith(cfg.task):
+        parser.error(f"--model {cfg.model} is the released {cfg.model.rsplit('_', 1)[1]} backbone; use it with "
+                     f"--task {cfg.model.rsplit('_', 1)[1]}")
     if (cfg.migration_ratio or cfg.attention != "global") and family != "fast_itpn":
         parser.error(f"--migration_ratio / --attention are Fast-iTPN switches; --model {cfg.model} is {family}")
 

@@ -149,3 +149,37 @@ def test_bad_data_and_weights_end_in_one_message(tmp_path):
     assert "has no pre-trained pyramid" in msg
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     assert "cannot be read" in error_of(tmp_path, "--finetune", str(tmp_path / "junk.pth"))
+
+
+def test_a_released_dense_backbone_file_loads_strictly_through_the_driver(tmp_path, monkeypatch):
+    """--model <released det/seg backbone> --finetune <its mmseg file>: itpn.load_official puts every tensor of the
+    file into the backbone (a narrow stand-in of itpn_b_seg with its traits: eps 1e-5, APE at 224 px, 512-px RPE)."""
+    from dataclasses import replace
+    import itpn
+    from conftest import official_dense_keys, official_random_weights
+    cfg = replace(itpn.DENSE_PRESETS["itpn_b_seg"], embed_dim=64, num_heads=2, mlp_depth1=1, mlp_depth2=1, depth=2,
+                  fpn_dim=32)
+    monkeypatch.setitem(ds.DENSE_MODELS, "itpn_narrow_seg", ("itpn", cfg))
+    monkeypatch.setitem(itpn.DENSE_PRESETS, "itpn_narrow_seg", cfg)
+    sd = official_random_weights(official_dense_keys(c=64, n1=1, n2=1, depth=2, heads=2, fpn_dim=32,
+                                                     fpn_depth=cfg.fpn_depth, layer_scale=cfg.layer_scale,
+                                                     rpe_side=32))
+    path = tmp_path / "upernet_itpn.pth"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in sd.items()}, "meta": {}}, path)
+    loaded = {}
+    real = ds.DenseTask.__init__
+
+    def keep(self, model, data, **kw):                                   # the model as the run starts
+        loaded.update({k: v.clone() for k, v in model.backbone.state_dict().items()})
+        real(self, model, data, **kw)
+
+    monkeypatch.setattr(ds.DenseTask, "__init__", keep)
+    run(tmp_path, "--model", "itpn_narrow_seg", "--finetune", str(path), "--input_size", "64", "--batch_size", "2",
+        "--num_images", "4", "--epochs", "2", "--warmup_epochs", "0", "--max_steps", "1", "--num_workers", "0",
+        "--blr", "0.01", "--layer_decay", "0.9", "--drop_path", "0", "--eval_every", "2", "--save_every", "2",
+        "--min_lr", "0", "--weight_decay", "0.05")
+    ours = {k: v for k, v in loaded.items() if not k.endswith("relative_position_index")}
+    assert len(ours) == len([k for k in sd if not k.endswith("relative_position_index")])   # every tensor
+    assert torch.equal(ours["pyramid.out4.mlp.fc2.weight"], sd["fpn_modules.2.mlp.fc2.weight"])
+    assert torch.equal(ours["backbone.absolute_pos_embed"], sd["absolute_pos_embed"])
+    assert ours["backbone.absolute_pos_embed"].shape[1] == 196            # the seg layout's 224-px table
