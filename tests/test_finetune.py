@@ -643,3 +643,5 @@ def test_flag_mistakes_are_one_message_each(tmp_path):
     assert "is not a model" in error_of(tmp_path, *TINY, "--model", "resnet50")
     run(tmp_path, *TINY, "--max_steps", "1", name="taken")
     assert "holds a run" in error_of(tmp_path, *TINY, name="taken")      # train.py's overwrite protection
+    _, out = run(tmp_path, *TINY, "--max_steps", "1", "--overwrite", name="taken")
+    assert len(read_log(out)) == 1                                        # the earlier run's log is gone
