@@ -75,22 +75,27 @@ def measure(fn, *, warmup: int = 2, reps: int = 5, device: str = "cpu") -> float
     return statistics.median(times)
 
 
-def cpu_seconds(fn, *, warmup: int = 1, reps: int = 3) -> float:
-    """Median process CPU seconds of fn() with ONE thread: unlike wall-clock time, other processes on a shared
-    machine do not inflate it, so ratios of two steps stay comparable when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def interleaved_seconds(steps: dict, *, reps: int, device: str) -> dict:
+    """Median seconds of each fn in `steps` (name -> fn), timed round by round (one warm-up round, then `reps`), so a
+    load change on a shared machine hits every row alike. CPU: process CPU time with ONE thread: unlike wall-clock
+    time, other processes on a shared machine do not inflate it (a second thread would spin at every barrier while
+    the other waits for a core)."""
+    threads, clock = torch.get_num_threads(), time.process_time if device == "cpu" else time.perf_counter
+    if device == "cpu":
+        torch.set_num_threads(1)
+    times = {name: [] for name in steps}
     try:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.process_time()
-            fn()
-            times.append(time.process_time() - t0)
+        for round_ in range(1 + reps):
+            for name, fn in steps.items():
+                sync(device)
+                t0 = clock()
+                fn()
+                sync(device)
+                if round_ > 0:
+                    times[name].append(clock() - t0)
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def peak_memory_mb(fn, *, device: str = "cpu") -> float | None:
@@ -156,47 +161,45 @@ def bench_itpn(*, batch: int, reps: int, device: str, long: bool):
     with their MFM heads (also reported against the pixel recipe); distillation encodes every unit (mask tokens) plus
     2 aux blocks and a frozen ViT-B/16 teacher (random weights, written to a temporary file: nothing is downloaded).
     Forward GMACs per image (teacher included) are counted exactly on the meta device, so they do not depend on the
-    load. CPU: single-thread CPU time (cpu_seconds).
+    load. The four steps are timed round by round (interleaved_seconds; CPU: single-thread CPU time).
     """
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 224, 224, device=device)
     cpu_note = ", 1-thread CPU time" if device == "cpu" else ""
 
-    def step_time(model):
+    def step(model):
         model = model.to(device)
 
         def run():
             model.zero_grad(set_to_none=True)
             model(x)["loss"].backward()
-        if device == "cpu":                                               # robust to other processes (cpu_seconds)
-            return cpu_seconds(run, reps=reps)
-        return measure(run, warmup=1, reps=reps, device=device)
+        return run
 
     def mae():                                                            # HiViT's MAE recipe: 6b512d decoder
         return mim.METHODS["mae"](hivit.HiViT(replace(hivit.PRESETS["hivit_b"], num_classes=0)), cfg=mim.MAE_HIVIT)
 
     g_mae = forward_gmacs(mae)
     yield "MAE-style HiViT-B forward GMACs / image", g_mae, "meta-device count"
-    t_mae = step_time(mae())
-    yield "MAE-style HiViT-B step 224 (s)", t_mae, f"batch {batch}, 75% dropped, 6b512d decoder" + cpu_note
     arch = itpn.PRESETS["itpn_b"]
-    steps = {}
+    labels = {"itpn_pixel": "pixel recipe", "itpn": "paper MIM+MFM, EMA", "itpn_distill": "distill, ViT-B teacher"}
+    runs = {"mae": step(mae())}
     with tempfile.TemporaryDirectory() as tmp:
         teacher_path = os.path.join(tmp, "vit_b_teacher.pth")
         torch.save(hivit.VisionTransformer(replace(hivit.VIT_PRESETS["vit_b"], num_classes=0)).state_dict(),
                    teacher_path)
-        for label, method in (("pixel recipe", "itpn_pixel"), ("paper MIM+MFM, EMA", "itpn"),
-                              ("distill, ViT-B teacher", "itpn_distill")):
+        for method, label in labels.items():
             teacher = {"teacher_path": teacher_path} if method == "itpn_distill" else {}
 
             def build():
                 return itpn.METHODS[method](arch, cfg=itpn.PRETRAIN_PRESETS[method], **teacher)
             g = forward_gmacs(build)
             yield f"iTPN-B {label} forward GMACs / MAE's", g / g_mae, f"x  ({g:.2f} GMACs/image)"
-            t = step_time(build())
-            yield f"iTPN-B {label} step / MAE HiViT-B step", t / t_mae, f"x  ({t:.3f} s/step)"
-            steps[method] = t
-    yield "iTPN-B paper method step / pixel recipe step", steps["itpn"] / steps["itpn_pixel"], \
+            runs[method] = step(build())
+    t = interleaved_seconds(runs, reps=reps, device=device)              # all four steps, round by round
+    yield "MAE-style HiViT-B step 224 (s)", t["mae"], f"batch {batch}, 75% dropped, 6b512d decoder" + cpu_note
+    for method, label in labels.items():
+        yield f"iTPN-B {label} step / MAE HiViT-B step", t[method] / t["mae"], f"x  ({t[method]:.3f} s/step)"
+    yield "iTPN-B paper method step / pixel recipe step", t["itpn"] / t["itpn_pixel"], \
         "x  (Eq. 4's MFM: EMA teacher pass + 3 level decoders)"
 
 
@@ -209,7 +212,7 @@ def bench_mim(*, batch: int, reps: int, device: str, long: bool):
     every unit (SimMIM); MAE's own 8-block decoder is timed too, for comparison; FastMIM Sec. 3:
     128 px instead of 224 px (~3x fewer tokens); M3I encodes every unit of the mix plus an EMA target pass and two
     decoder passes (a MAC count of ViT-B, 3 x the trained modules + 1 x the no-grad ones, estimates ~4.7x an MAE
-    step). CPU: single-thread CPU time (cpu_seconds).
+    step). Rows of one ratio are timed round by round (interleaved_seconds; CPU: single-thread CPU time).
     """
     torch.manual_seed(0)
     encoder_cfg = replace(hivit.PRESETS["hivit_b"], num_classes=0)
@@ -228,24 +231,21 @@ def bench_mim(*, batch: int, reps: int, device: str, long: bool):
         def run():
             model.zero_grad(set_to_none=True)
             model(x, **extra)["loss"].backward()
-        if device == "cpu":
-            return cpu_seconds(run, reps=reps)
-        return measure(run, reps=reps, device=device)
+        return run
 
-    t_mae = step("mae", 224)
-    yield "MAE (drop 75%, 6b512d) step 224 (s)", t_mae, f"batch {batch}, HiViT-B" + cpu_note
-    t_simmim = step("simmim", 224)
-    yield "SimMIM (all units, 1b256d) step 224 (s)", t_simmim, f"batch {batch}, HiViT-B" + cpu_note
-    yield "MAE-drop vs SimMIM-full step speed-up", t_simmim / t_mae, "x  (HiViT Tab. 8: 1.82x)"
-    t_mae8 = step("mae", 224, decoder_depth=8)                            # MAE's ViT decoder on HiViT-B
-    yield "  same, MAE with MAE's own 8b512d decoder", t_simmim / t_mae8, "x"
-    t_mae_light = step("mae", 224, decoder_dim=256, decoder_depth=1, decoder_heads=8)   # SimMIM's decoder
-    yield "  same, MAE with SimMIM's 1b256d decoder", t_simmim / t_mae_light, "x  (encoder saving alone)"
-    t_fast128, t_fast224 = step("fastmim", 128), step("fastmim", 224)
-    yield "FastMIM (HOG, 1b256d) step 128 vs 224 speed-up", t_fast224 / t_fast128, "x  (FastMIM Sec. 3)"
-    t_m3i = step("m3i", 224)
-    yield "M3I (mix + EMA target + 2 decoder passes) step (s)", t_m3i, f"batch {batch}, HiViT-B" + cpu_note
-    yield "M3I vs MAE step cost", t_m3i / t_mae, "x  (MAC estimate for ViT-B: ~4.7x)"
+    t = interleaved_seconds({"mae": step("mae", 224), "simmim": step("simmim", 224),
+                             "mae8": step("mae", 224, decoder_depth=8),          # MAE's ViT decoder on HiViT-B
+                             "mae_light": step("mae", 224, decoder_dim=256, decoder_depth=1, decoder_heads=8),
+                             "m3i": step("m3i", 224)}, reps=reps, device=device)
+    yield "MAE (drop 75%, 6b512d) step 224 (s)", t["mae"], f"batch {batch}, HiViT-B" + cpu_note
+    yield "SimMIM (all units, 1b256d) step 224 (s)", t["simmim"], f"batch {batch}, HiViT-B" + cpu_note
+    yield "MAE-drop vs SimMIM-full step speed-up", t["simmim"] / t["mae"], "x  (HiViT Tab. 8: 1.82x)"
+    yield "  same, MAE with MAE's own 8b512d decoder", t["simmim"] / t["mae8"], "x"
+    yield "  same, MAE with SimMIM's 1b256d decoder", t["simmim"] / t["mae_light"], "x  (encoder saving alone)"
+    yield "M3I (mix + EMA target + 2 decoder passes) step (s)", t["m3i"], f"batch {batch}, HiViT-B" + cpu_note
+    yield "M3I vs MAE step cost", t["m3i"] / t["mae"], "x  (MAC estimate for ViT-B: ~4.7x)"
+    t = interleaved_seconds({"128": step("fastmim", 128), "224": step("fastmim", 224)}, reps=reps, device=device)
+    yield "FastMIM (HOG, 1b256d) step 128 vs 224 speed-up", t["224"] / t["128"], "x  (FastMIM Sec. 3)"
 
 
 # ---- 5. fast_itpn.py suite: token migration (Fig. 5) and token gathering (Tab. 7) at 512 px ----------------------

@@ -670,8 +670,8 @@ class M3I(nn.Module):
     * Views: train.PretrainViews(num_views=2) hands two independent random resized crops (scale 0.2-1) + flips of
       each image, (B, 2, 3, H, W), with their exact crop geometry (B, 2, 5) (`view_coords`). View 0 is the target
       view v, left in its colours as the one view of rows a-f; view 1 is the input view u, which also gets colour
-      augmentation (ColorJitter: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1; then grayscale with p 0.2,
-      MoCo v3's strengths). So v has one distribution in all 12 rows, and rows g-l differ from a-f in the input
+      augmentation (ColorJitter: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, always; then grayscale with
+      p 0.2; MoCo v3's strengths). So v has one distribution in all 12 rows, and rows g-l differ from a-f in the input
       alone: another crop and other colours (instance discrimination without a colour change invites colour
       shortcuts). Image j of full M3I is such a u.
     * Mixing: per-sample random unit mask with `mix_ratio` 0.5 of the units from image j = sigma(i), sigma a

@@ -556,7 +556,8 @@ class PretrainViews(SeededViews):
     x is (3, H, W). A two-view method (M3I, num_views = 2) gets x = {"imgs": (2, 3, H, W), "geometry": (2, 5)}, the
     keyword arguments of its forward (mim.M3I): two independent crops + flips of the image. View 0, the target view,
     is made exactly as a one-view x; view 1, the input view, is also colour-augmented by `colour` (ColorJitter:
-    brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, then RandomGrayscale p 0.2; MoCo v3's strengths).
+    brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, then RandomGrayscale p 0.2: MoCo v3's strengths, the
+    jitter applied to every input view where MoCo v3 applies it with p 0.8, so no input view keeps its colours).
     geometry[k] = (top, left, height, width, flip) of view k: the integer pixel box that was cut, as fractions of
     the source image's height / width, and 1.0 if the crop was then mirrored. It is exact: PIL resizes the box with
     pixel centres at (i + 0.5) * box / side, the convention of mim.view_coords. `.input_size` may change between
