@@ -45,9 +45,6 @@ Differences from the paper / official code (the docstring of each recipe has the
     - The released det/seg backbones are DENSE_PRESETS (LayerNorm eps 1e-5; the seg APE kept at 224 px beside RPE
       tables for 512 px); their outputs match exactly. Not built: the large CLIP detection backbone (ViTDet's
       decomposed relative positions).
-    - The released det/seg backbones are DENSE_PRESETS (LayerNorm eps 1e-5; the seg APE kept at 224 px beside RPE
-      tables for 512 px); their outputs match exactly. Not built: the large CLIP detection backbone (ViTDet's
-      decomposed relative positions).
 
 Run:
     # read in import order: hivit -> mim -> itpn -> fast_itpn -> train -> finetune -> detect_seg (3rd)
@@ -146,33 +143,6 @@ ITPN_RULES = [
     ("ape_size", lambda c: not c.plain_vit or c.ape_size is None,
      "must be None with plain_vit (the ViT's position table is built for img_size)"),
 ]
-
-# The released detection / segmentation backbones (backbone + pyramid, num_classes=0), one per official layout in
-# tests/official_keys/ (`itpn_<size>[_clip]_<det|seg>_dense`). They differ from the pre-training models in three
-# ways: torch's default LayerNorm eps 1e-5 everywhere (ln_eps), their fpn_depth, and for segmentation RPE tables
-# built for 512 px beside an APE table kept at 224 px (ape_size), resized to the 32 x 32 grid in every forward.
-# Dense maps: forward_pyramid(x, mode="det") for *_det, mode="seg" for *_seg. drop_path_rate: the official configs'.
-# Not here: the large CLIP detection backbone (`itpn_large_clip_det_dense`), whose attention uses ViTDet's
-# decomposed relative positions (`rel_pos_h` / `rel_pos_w`); load_official refuses it with that reason.
-_DET = dict(num_classes=0, rpe=False, fpn_depth=1, ln_eps=1e-5)         # `det/.../iTPN_pixel.py`, `iTPN_CLIP.py`
-_SEG = dict(num_classes=0, rpe=True, fpn_depth=2, ln_eps=1e-5, img_size=512, ape_size=224)   # `seg/backbone/iTPN.py`
-DENSE_PRESETS: dict[str, iTPNConfig] = {
-    "itpn_b_det": replace(PRESETS["itpn_b"], **_DET, drop_path_rate=0.05),                       # 81.552M
-    "itpn_b_clip_det": replace(PRESETS["itpn_b"], **_DET, layer_scale=0.1, drop_path_rate=0.3),  # 81.578M
-    "itpn_b_seg": replace(PRESETS["itpn_b"], **_SEG, drop_path_rate=0.1),                        # 83.366M
-    "itpn_b_clip_seg": replace(PRESETS["itpn_b"], **_SEG, layer_scale=0.1, drop_path_rate=0.2),  # 83.392M
-    "itpn_l_seg": replace(PRESETS["itpn_l"], **_SEG, drop_path_rate=0.2),                        # 294.356M
-    "itpn_l_clip_seg": replace(PRESETS["itpn_l"], **_SEG, layer_scale=0.1, drop_path_rate=0.2),  # 294.418M
-}
-
-# iTPN's own fields, checked with hivit.HIVIT_RULES by the constructor (hivit.check_config).
-ITPN_RULES = [
-    ("fpn_dim", lambda c: c.fpn_dim >= 1, "must be >= 1 (the width F of every pyramid level; official 256)"),
-    ("fpn_depth", lambda c: c.fpn_depth >= 0, "must be >= 0 (C-MLP fusion blocks per top-down step)"),
-    ("ape_size", lambda c: not c.plain_vit or c.ape_size is None,
-     "must be None with plain_vit (the ViT's position table is built for img_size)"),
-]
-
 
 def backbone_config(cfg: iTPNConfig) -> HiViTConfig | ViTConfig:
     """The backbone alone: HiViT's config, or for `plain_vit` a ViT/16 with the same width, depth, heads and head.
@@ -280,21 +250,6 @@ class FeaturePyramid(nn.Module):
 
 
 # ---- 4. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
-
-# Smallest input side (px) per mode: "det" pools the stride-16 map twice (stride 64 needs H/16 >= 4), "seg" once.
-DENSE_MIN_SIZE = {"det": 64, "seg": 32}
-
-
-def check_dense_size(grid_hw: tuple[int, int], mode: str) -> None:
-    """Raise a ValueError unless `mode` is "det" or "seg" and a (Hp, Wp) unit grid is large enough for it."""
-    if mode not in DENSE_MIN_SIZE:
-        raise ValueError(f"mode must be 'det' or 'seg', got {mode!r}")
-    need = DENSE_MIN_SIZE[mode]
-    if min(grid_hw) * UNIT < need:
-        coarsest = "stride 64 = two 2x poolings" if mode == "det" else "stride 32 = one 2x pooling"
-        raise ValueError(f"mode {mode!r} needs images of at least {need}x{need} px ({coarsest} of the stride-16 map), "
-                         f"got {grid_hw[0] * UNIT}x{grid_hw[1] * UNIT}: resize or pad the input")
-
 
 # Smallest input side (px) per mode: "det" pools the stride-16 map twice (stride 64 needs H/16 >= 4), "seg" once.
 DENSE_MIN_SIZE = {"det": 64, "seg": 32}
@@ -757,10 +712,6 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
     if missing:
         raise ValueError(f"teacher has {anchor} like a hivit.VisionTransformer state_dict but lacks "
                          f"{[prefix + k for k in missing]}")
-    missing = [k for k in ("pos_embed", "blocks.0.mlp.fc1.weight") if k not in sd]
-    if missing:
-        raise ValueError(f"teacher has {anchor} like a hivit.VisionTransformer state_dict but lacks "
-                         f"{[prefix + k for k in missing]}")
     saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     saved = saved["model"] if isinstance(saved.get("model"), dict) else saved   # train.py: {"model", "method"}
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
@@ -971,13 +922,6 @@ def load_official(model: nn.Module, state_dict: dict) -> list[str]:
     is_backbone = isinstance(model, iTPN)
     arch = model.cfg if is_backbone else model.encoder.cfg
     mapped, ignored = {}, []
-    if is_backbone and any(k.startswith("backbone.") for k in sd):       # mmdet / mmseg: heads beside backbone.*
-        ignored = [k for k in sd if not k.startswith("backbone.")]
-        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    if any(k.endswith((".rel_pos_h", ".rel_pos_w")) for k in sd):
-        raise ValueError("this checkpoint's attention uses ViTDet's decomposed relative positions (rel_pos_h / "
-                         "rel_pos_w: the official large CLIP detection backbone with rpe=True), which this iTPN does "
-                         "not implement; DENSE_PRESETS lists the layouts it loads")
     if is_backbone and any(k.startswith("backbone.") for k in sd):       # mmdet / mmseg: heads beside backbone.*
         ignored = [k for k in sd if not k.startswith("backbone.")]
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
