@@ -200,3 +200,88 @@ def official_dense_forward(sd, x, *, n1, n2, heads, fpn_depth, mode, eps, rpe):
         out["p32"] = F.avg_pool2d(out["p16"], kernel_size=2, stride=2)
         out["p64"] = F.avg_pool2d(out["p32"], kernel_size=2, stride=2)
     return out
+
+# ---- oracles shared by tests/test_detect_seg_*.py and bench.py (one copy each) ----
+
+import numpy as np
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+
+def naive_bilinear(value_map, x, y):
+    """value_map (C, H, W); (x, y) normalised, pixel (i, j) centred at ((j + .5) / W, (i + .5) / H); zeros outside."""
+    C, H, W = value_map.shape
+    px, py = x * W - 0.5, y * H - 0.5
+    x0, y0 = math.floor(px.item()), math.floor(py.item())
+    fx, fy = px - x0, py - y0
+    out = value_map.new_zeros(C)
+    for yi, xi, wgt in ((y0, x0, (1 - fx) * (1 - fy)), (y0, x0 + 1, fx * (1 - fy)),
+                        (y0 + 1, x0, (1 - fx) * fy), (y0 + 1, x0 + 1, fx * fy)):
+        if 0 <= yi < H and 0 <= xi < W:
+            out = out + wgt * value_map[:, yi, xi]
+    return out
+
+
+def naive_deform_sample(value, shapes, locations, weights):
+    """Eq. 3 by loops: value (B, S, M, Dh), locations (B, Q, M, L, P, 2), weights (B, Q, M, L, P) -> (B, Q, M Dh)."""
+    B, _, M, Dh = value.shape
+    _, Q, _, L, P, _ = locations.shape
+    starts = np.cumsum([0] + [h * w for h, w in shapes])
+    rows = []
+    for b in range(B):
+        for q in range(Q):
+            heads = []
+            for m in range(M):
+                acc = value.new_zeros(Dh)
+                for lvl, (h, w) in enumerate(shapes):
+                    vmap = value[b, starts[lvl]:starts[lvl + 1], m].T.reshape(Dh, h, w)
+                    for p in range(P):
+                        x, y = locations[b, q, m, lvl, p]
+                        acc = acc + weights[b, q, m, lvl, p] * naive_bilinear(vmap, x, y)
+                heads.append(acc)
+            rows.append(torch.cat(heads))
+    return torch.stack(rows).view(B, Q, M * Dh)
+
+
+class _NoBackbone(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+
+
+@torch.no_grad()
+def torchvision_twin(model) -> MaskRCNN:
+    """A detect_seg.MaskRCNNLite's heads rebuilt with torchvision's own detection code (the oracle of
+    tests/test_detect_seg_maskrcnn.py and the baseline of bench.py): torchvision's Mask R-CNN with our settings
+    and OUR weights; every other setting at torchvision's default."""
+    cfg, names = model.cfg, ["0", "1", "2", "3"]
+    twin = MaskRCNN(
+        _NoBackbone(model.in_channels), num_classes=None,        # given by the two predictors below (K + 1)
+        rpn_anchor_generator=AnchorGenerator(sizes=tuple((cfg.anchor_scale * s,) for s in model.strides),
+                                             aspect_ratios=(cfg.aspect_ratios,) * len(model.strides)),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n[0], rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n[1],
+        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n[0], rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n[1],
+        rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.roi_batch_per_image,
+        box_roi_pool=MultiScaleRoIAlign(names, 7, cfg.roi_sampling_ratio),
+        box_head=TwoMLPHead(model.in_channels * 49, cfg.box_fc_dim),
+        box_predictor=FastRCNNPredictor(cfg.box_fc_dim, model.num_classes + 1),
+        mask_roi_pool=MultiScaleRoIAlign(names, 14, cfg.roi_sampling_ratio),
+        mask_head=MaskRCNNHeads(model.in_channels, [cfg.mask_dim] * 4, 1),
+        mask_predictor=MaskRCNNPredictor(cfg.mask_dim, cfg.mask_dim, model.num_classes + 1))
+    rpn_head, roi = twin.rpn.head, twin.roi_heads
+    pairs = [(rpn_head.conv[0][0], model.rpn.head.conv), (rpn_head.cls_logits, model.rpn.head.objectness),
+             (rpn_head.bbox_pred, model.rpn.head.deltas), (roi.box_head.fc6, model.box_head.fc6),
+             (roi.box_head.fc7, model.box_head.fc7), (roi.box_predictor.cls_score, model.box_head.cls_score),
+             (roi.mask_predictor.conv5_mask, model.mask_head.deconv)]
+    pairs += [(roi.mask_head[i][0], conv) for i, conv in enumerate(model.mask_head.convs)]
+    for dst, src in pairs:
+        dst.weight.copy_(src.weight)
+        dst.bias.copy_(src.bias)
+    # torchvision also predicts deltas and a mask for class 0 (background); those rows stay random: never used.
+    bbox, logits = roi.box_predictor.bbox_pred, roi.mask_predictor.mask_fcn_logits
+    bbox.weight[4:], bbox.bias[4:] = model.box_head.bbox_pred.weight, model.box_head.bbox_pred.bias
+    logits.weight[1:], logits.bias[1:] = model.mask_head.mask_logits.weight, model.mask_head.mask_logits.bias
+    return twin

@@ -15,47 +15,13 @@ import torch.nn as nn
 from torchvision.ops import box_convert, box_iou
 
 import detect_seg as ds
+from conftest import naive_deform_sample
 
 TINY = ds.DINO_PRESETS["tiny"]
 STEPS = 50                                  # overfit steps
 
 
 # ---- helpers ----
-
-def naive_bilinear(value_map, x, y):
-    """value_map (C, H, W); (x, y) normalised, pixel (i, j) centred at ((j + .5) / W, (i + .5) / H); zeros outside."""
-    C, H, W = value_map.shape
-    px, py = x * W - 0.5, y * H - 0.5
-    x0, y0 = math.floor(px.item()), math.floor(py.item())
-    fx, fy = px - x0, py - y0
-    out = value_map.new_zeros(C)
-    for yi, xi, wgt in ((y0, x0, (1 - fx) * (1 - fy)), (y0, x0 + 1, fx * (1 - fy)),
-                        (y0 + 1, x0, (1 - fx) * fy), (y0 + 1, x0 + 1, fx * fy)):
-        if 0 <= yi < H and 0 <= xi < W:
-            out = out + wgt * value_map[:, yi, xi]
-    return out
-
-
-def naive_deform_sample(value, shapes, locations, weights):
-    """Eq. 3 by loops: value (B, S, M, Dh), locations (B, Q, M, L, P, 2), weights (B, Q, M, L, P) -> (B, Q, M Dh)."""
-    B, _, M, Dh = value.shape
-    _, Q, _, L, P, _ = locations.shape
-    starts = np.cumsum([0] + [h * w for h, w in shapes])
-    rows = []
-    for b in range(B):
-        for q in range(Q):
-            heads = []
-            for m in range(M):
-                acc = value.new_zeros(Dh)
-                for lvl, (h, w) in enumerate(shapes):
-                    vmap = value[b, starts[lvl]:starts[lvl + 1], m].T.reshape(Dh, h, w)
-                    for p in range(P):
-                        x, y = locations[b, q, m, lvl, p]
-                        acc = acc + weights[b, q, m, lvl, p] * naive_bilinear(vmap, x, y)
-                heads.append(acc)
-            rows.append(torch.cat(heads))
-    return torch.stack(rows).view(B, Q, M * Dh)
-
 
 def np_focal_sum(logits, onehot, alpha=0.25, gamma=2.0):
     p = 1 / (1 + np.exp(-logits))
@@ -369,7 +335,6 @@ def test_dn_attention_mask_structure():
 
 
 def test_cdn_queries_layout_and_noise_ranges():
-    g = torch.Generator().manual_seed(6)
     torch.manual_seed(6)
     targets = [{"labels": torch.tensor([0, 1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.4, 0.6, 0.1, 0.3],
                                                                              [0.6, 0.4, 0.3, 0.1]])},

@@ -19,13 +19,12 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection._utils import BoxCoder as TVBoxCoder
 from torchvision.models.detection._utils import Matcher as TVMatcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 from torchvision.ops import MultiScaleRoIAlign, box_iou, roi_align
 
 import detect_seg as ds
+from conftest import _NoBackbone, torchvision_twin
 
 STRIDES = (4, 8, 16, 32, 64)        # the iTPN det pyramid p4..p64
 C, K, SIDE = 8, 3, 128              # channels, classes, padded input side (a multiple of 64: exact strides)
@@ -77,45 +76,6 @@ def make_targets(seed: int = 2) -> list:
         targets.append({"boxes": boxes, "labels": torch.randint(1, K + 1, (n,), generator=g),
                         "masks": ellipse_masks(boxes)})
     return targets
-
-
-class _NoBackbone(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.out_channels = channels
-
-
-@torch.no_grad()
-def torchvision_twin(model: ds.MaskRCNNLite) -> MaskRCNN:
-    """torchvision's Mask R-CNN with our settings and OUR weights; every other setting at torchvision's default."""
-    cfg, names = model.cfg, ["0", "1", "2", "3"]
-    twin = MaskRCNN(
-        _NoBackbone(model.in_channels), num_classes=None,        # given by the two predictors below (K + 1)
-        rpn_anchor_generator=AnchorGenerator(sizes=tuple((cfg.anchor_scale * s,) for s in model.strides),
-                                             aspect_ratios=(cfg.aspect_ratios,) * len(model.strides)),
-        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n[0], rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n[1],
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n[0], rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n[1],
-        rpn_batch_size_per_image=cfg.rpn_batch_per_image, box_batch_size_per_image=cfg.roi_batch_per_image,
-        box_roi_pool=MultiScaleRoIAlign(names, 7, cfg.roi_sampling_ratio),
-        box_head=TwoMLPHead(model.in_channels * 49, cfg.box_fc_dim),
-        box_predictor=FastRCNNPredictor(cfg.box_fc_dim, model.num_classes + 1),
-        mask_roi_pool=MultiScaleRoIAlign(names, 14, cfg.roi_sampling_ratio),
-        mask_head=MaskRCNNHeads(model.in_channels, [cfg.mask_dim] * 4, 1),
-        mask_predictor=MaskRCNNPredictor(cfg.mask_dim, cfg.mask_dim, model.num_classes + 1))
-    rpn_head, roi = twin.rpn.head, twin.roi_heads
-    pairs = [(rpn_head.conv[0][0], model.rpn.head.conv), (rpn_head.cls_logits, model.rpn.head.objectness),
-             (rpn_head.bbox_pred, model.rpn.head.deltas), (roi.box_head.fc6, model.box_head.fc6),
-             (roi.box_head.fc7, model.box_head.fc7), (roi.box_predictor.cls_score, model.box_head.cls_score),
-             (roi.mask_predictor.conv5_mask, model.mask_head.deconv)]
-    pairs += [(roi.mask_head[i][0], conv) for i, conv in enumerate(model.mask_head.convs)]
-    for dst, src in pairs:
-        dst.weight.copy_(src.weight)
-        dst.bias.copy_(src.bias)
-    # torchvision also predicts deltas and a mask for class 0 (background); those rows stay random: never used.
-    bbox, logits = roi.box_predictor.bbox_pred, roi.mask_predictor.mask_fcn_logits
-    bbox.weight[4:], bbox.bias[4:] = model.box_head.bbox_pred.weight, model.box_head.bbox_pred.bias
-    logits.weight[1:], logits.bias[1:] = model.mask_head.mask_logits.weight, model.mask_head.mask_logits.bias
-    return twin
 
 
 def run_twin(twin: MaskRCNN, features: list, targets=None) -> tuple:
