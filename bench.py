@@ -16,7 +16,8 @@ Sections:
     4. mim.py suite          <-> HiViT Tab. 8 (MAE vs SimMIM), FastMIM Sec. 3 (128 px), M3I step cost
     5. fast_itpn.py suite    <-> Fast-iTPN Fig. 5 (token migration), Tab. 7 (window attention, gathering, HRPE)
     6. train.py suite        whole pre-training steps through the real CLI (data loading included), peak memory
-    7. CLI
+    7. detect_seg.py suite   dense heads' steps; Mask R-CNN-lite vs torchvision; deformable attention vs the loop
+    8. CLI
 
 Shapes:
     B batch, H = W image side.
@@ -48,10 +49,13 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import detect_seg as ds
 import fast_itpn
 import hivit
 import itpn
 import mim
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))   # conftest's oracles
 
 
 # ---- 1. Timing helpers --------------------------------------------------------------------------------------------
@@ -368,7 +372,135 @@ def bench_train(*, batch: int, reps: int, device: str, long: bool):
                ("CUDA max allocated" if "max_mem_mb" in last else "peak RSS of the largest child so far") + note)
 
 
-# ---- 7. CLI -------------------------------------------------------------------------------------------------------
+# ---- 7. detect_seg.py suite: the dense heads on the pyramid ------------------------------------------------------
+
+def synthetic_targets(batch: int, side: int, num_classes: int, *, seed: int = 0) -> list:
+    """Three boxes per image with their filled rectangles as masks, labels 1..K (a fixed dense training batch)."""
+    g = torch.Generator().manual_seed(seed)
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(3, 2, generator=g) * side * 0.6
+        boxes = torch.cat([xy, xy + side * (0.1 + 0.3 * torch.rand(3, 2, generator=g))], dim=1)   # (3, 4) xyxy
+        masks = torch.zeros(3, side, side, dtype=torch.bool)
+        for m, (x0, y0, x1, y1) in zip(masks, boxes.round().long().tolist()):
+            m[y0:y1, x0:x1] = True
+        targets.append({"boxes": boxes, "labels": torch.randint(1, num_classes + 1, (3,), generator=g),
+                        "masks": masks, "semantic": torch.randint(0, num_classes, (side, side), generator=g)})
+    return targets
+
+
+def dense_model(model: str, task: str, head: str, num_classes: int):
+    """detect_seg's DenseModel for --model / --task / --head, as the driver builds it (random weights)."""
+    cfg = ds.DenseConfig(task=task, head=head, model=model, drop_path=0.0)
+    backbone, neck, widths = ds.build_backbone(model, cfg)
+    head_module = ds.build_head(cfg, widths=widths, num_classes=num_classes, tiny=model.endswith("_tiny"))
+    return ds.DenseModel(backbone, neck=neck, head=head_module, task=task, head_name=head)
+
+
+def dense_step(model, images, targets, *, task: str):
+    """One training step's forward + backward of a DenseModel (the driver's loss, without the optimizer)."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        sizes = [tuple(images.shape[-2:])] * len(images)
+        pad_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
+        if task == "seg":
+            out = model(images, pad_mask=pad_mask, image_sizes=sizes)
+            loss = ds.seg_loss(out, torch.stack([t["semantic"] for t in targets]))["loss"]
+        else:
+            loss = model(images, pad_mask=pad_mask, image_sizes=sizes, targets=targets)["loss"]
+        loss.backward()
+    return step
+
+
+def bench_dense(*, batch: int, reps: int, device: str, long: bool):
+    """detect_seg.py: training / inference images/s of the heads (demo sizes; iTPN-B at 512 px with --long), Mask
+    R-CNN-lite against torchvision's heads on the same pyramid features and weights, deformable attention by
+    grid_sample against the per-point bilinear loop it replaces."""
+    from conftest import naive_deform_sample, torchvision_twin   # the tests' oracles, one copy (tests/conftest.py)
+    from torchvision.models.detection.image_list import ImageList
+    torch.manual_seed(0)
+    rows = [("itpn_tiny", "seg", "uperhead", 64, 8), ("itpn_tiny", "det", "maskrcnn", 64, 8),
+            ("itpn_tiny", "det", "dino", 64, 8)]
+    if long:                                                              # the papers' sizes: slow on a CPU
+        rows += [("itpn_b", "seg", "uperhead", 512, batch), ("itpn_b", "det", "maskrcnn", 512, batch),
+                 ("itpn_b", "det", "dino", 512, batch)]
+    for model_name, task, head, side, b in rows:
+        model = dense_model(model_name, task, head, num_classes=8).to(device).train()
+        images, targets = torch.randn(b, 3, side, side, device=device), synthetic_targets(b, side, 8)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        train_s = interleaved_seconds({"step": dense_step(model, images, targets, task=task)}, reps=reps,
+                                      device=device)["step"]
+        model.eval()
+        with torch.no_grad():
+            infer_s = interleaved_seconds({"eval": lambda: model(images, pad_mask=None if task == "seg" else
+                                                                  torch.zeros(b, side, side, dtype=torch.bool),
+                                                                  image_sizes=[(side, side)] * b)},
+                                          reps=reps, device=device)["eval"]
+        yield f"{model_name} + {head} {side} px train step (images/s)", b / train_s, f"batch {b}, 1 thread"
+        yield f"{model_name} + {head} {side} px inference (images/s)", b / infer_s, f"batch {b}, 1 thread"
+    if long:                                                              # ADE20K test: whole image vs windows
+        model = dense_model("itpn_b", "seg", "uperhead", num_classes=150).to(device).eval()
+        x = torch.randn(1, 3, 512, 683, device=device)
+
+        def logits_fn(images):
+            return model(images, pad_mask=None, image_sizes=None)["logits"]
+
+        with torch.no_grad():
+            t = interleaved_seconds({"whole": lambda: ds.predict_whole(logits_fn, x),
+                                     "slide": lambda: ds.predict_slide(logits_fn, x)}, reps=reps, device=device)
+        yield "iTPN-B + UPerHead 512x683 whole-image inference (images/s)", 1 / t["whole"], "1 thread"
+        yield "iTPN-B + UPerHead 512x683 sliding-window inference (images/s)", 1 / t["slide"], "512 windows, stride 341"
+    # Mask R-CNN-lite vs torchvision's Mask R-CNN heads: same settings ("torchvision" preset), same weights, same
+    # iTPN-B pyramid-shaped features (256 channels, strides 4..64 of a 512-px input), batch 2.
+    side, b, strides = 512, 2, (4, 8, 16, 32, 64)
+    lite = ds.MaskRCNNLite(256, num_classes=80, strides=strides, cfg=ds.MASKRCNN_PRESETS["torchvision"]).to(device)
+    twin = torchvision_twin(lite).to(device)
+    feats = [torch.randn(b, 256, side // s, side // s, device=device) for s in strides]
+    targets = [{k: v.to(device) for k, v in t.items() if k != "semantic"} for t in synthetic_targets(b, side, 80)]
+    image_list = ImageList(torch.zeros(b, 3, side, side, device=device), [(side, side)] * b)
+    named = {str(i): f for i, f in enumerate(feats)}
+
+    def lite_train():
+        lite.zero_grad(set_to_none=True)
+        lite(feats, image_sizes=[(side, side)] * b, targets=targets)["loss"].backward()
+
+    def twin_train():
+        twin.zero_grad(set_to_none=True)
+        proposals, rpn_losses = twin.rpn(image_list, named, targets)
+        _, roi_losses = twin.roi_heads(named, proposals, image_list.image_sizes, targets)
+        sum({**rpn_losses, **roi_losses}.values()).backward()
+
+    def twin_eval():
+        proposals, _ = twin.rpn(image_list, named)
+        detections, _ = twin.roi_heads(named, proposals, image_list.image_sizes)
+        return twin.transform.postprocess(detections, image_list.image_sizes, image_list.image_sizes)
+
+    lite.train(), twin.train()
+    t = interleaved_seconds({"lite": lite_train, "torchvision": twin_train}, reps=reps, device=device)
+    yield "Mask R-CNN-lite / torchvision heads, train step (speed)", t["torchvision"] / t["lite"], \
+        f"x  lite {t['lite']:.2f} s, 512 px, batch 2, heads only"
+    lite.eval(), twin.eval()
+    with torch.no_grad():
+        t = interleaved_seconds({"lite": lambda: lite(feats, image_sizes=[(side, side)] * b),
+                                 "torchvision": twin_eval}, reps=reps, device=device)
+    yield "Mask R-CNN-lite / torchvision heads, inference (speed)", t["torchvision"] / t["lite"], \
+        f"x  lite {t['lite']:.2f} s, masks pasted by both"
+    # Deformable attention (Deformable DETR Eq. 3): one grid_sample per level against the per-point loop.
+    shapes, heads, dh, levels, points, queries = [(16, 16), (8, 8), (4, 4), (2, 2)], 4, 8, 4, 4, 8
+    value = torch.randn(1, sum(h * w for h, w in shapes), heads, dh, requires_grad=True)
+    locations = torch.rand(1, queries, heads, levels, points, 2, requires_grad=True)
+    weights = torch.rand(1, queries, heads, levels, points).softmax(-1).requires_grad_()
+
+    def fwd_bwd_of(fn):
+        return lambda: fn(value, shapes, locations, weights).sum().backward()
+
+    t = interleaved_seconds({"grid_sample": fwd_bwd_of(ds.ms_deform_attn_sample),
+                             "loop": fwd_bwd_of(naive_deform_sample)}, reps=reps, device="cpu")
+    yield "deformable attention fwd+bwd, grid_sample / naive loop (speed)", t["loop"] / t["grid_sample"], \
+        f"x  {queries} queries x {heads} heads x {levels} levels x {points} points"
+
+
+# ---- 8. CLI -------------------------------------------------------------------------------------------------------
 
 # name -> (suite, default batch, default reps, minutes on a 2-core CPU with the defaults, without --long)
 SUITES = {
@@ -377,6 +509,7 @@ SUITES = {
     "mim": (bench_mim, 4, 3, "3"),
     "fast_itpn": (bench_fast_itpn, 1, 2, "2"),
     "train": (bench_train, None, 3, "0.5"),
+    "dense": (bench_dense, 2, 3, "4"),
 }
 
 
