@@ -686,9 +686,10 @@ def save_predictions(path: str, model: nn.Module, views: SeededViews, classes: l
     was_training = model.training
     model.eval()
     x, y = zip(*[views[i][:2] for i in range(min(16, len(views)))])
-    pred = model(torch.stack(x).to(device)).argmax(dim=1).tolist()
+    images = torch.stack(x)                                               # (P, 3, H, W), normalised
+    pred = model(images.to(device)).argmax(dim=1).tolist()
     model.train(was_training)
-    pictures = denormalize(torch.stack(x))                                # (P, 3, H, W) in [0, 1]
+    pictures = denormalize(images)                                        # (P, 3, H, W) in [0, 1]
     tile, cols = max(96, pictures.shape[-1]), 8
     canvas = Image.new("RGB", (cols * tile, math.ceil(len(pred) / cols) * (tile + 14)), "white")
     draw = ImageDraw.Draw(canvas)
