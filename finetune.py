@@ -341,6 +341,7 @@ class Pretrained:
     model: str | None      # the --model that wrote it (this project's files); None for official files
     kind: str              # "pixel" or "clip" (frozen-teacher distillation: CLIP in the papers)
     truncate: int = 0      # train.py --truncate K: the last K attention blocks are missing (FastMIM Tab. 1c)
+    pyramid: str = ""      # where an iTPN pre-trainer keeps its feature pyramid ("encoder.pyramid."), for dense models
 
 
 def backbone_prefix(model: str) -> str:
@@ -368,15 +369,17 @@ def read_pretrained(path: str) -> Pretrained:
             raise ConfigError(f"--finetune {path!r} was written by --model {args['model']} --method {method}, which "
                               f"this version does not have")
         if method is None:                                                # finetune.py: the classifier itself
-            layout, prefix = "classifier", ("encoder." if args.get("linear_probe") else "")
+            layout, prefix, pyramid = "classifier", ("encoder." if args.get("linear_probe") else ""), ""
             source = f"finetune.py {args['model']}"
         else:                                                             # train.py: the pre-trainer's encoder
             inside = backbone_prefix(args["model"]) if METHOD_FILE.get(method) == "itpn" else ""   # iTPN / bare
             layout, prefix = "encoder", "encoder." + inside
+            pyramid = "encoder.pyramid." if inside else ""                 # a bare Fast-iTPN holds its own
             source = f"train.py {args['model']} --method {method}"
         layer_scale = any(k.startswith(prefix) and k.endswith("gamma_1") for k in state)
         kind = "clip" if (distilled(method) if method else layer_scale) else "pixel"
-        return Pretrained(state, layout, prefix, source, args["model"], kind, int(args.get("truncate") or 0))
+        return Pretrained(state, layout, prefix, source, args["model"], kind, int(args.get("truncate") or 0),
+                          pyramid)
     state = hivit.unwrap_checkpoint(ckpt)                                 # released files: {'model': sd} or sd
     if "patch_embed.proj.weight" not in state or not any(k.startswith("blocks.") for k in state):
         raise ConfigError(f"--finetune {path!r} is neither a checkpoint of this project nor an official HiViT / "
@@ -426,9 +429,13 @@ def check_architecture(pretrained: Pretrained, model_name: str, cfg) -> None:
 
 
 def to_model_keys(pretrained: Pretrained, model: nn.Module, model_name: str) -> tuple[dict, dict]:
-    """({classifier key: tensor}, {classifier key: the file's key}); keys outside the backbone are left out."""
+    """({model key: tensor}, {model key: the file's key}); keys outside the backbone (and, for a dense iTPN, its
+    pyramid) are left out."""
     target, mapped, names = backbone_prefix(model_name), {}, {}
     for key, value in pretrained.state.items():
+        if pretrained.pyramid and key.startswith(pretrained.pyramid):    # encoder.pyramid.* -> pyramid.*
+            mapped[key[len("encoder."):]], names[key[len("encoder."):]] = value, key
+            continue
         if not key.startswith(pretrained.prefix):
             continue                                                      # decoders, teachers, pre-training heads
         new = key[len(pretrained.prefix):]
@@ -489,9 +496,11 @@ def summarise(keys: list[str], depth: int) -> str:
 
 
 def load_pretrained(model: nn.Module, pretrained: Pretrained, *, model_name: str) -> dict[str, list[str]]:
-    """Load a --finetune file into a classifier; returns {"loaded", "fresh", "ignored", "resized"} key lists.
+    """Load a --finetune file into a classifier or a dense backbone; returns {"loaded", "fresh", "ignored",
+    "resized"} key lists.
 
-    The backbone must be complete (up to a --truncate'd tail); a fresh head of a pre-trained model starts at
+    The backbone must be complete (up to a --truncate'd tail); a dense iTPN's pyramid comes from the file when it
+    holds one (iTPN pre-training, all of it) and starts fresh when it holds none (the report says so); a fresh head of a pre-trained model starts at
     trunc-normal(2e-5) as in MAE and the official iTPN pixel script (Fast-iTPN keeps its own 0.01-scaled init)."""
     check_architecture(pretrained, model_name, model.cfg)
     mapped, names = to_model_keys(pretrained, model, model_name)
@@ -506,6 +515,8 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, *, model_name: str
              if k in expected and v.shape != expected[k]]
     fresh = [k for k in expected if k not in mapped]
     lacking = [k for k in fresh if not may_start_fresh(k, depth=model.cfg.depth, truncate=pretrained.truncate)]
+    if not any(k.startswith("pyramid.") for k in mapped):                # a file without a pyramid (official,
+        lacking = [k for k in lacking if not k.startswith("pyramid.")]   # MAE-style): a dense iTPN's starts fresh
     if wrong or lacking:
         raise ConfigError(f"--finetune ({pretrained.source}) does not fit --model {model_name}: "
                           + "; ".join(wrong + ([f"missing {summarise(lacking, 4)}"] if lacking else [])))

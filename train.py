@@ -1115,7 +1115,7 @@ class Trainer:
                     self.save(epoch, record)
                     with open(os.path.join(self.cfg.output_dir, "log.txt"), "a") as f:
                         f.write(json.dumps(record) + "\n")
-                    print0(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in record.items()}))
+                    print0(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}))
         finally:
             for s, handler in handlers.items():
                 signal.signal(s, handler)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,3 +184,46 @@ def test_a_released_dense_backbone_file_loads_strictly_through_the_driver(tmp_pa
     assert torch.equal(ours["pyramid.out4.mlp.fc2.weight"], sd["fpn_modules.2.mlp.fc2.weight"])
     assert torch.equal(ours["backbone.absolute_pos_embed"], sd["absolute_pos_embed"])
     assert ours["backbone.absolute_pos_embed"].shape[1] == 196            # the seg layout's 224-px table
+
+
+def test_finetune_loads_the_pretrained_backbone_and_pyramid_and_pyramid_random_resets_only_the_pyramid(
+        tmp_path, monkeypatch):
+    """iTPN's claim needs its pyramid to travel: a train.py iTPN checkpoint gives the dense model its backbone and
+    its pyramid tensor for tensor; --pyramid random re-draws the pyramid and leaves the backbone as loaded."""
+    import train
+    pre = str(tmp_path / "pre")
+    train.main(["--model", "itpn_tiny", "--num_images", "8", "--batch_size", "4", "--max_steps", "1",
+                "--num_workers", "0", "--output_dir", pre])
+    encoder = {k[len("encoder."):]: v for k, v in
+               torch.load(os.path.join(pre, "checkpoint-last.pth"), weights_only=True)["model"].items()
+               if k.startswith("encoder.")}
+    seen = []
+    real = ds.DenseTask.__init__
+
+    def keep(self, model, data, **kw):                                   # the model as the run starts
+        seen.append({k: v.clone() for k, v in model.backbone.state_dict().items()})
+        real(self, model, data, **kw)
+
+    monkeypatch.setattr(ds.DenseTask, "__init__", keep)
+    for name, extra in (("loaded", []), ("random", ["--pyramid", "random"])):
+        run(tmp_path, *SMALL, "--max_steps", "1", "--finetune", os.path.join(pre, "checkpoint-last.pth"), *extra,
+            name=name)
+    loaded, random = seen
+    pyramid = [k for k in loaded if k.startswith("pyramid.")]
+    backbone = [k for k in loaded if k.startswith("backbone.") and k in encoder]    # bias tables: fresh (no RPE)
+    assert len(pyramid) == len([k for k in encoder if k.startswith("pyramid.")]) > 0
+    for k in pyramid + backbone:
+        assert torch.equal(loaded[k], encoder[k]), k                      # every tensor, as pre-trained
+    assert all(torch.equal(random[k], encoder[k]) for k in backbone)
+    drawn = [k for k in pyramid if loaded[k].ndim >= 2]                  # norms and biases re-init to constants
+    assert drawn and not any(torch.equal(random[k], encoder[k]) for k in drawn)
+    import finetune
+    from train import ConfigError
+    file = finetune.read_pretrained(os.path.join(pre, "checkpoint-last.pth"))
+    cfg = SimpleNamespace(task="seg", drop_path=0.0)                     # what build_backbone reads
+    file.state = {k: v for k, v in file.state.items() if not k.startswith("encoder.pyramid.")}   # no pyramid
+    report = finetune.load_pretrained(ds.build_backbone("itpn_tiny", cfg)[0], file, model_name="itpn_tiny")
+    assert {k for k in report["fresh"] if k.startswith("pyramid.")} == set(pyramid)          # fresh, and said
+    file.state["encoder.pyramid.proj16.weight"] = encoder["pyramid.proj16.weight"]          # a part of one
+    with pytest.raises(ConfigError, match="missing pyramid"):
+        finetune.load_pretrained(ds.build_backbone("itpn_tiny", cfg)[0], file, model_name="itpn_tiny")
