@@ -45,10 +45,11 @@ Differences from the paper / official code:
     - Evaluation runs on every rank's share of the val split; COCO results are gathered and scored on rank 0.
 
 Run:
-    python detect_seg.py                                                  # CPU demo: seg, tiny iTPN, minutes
-    python detect_seg.py --task det --head maskrcnn                       # CPU demo: Mask R-CNN-lite, box/mask AP
-    python detect_seg.py --task det --head dino                           # CPU demo: DINO-style, box AP
-    python detect_seg.py --finetune output/checkpoint-last.pth --output_dir output_seg   # from `python train.py`
+    python detect_seg.py                                  # CPU demo: seg, tiny iTPN from scratch, output_uperhead/
+    python detect_seg.py --task det --head maskrcnn       # CPU demo: Mask R-CNN-lite, box/mask AP, output_maskrcnn/
+    python detect_seg.py --task det --head dino           # CPU demo: DINO-style, box AP, output_dino/
+    python detect_seg.py --finetune output/checkpoint-last.pth --output_dir output_seg_pretrained   # backbone and
+                                                          # pyramid from `python train.py`'s run
     torchrun --nproc_per_node 8 detect_seg.py --task seg --head uperhead --model itpn_b --finetune X \
         --data_path /ade20k                                               # paper: 512 crops, 160k iterations
     torchrun --nproc_per_node 8 detect_seg.py --task det --head maskrcnn --model itpn_b --finetune X \
@@ -147,6 +148,8 @@ class DenseConfig(RunConfig):
     attention: str = flag("global", "Fast-iTPN stage-3 attention (Tab. 7): global, window, or window + gathering "
                                     "tokens", choices=["global", "window", "gathering"])
     eval: bool = flag(False, "evaluate --finetune / --resume weights on the val split and stop")
+    output_dir: str | None = flag(None, "checkpoints, log.txt, config.json and pictures. Default: output_<head> "
+                                        "(train.py's output/ holds the pre-training run it may start from)")
 
     RESUME_KEYS = ("task", "head", "model")
 
@@ -3226,8 +3229,9 @@ def prepare(cfg: DenseConfig, dist_: Dist):
 
 
 def main(argv=None) -> list[dict]:
-    def recipe(c):
+    def recipe(c):                                                       # head and output folder follow --task
         c.head = c.head or DEFAULT_HEAD[c.task]
+        c.output_dir = c.output_dir or f"output_{c.head}"
         return f"{'demo' if c.model.endswith('_tiny') else 'paper'}_{c.head}"
 
     cfg, parser = parse_config(DenseConfig, argv, description=DESCRIPTION, defaults=DEFAULTS, recipe=recipe,

@@ -203,11 +203,12 @@ def build_parser(cls, *, description: str, defaults: dict[str, dict], epilog: st
     Booleans get --name / --no-name; a field the recipes fill shows each recipe's value in its help."""
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for klass in reversed([k for k in cls.__mro__ if is_dataclass(k)]):
+    classes = [k for k in cls.__mro__ if is_dataclass(k)]                # the script's own class first
+    owner = {f.name: next(k for k in classes if f.name in k.__dict__.get("__annotations__", {})) for f in fields(cls)}
+    for klass in reversed(classes):
         group = parser.add_argument_group(klass.__doc__.split("\n")[0])
-        own = set(klass.__dict__.get("__annotations__", {}))
         for f in fields(cls):
-            if f.name not in own:
+            if owner[f.name] is not klass:                                # a subclass may redefine a field
                 continue
             help_text = f.metadata["help"]
             if any(f.name in d for d in defaults.values()):

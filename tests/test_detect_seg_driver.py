@@ -227,3 +227,13 @@ def test_finetune_loads_the_pretrained_backbone_and_pyramid_and_pyramid_random_r
     file.state["encoder.pyramid.proj16.weight"] = encoder["pyramid.proj16.weight"]          # a part of one
     with pytest.raises(ConfigError, match="missing pyramid"):
         finetune.load_pretrained(ds.build_backbone("itpn_tiny", cfg)[0], file, model_name="itpn_tiny")
+
+
+def test_default_output_folder_is_per_head_and_leaves_the_pretraining_run_alone(tmp_path, monkeypatch):
+    """`python train.py` writes output/; the course's next commands must not be refused (or write) there."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "checkpoint-last.pth").write_bytes(b"the pre-training run")
+    ds.main([*SMALL, "--task", "det", "--head", "dino", "--max_steps", "1"])
+    assert (tmp_path / "output_dino" / "checkpoint-last.pth").is_file()
+    assert os.listdir(tmp_path / "output") == ["checkpoint-last.pth"]
