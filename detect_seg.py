@@ -39,7 +39,9 @@ Differences from the paper / official code:
       class 0 of K + 1. Real data: ADE20K (reduce-zero-label) and COCO 2017 layouts.
     - One recipe per head: the official iTPN-B ADE20K (AdamW, layer decay 0.9, poly, 160k iterations) and COCO
       Mask R-CNN 1x configs, DINO-4scale's optimiser; layer ids are finetune.py's official ones, the pyramid and
-      the heads train at the full lr. The 3x schedule is --epochs 36 with multi-scale resizing left out.
+      the heads train at the full lr. --schedule 3x: 36 epochs, x0.1 at 27 and 33, and multi-scale training
+      (short side drawn from 11 sizes, 0.6-1.0 x --input_size: 480..800 at 800, as Swin's / HiViT's 3x configs);
+      the random-crop branch of those configs' AutoAugment is left out.
     - HiViT / ViT use ViTDet's simple pyramid; --pyramid random re-initialises iTPN's pre-trained pyramid (the
       ablation of the paper's claim). UPerHead uses BatchNorm (SyncBN under DDP), as mmseg.
     - Evaluation runs on every rank's share of the val split; COCO results are gathered and scored on rank 0.
@@ -147,11 +149,13 @@ class DenseConfig(RunConfig):
                                        "computation removed", valid=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"))
     attention: str = flag("global", "Fast-iTPN stage-3 attention (Tab. 7): global, window, or window + gathering "
                                     "tokens", choices=["global", "window", "gathering"])
+    schedule: str = flag("1x", "det: 1x (12 epochs, lr x0.1 at 8 and 11) or 3x (36 epochs, x0.1 at 27 and 33, "
+                               "multi-scale training: short side 0.6-1.0 x --input_size)", choices=["1x", "3x"])
     eval: bool = flag(False, "evaluate --finetune / --resume weights on the val split and stop")
     output_dir: str | None = flag(None, "checkpoints, log.txt, config.json and pictures. Default: output_<head> "
                                         "(train.py's output/ holds the pre-training run it may start from)")
 
-    RESUME_KEYS = ("task", "head", "model")
+    RESUME_KEYS = ("task", "head", "model", "schedule")
 
 
 # Defaults per (scale, head). "paper": iTPN-B's ADE20K UPerNet (official seg config: AdamW 3e-5 at batch 16, layer
@@ -2933,11 +2937,11 @@ def step_lr(step: int, *, lr: float, warmup_steps: int, milestones: tuple[int, .
 
 def dense_schedule(cfg: DenseConfig, *, lr: float, steps_per_epoch: int):
     """step -> lr: poly with warm-up for segmentation (mmseg), steps at 2/3 and 11/12 of training for Mask R-CNN
-    (epochs 8 and 11 of 12, mmdet 1x), at 11/12 for DINO."""
+    (epochs 8 and 11 of 12, mmdet 1x; 27 and 33 of 36 with --schedule 3x), at 11/12 for DINO."""
     warmup, total = round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch
     if cfg.task == "seg":
         return lambda step: poly_lr(step, lr=lr, warmup_steps=warmup, total_steps=total, min_lr=cfg.min_lr)
-    fractions = (2 / 3, 11 / 12) if cfg.head == "maskrcnn" else (11 / 12,)
+    fractions = {"1x": (2 / 3, 11 / 12), "3x": (3 / 4, 11 / 12)}[cfg.schedule] if cfg.head == "maskrcnn" else (11 / 12,)
     milestones = tuple(round(f * cfg.epochs) * steps_per_epoch for f in fractions)
     return lambda step: step_lr(step, lr=lr, warmup_steps=warmup, milestones=milestones)
 
@@ -2954,11 +2958,18 @@ def dense_param_groups(model: DenseModel, cfg: DenseConfig) -> list[dict]:
     return groups + param_groups(rest, cfg.weight_decay)
 
 
+def det_scales(cfg: DenseConfig) -> list[tuple[int, int]]:
+    """(long, short) resize limits of detection training: (5/3 x S, S) for S = --input_size (mmdet's (1333, 800)),
+    with --schedule 3x 11 short sides evenly from 0.6 S to S (480, 512, ..., 800 at 800: multi-scale training)."""
+    shorts = [cfg.input_size] if cfg.schedule == "1x" else [round(cfg.input_size * (0.6 + 0.04 * k)) for k in range(11)]
+    return [(round(cfg.input_size * 5 / 3), short) for short in shorts]
+
+
 class DenseData:
     """Train and val splits of the task's data, each a (dataset, categories) pair, and their transforms."""
 
     def __init__(self, cfg: DenseConfig):
-        tiny_scale = (round(cfg.input_size * 5 / 3), cfg.input_size)      # (long, short) side limits
+        scale = (round(cfg.input_size * 5 / 3), cfg.input_size)           # (long, short) side limits
         if cfg.data_path is None:
             task = "seg" if cfg.task == "seg" else "det"
             self.train = ShapesDataset(cfg.num_images, image_size=cfg.input_size, seed=cfg.seed, task=task)
@@ -2983,8 +2994,8 @@ class DenseData:
                                                                                        cfg.input_size))
             self.eval_transform = EvalTransform(scale=(4 * cfg.input_size, cfg.input_size))
         else:
-            self.train_transform = DetTrainTransform(scales=(tiny_scale,))
-            self.eval_transform = EvalTransform(scale=tiny_scale)
+            self.train_transform = DetTrainTransform(scales=det_scales(cfg))
+            self.eval_transform = EvalTransform(scale=scale)
 
 
 def dense_collate(batch: list, *, stride: int, train: bool):
@@ -3197,6 +3208,8 @@ def check_dense_flags(cfg: DenseConfig, parser) -> None:
     if cfg.model in itpn.DENSE_PRESETS and not cfg.model.endswith(cfg.task):
         parser.error(f"--model {cfg.model} is the released {cfg.model.rsplit('_', 1)[1]} backbone; use it with "
                      f"--task {cfg.model.rsplit('_', 1)[1]}")
+    if cfg.schedule == "3x" and cfg.head != "maskrcnn":
+        parser.error(f"--schedule 3x is Mask R-CNN's (mmdet 3x); --head {cfg.head} takes --epochs for longer runs")
     if (cfg.migration_ratio or cfg.attention != "global") and family != "fast_itpn":
         parser.error(f"--migration_ratio / --attention are Fast-iTPN switches; --model {cfg.model} is {family}")
 
@@ -3229,10 +3242,13 @@ def prepare(cfg: DenseConfig, dist_: Dist):
 
 
 def main(argv=None) -> list[dict]:
-    def recipe(c):                                                       # head and output folder follow --task
+    def recipe(c):                                        # head, output folder and 3x epochs follow the flags
         c.head = c.head or DEFAULT_HEAD[c.task]
         c.output_dir = c.output_dir or f"output_{c.head}"
-        return f"{'demo' if c.model.endswith('_tiny') else 'paper'}_{c.head}"
+        name = f"{'demo' if c.model.endswith('_tiny') else 'paper'}_{c.head}"
+        if c.schedule == "3x" and c.epochs is None:
+            c.epochs = 3 * DEFAULTS[name]["epochs"]
+        return name
 
     cfg, parser = parse_config(DenseConfig, argv, description=DESCRIPTION, defaults=DEFAULTS, recipe=recipe,
                                epilog=__doc__[__doc__.index("Run:"):])

@@ -106,6 +106,14 @@ def test_schedules_follow_the_papers():
     lr_at = ds.dense_schedule(cfg, lr=1.0, steps_per_epoch=10)              # mmdet 1x: x0.1 at epochs 8 and 11
     assert [lr_at(s) for s in (79, 80, 109, 110)] == [1.0, pytest.approx(0.1), pytest.approx(0.1),
                                                       pytest.approx(0.01)]
+    cfg = ds.DenseConfig(task="det", head="maskrcnn", epochs=36, warmup_epochs=0, min_lr=0.0, schedule="3x")
+    lr_at = ds.dense_schedule(cfg, lr=1.0, steps_per_epoch=10)              # mmdet 3x: x0.1 at epochs 27 and 33
+    assert [lr_at(s) for s in (269, 270, 329, 330)] == [1.0, pytest.approx(0.1), pytest.approx(0.1),
+                                                        pytest.approx(0.01)]
+    cfg.input_size = 800                                                  # Swin / HiViT 3x: 480..800 by 32
+    assert ds.det_scales(cfg) == [(1333, s) for s in range(480, 801, 32)]
+    cfg.schedule = "1x"
+    assert ds.det_scales(cfg) == [(1333, 800)]
     cfg = ds.DenseConfig(task="det", head="dino", epochs=12, warmup_epochs=0, min_lr=0.0)
     lr_at = ds.dense_schedule(cfg, lr=1.0, steps_per_epoch=10)              # DINO: x0.1 at epoch 11
     assert [lr_at(s) for s in (80, 109, 110)] == [1.0, 1.0, pytest.approx(0.1)]
@@ -132,6 +140,7 @@ def test_dino_trains_its_backbone_at_a_tenth_of_the_lr(tmp_path):
     (["--model", "itpn_tiny", "--migration_ratio", "0.2"], "Fast-iTPN switches"),
     (["--input_size", "48"], "--input_size 48 is out of range"),
     (["--epochs", "2", "--warmup_epochs", "2"], "must be below --epochs"),
+    (["--task", "seg", "--schedule", "3x"], "--schedule 3x is Mask R-CNN's"),
     (["--model", "nope"], "invalid choice")])
 def test_bad_flags_stop_at_start_up(tmp_path, capsys, argv, expected):
     with pytest.raises(SystemExit) as info:
@@ -237,3 +246,20 @@ def test_default_output_folder_is_per_head_and_leaves_the_pretraining_run_alone(
     ds.main([*SMALL, "--task", "det", "--head", "dino", "--max_steps", "1"])
     assert (tmp_path / "output_dino" / "checkpoint-last.pth").is_file()
     assert os.listdir(tmp_path / "output") == ["checkpoint-last.pth"]
+
+
+def test_the_3x_schedule_trains_three_times_as_long_at_several_sizes(tmp_path, monkeypatch):
+    """--schedule 3x: 36 epochs unless --epochs says otherwise, and each image resized to one of the 3x sizes."""
+    sizes = []
+    real = ds.DetTrainTransform.__call__
+
+    def note(self, image, target):
+        x, out = real(self, image, target)
+        sizes.append(min(x.shape[-2:]))                                  # the short side actually drawn
+        return x, out
+
+    monkeypatch.setattr(ds.DetTrainTransform, "__call__", note)
+    records, _ = run(tmp_path, "--task", "det", "--schedule", "3x", "--num_images", "16", "--batch_size", "8",
+                     "--num_workers", "0", "--max_steps", "4", "--input_size", "96")
+    assert torch.load(os.path.join(tmp_path, "out", "checkpoint-last.pth"), weights_only=True)["args"]["epochs"] == 36
+    assert len(set(sizes)) > 2 and set(sizes) <= {round(96 * (0.6 + 0.04 * k)) for k in range(11)}
