@@ -267,10 +267,17 @@ class FastAttention(nn.Module):
     Limiting case (tested): with one window covering the map, the gathering path equals the plain block applied to
     [mean token; tokens], i.e. a ViT with a mean-initialised CLS token; without gathering tokens, one window equals
     plain global attention.
+
+    `keep_attention` (default False) is hivit.Attention's switch for pictures: when True, forward(x) computes the
+    softmax explicitly (fp32, scale hd^-0.5 as `scaled_dot_product_attention` uses) and stores the probabilities,
+    detached, as `last_attention` (B, heads, N, N). The fused kernel otherwise; the two agree to float rounding.
+    Only the plain global path records: with token migration or window attention no N x N map exists.
     """
 
     def __init__(self, dim: int, *, num_heads: int, hrpe_window: int | None = None):
         super().__init__()
+        self.keep_attention = False                                       # True: store last_attention (pictures)
+        self.last_attention: torch.Tensor | None = None                   # (B, heads, N, N) of the last forward
         self.num_heads = num_heads
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
@@ -294,7 +301,13 @@ class FastAttention(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = self.split_heads(x)                                     # 3 x (B, heads, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v)                       # (B, heads, N, hd)
+        if self.keep_attention:                                           # the explicit softmax, for pictures
+            logits = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)   # (B, heads, N, N)
+            attn = logits.softmax(dim=-1)                                 # (B, heads, N, N), rows sum to 1
+            self.last_attention = attn.detach()
+            x = attn.to(v.dtype) @ v                                      # (B, heads, N, hd)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)                   # (B, heads, N, hd)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))              # (B, N, C)
 
     def window_bias(self, pos: torch.Tensor, grid_w: int, *, gathering: bool) -> torch.Tensor:
@@ -314,6 +327,9 @@ class FastAttention(nn.Module):
 
     def forward_windows(self, x, *, mode: str, pos=None, grid_w=None):
         """x (B, nW, L, C) -> (out (B, nW, L, C), keys (B, nW, L, hd) averaged over heads for migration)."""
+        if self.keep_attention:
+            raise ValueError("keep_attention records the plain global path only: switch token migration and window "
+                             "attention off (set_acceleration(migration_ratio=0.0, attention='global'))")
         b, nw, t, c = x.shape
         if mode == "global":                                              # windows are only migration groups
             groups = x.reshape(b, nw * t, c)                              # (B, nW*L, C): one sequence per image

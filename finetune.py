@@ -19,12 +19,13 @@ Sections:
     3. Model: classifiers, checkpoints, tables      <-> MAE `interpolate_pos_embed`, BEiT / Swin bias-table resizing
     4. Optimizer: layer-wise lr decay, LARS         <-> BEiT / ELECTRA layer decay, MAE Tab. 10 (LARS)
     5. Mixing, loss and accuracy                     <-> MixUp (arXiv 1710.09412), CutMix (arXiv 1905.04899)
-    6. The fine-tuning task                          <-> MAE engine_finetune: train step, evaluation, EMA
+    6. The fine-tuning task, pictures                <-> MAE engine_finetune: train step, evaluation, EMA; iTPN Fig. 6
     7. main
 
 Shapes:
     B images per process per micro-step, K classes, C backbone width, H = W = --input_size, N = (H/16)^2 units,
-    G the side of a checkpoint's position grid.
+    G the side of a checkpoint's position grid; pictures: P images, Hp x Wp units, T tokens of an attention map
+    (N, or N + 1 with a CLS token).
 
 Differences from the paper / official code:
     - Settings left unset come from one recipe (RECIPES, sources there), picked by --model and by what the
@@ -40,7 +41,11 @@ Differences from the paper / official code:
       the fly, which covers evaluating at a size other than --input_size.
     - Evaluation shards the val set over ranks without padding (MAE's --dist_eval repeats images to fill ranks).
     - EMA of the weights: torch.optim.swa_utils.AveragedModel (its first update copies the weights; timm's starts
-      from the initial weights). The attention-map picture of iTPN Fig. 6 is not drawn.
+      from the initial weights).
+    - Pictures at the end of a run: predictions-epochNNN.png (val images, "true -> predicted") and, in the manner of
+      iTPN Fig. 6, attention-epochNNN.png: each val image beside the attention its units receive in the last block
+      (averaged over queries and heads: the classifiers mean-pool, see received_attention), a heat map over a grey
+      copy. Fast-iTPN draws it on the plain path only (no N x N map under token migration or window attention).
 
 Run:
     python finetune.py                          # CPU demo: tiny iTPN from scratch, built-in shapes, output_finetune/
@@ -81,8 +86,9 @@ from train import (
 
 __all__ = [
     "FinetuneConfig", "RECIPES", "recipe_name", "labelled_splits", "train_transform", "eval_transform",
-    "build_classifier", "resize_pos_table", "resize_bias_table", "Pretrained", "read_pretrained", "load_pretrained",
-    "LinearProbe", "layer_id", "layer_decay_groups", "LARS", "make_mixing", "topk_correct", "evaluate",
+    "build_classifier", "unit_of", "resize_pos_table", "resize_bias_table", "Pretrained", "read_pretrained",
+    "load_pretrained", "LinearProbe", "layer_id", "layer_decay_groups", "LARS", "make_mixing", "topk_correct",
+    "evaluate", "save_predictions", "last_attention_block", "received_attention", "heat_overlay", "save_attention",
     "FinetuneTask", "prepare", "main",
 ]
 
@@ -309,6 +315,12 @@ def build_classifier(model: str, *, num_classes: int, drop_path: float, input_si
     return itpn.iTPN(cfg) if family == "itpn" else hivit.HiViT(cfg)
 
 
+def unit_of(model: str) -> int:
+    """Pixels per unit of a --model: 16 for the HiViT family (stage-3 stride), the patch size for a plain ViT."""
+    family, preset = MODELS[model]
+    return preset.patch_size if family == "vit" else hivit.UNIT
+
+
 def resize_pos_table(table: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
     """(1, G*G, C) absolute position table -> (1, Hp*Wp, C): bicubic to the new size (MAE `interpolate_pos_embed`)."""
     g, c = math.isqrt(table.shape[1]), table.shape[2]
@@ -500,8 +512,9 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, *, model_name: str
     "resized"} key lists.
 
     The backbone must be complete (up to a --truncate'd tail); a dense iTPN's pyramid comes from the file when it
-    holds one (iTPN pre-training, all of it) and starts fresh when it holds none (the report says so); a fresh head of a pre-trained model starts at
-    trunc-normal(2e-5) as in MAE and the official iTPN pixel script (Fast-iTPN keeps its own 0.01-scaled init)."""
+    holds one (iTPN pre-training, all of it) and starts fresh when it holds none (the report says so); a fresh head
+    of a pre-trained model starts at trunc-normal(2e-5) as in MAE and the official iTPN pixel script (Fast-iTPN
+    keeps its own 0.01-scaled init)."""
     check_architecture(pretrained, model_name, model.cfg)
     mapped, names = to_model_keys(pretrained, model, model_name)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -713,6 +726,85 @@ def save_predictions(path: str, model: nn.Module, views: SeededViews, classes: l
     canvas.save(path)
 
 
+# The attention modules whose `keep_attention` switch records softmax probabilities (hivit.py, fast_itpn.py).
+ATTENTION_MODULES = (hivit.Attention, fast_itpn.FastAttention)
+ATTENTION_IMAGES, PAIRS_PER_ROW = 8, 4   # val images in the attention picture; (image, heat map) pairs per row
+
+
+def last_attention_block(model: nn.Module) -> nn.Module:
+    """The last stage-3 attention of a classifier or linear probe: `blocks[-1].attn` of the HiViT / ViT / Fast-iTPN
+    backbone (iTPN: of `backbone`, or `backbone.vit`). Found as the last attention module registered: stage 3
+    comes after the MLP-only stages, and a classifier has no pyramid or decoder after it."""
+    blocks = [m for m in model.modules() if isinstance(m, ATTENTION_MODULES)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no hivit.Attention / fast_itpn.FastAttention module")
+    return blocks[-1]
+
+
+def received_attention(attn: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Softmax probabilities (B, heads, T, T) -> (B, Hp, Wp): the attention each unit receives, averaged over the
+    unit queries and the heads (a CLS token, T = N + 1 first, is left out as query and as key).
+
+    Why this map and not one query's row: the classifiers have no CLS token, they mean-pool the units, and
+    mean_i sum_j a_ij v_j = sum_j (mean_i a_ij) v_j, so entry j is unit j's weight in the pooled output of the
+    last attention (per head; averaged over heads). Without a CLS token every map sums to 1 (uniform: 1/N each)."""
+    n = grid_hw[0] * grid_hw[1]
+    units = attn[:, :, -n:, -n:]                                          # (B, heads, N, N): unit queries, keys
+    return units.mean(dim=(1, 2)).reshape(-1, *grid_hw)                   # (B, Hp, Wp)
+
+
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) image in [0, 1] and (Hp, Wp) heat -> (3, H, W): half a grey copy of the image, half a blue (low)
+    to red (high) colour of the heat, bilinearly upsampled to the image and min-max scaled per image."""
+    h = F.interpolate(heat[None, None].float(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    h = (h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)              # (1, H, W) in [0, 1]
+    colour = torch.cat([h, torch.zeros_like(h), 1 - h])                   # (3, H, W): red = high, blue = low
+    return 0.5 * image.mean(dim=0, keepdim=True) + 0.5 * colour           # (3, H, W)
+
+
+@torch.no_grad()
+def save_attention(path: str, model: nn.Module, views: SeededViews, classes: list[str], *, unit: int,
+                   device) -> bool:
+    """iTPN Fig. 6-style picture of the last attention block: for the first ATTENTION_IMAGES val images, the image
+    (captioned "true -> predicted") and beside it the attention each unit receives (received_attention) as a heat
+    map over a grey copy, captioned with its peak as a multiple of uniform attention (1/N).
+
+    Returns False (and draws nothing) for a Fast-iTPN with token migration or window attention, which has no
+    N x N map. The switch is on for this one forward only."""
+    backbone = model.encoder if isinstance(model, LinearProbe) else model
+    if isinstance(backbone, fast_itpn.FastiTPN) and backbone.accelerated():
+        print0("attention picture skipped: token migration / window attention leave no N x N attention map")
+        return False
+    block, was_training = last_attention_block(model), model.training
+    x, y = zip(*[views[i][:2] for i in range(min(ATTENTION_IMAGES, len(views)))])
+    images = torch.stack(x)                                               # (P, 3, H, W), normalised
+    model.eval()
+    block.keep_attention = True
+    try:
+        pred = model(images.to(device)).argmax(dim=1).tolist()
+        attn = block.last_attention.cpu()                                 # (P, heads, T, T)
+    finally:
+        block.keep_attention, block.last_attention = False, None
+        model.train(was_training)
+    grid_hw = (images.shape[-2] // unit, images.shape[-1] // unit)
+    received = received_attention(attn, grid_hw)                          # (P, Hp, Wp)
+    pictures = denormalize(images)                                        # (P, 3, H, W) in [0, 1]
+    tile, cols = max(96, pictures.shape[-1]), 2 * min(PAIRS_PER_ROW, len(pred))
+    canvas = Image.new("RGB", (cols * tile, math.ceil(2 * len(pred) / cols) * (tile + 14)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (img, heat, true, guess) in enumerate(zip(pictures, received, y, pred)):
+        left, top = (2 * i % cols) * tile, (2 * i // cols) * (tile + 14)
+        for j, (arr, caption) in enumerate([(img, f"{classes[true]} -> {classes[guess]}"),
+                                            (heat_overlay(img, heat), f"peak {heat.max() * heat.numel():.2f}x")]):
+            rgb = (arr.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)   # (H, W, 3)
+            canvas.paste(Image.fromarray(rgb).resize((tile - 4, tile - 4), Image.BILINEAR),
+                         (left + j * tile + 2, top + 2))
+            draw.text((left + j * tile + 2, top + tile - 2), caption,
+                      fill=(0, 0, 0) if j else (0, 128, 0) if true == guess else (200, 0, 0))
+    canvas.save(path)
+    return True
+
+
 class FinetuneTask:
     """The task train.Trainer drives (its docstring has the interface): classification with optional MixUp /
     CutMix, label smoothing and an EMA of the weights; evaluation after every epoch."""
@@ -757,6 +849,9 @@ class FinetuneTask:
         if last and self.dist.master:
             save_predictions(os.path.join(self.cfg.output_dir, f"predictions-epoch{epoch:03d}.png"), self.model,
                              self.val_views, self.classes, self.dist.device)
+            save_attention(os.path.join(self.cfg.output_dir, f"attention-epoch{epoch:03d}.png"), self.model,
+                           self.val_views, self.classes, unit=unit_of(self.cfg.model),
+                           device=self.dist.device)
         return record
 
     def state(self) -> dict:
@@ -774,8 +869,7 @@ class FinetuneTask:
 
 def check_flags(cfg: FinetuneConfig) -> None:
     """Flag combinations the range checks cannot see (the model's unit, linear probing, --eval)."""
-    family, preset = MODELS[cfg.model]
-    unit = preset.patch_size if family == "vit" else 16
+    unit = unit_of(cfg.model)
     if cfg.input_size % unit:
         raise ConfigError(f"--input_size {cfg.input_size} is not a multiple of {cfg.model}'s {unit}-px unit; try "
                           f"{max(unit, cfg.input_size // unit * unit)} or {(cfg.input_size // unit + 1) * unit}")

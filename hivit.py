@@ -440,10 +440,16 @@ class Attention(nn.Module):
 
     `rpe_grid` (Gh, Gw) is the grid the bias table is built for: ((2Gh-1)(2Gw-1), heads), initialised to zeros
     (official). Logits are computed in fp32 and clamped to the finite range before the softmax (official).
+
+    `keep_attention` (default False) is a public switch for pictures: when True, every forward stores its softmax
+    probabilities, detached, as `last_attention` (B, heads, N, N) in fp32, each row summing to 1 (finetune.py draws
+    the last block's). The softmax is computed explicitly either way, so the switch never changes the output.
     """
 
     def __init__(self, dim: int, *, num_heads: int, rpe_grid: tuple[int, int] | None = None):
         super().__init__()
+        self.keep_attention = False                                       # True: store last_attention (pictures)
+        self.last_attention: torch.Tensor | None = None                   # (B, heads, N, N) of the last forward
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -475,7 +481,10 @@ class Attention(nn.Module):
                 raise ValueError("this Attention has a relative position table: pass rpe_index and grid_hw")
             attn = attn + self.relative_bias(rpe_index, grid_hw)
         fmax = torch.finfo(torch.float32).max
-        attn = attn.float().clamp(min=-fmax, max=fmax).softmax(dim=-1).to(v.dtype)
+        attn = attn.float().clamp(min=-fmax, max=fmax).softmax(dim=-1)
+        if self.keep_attention:
+            self.last_attention = attn.detach()                           # (B, heads, N, N), rows sum to 1
+        attn = attn.to(v.dtype)
         x = (attn @ v).transpose(1, 2).reshape(b, n, c)                   # (B, N, C)
         return self.proj(x)
 

@@ -499,6 +499,10 @@ def test_default_run_logs_accuracy_keeps_the_best_and_draws_predictions(tmp_path
     best = torch.load(os.path.join(out, "checkpoint-best.pth"), weights_only=True)
     assert best["best"] == max(r["test_acc1"] for r in log) and "model_ema" in best
     assert os.path.exists(os.path.join(out, "predictions-epoch001.png"))
+    with Image.open(os.path.join(out, "attention-epoch001.png")) as im:   # 6 val images: 6 (image, heat) pairs
+        tiles = np.asarray(im.convert("RGB")).reshape(2, 96 + 14, 8, 96, 3)   # (rows, px, cols, px, RGB) slots
+    drawn = (tiles[:, 2:94, :, 2:94] != 255).any(axis=(1, 3, 4))        # (rows, cols): a picture in the slot
+    assert drawn.tolist() == [[True] * 8, [True] * 4 + [False] * 4]
     again = finetune.main([*TINY, "--model_ema", "--eval", "--resume", os.path.join(out, "checkpoint-last.pth")])
     assert again[0]["test_acc1"] == log[-1]["test_acc1"] and again[0]["test_loss"] == pytest.approx(
         log[-1]["test_loss"], rel=1e-6)
@@ -569,9 +573,87 @@ def test_fast_itpn_switches_reach_the_model(tmp_path):
     finetune_cfg = dict(num_classes=8, drop_path=0.0, input_size=64, migration_ratio=0.2, attention="gathering")
     model = finetune.build_classifier("fast_itpn_tiny", **finetune_cfg)
     assert model.cfg.migration_ratio == 0.2 and model.cfg.attention == "gathering" and model.accelerated()
-    records, _ = run(tmp_path, *TINY, "--model", "fast_itpn_tiny", "--migration_ratio", "0.2", "--attention",
-                     "window", "--max_steps", "1")
+    records, out = run(tmp_path, *TINY, "--model", "fast_itpn_tiny", "--migration_ratio", "0.2", "--attention",
+                       "window", "--max_steps", "1")
     assert math.isfinite(records[0]["train_loss"])
+    assert os.path.exists(os.path.join(out, "predictions-epoch000.png"))    # no N x N map: no attention picture
+    assert not os.path.exists(os.path.join(out, "attention-epoch000.png"))
+
+
+# ---- 6b. the attention picture (iTPN Fig. 6): the recorded maps, the received-attention map, the drawing ---------
+
+def test_fast_attention_keeps_the_explicit_softmax_and_the_fused_output():
+    """FastAttention's switch: the output agrees with the fused kernel and `last_attention` is
+    softmax(q k^T / sqrt(hd)) recomputed head by head from q_proj + q_bias and k_proj (k has no bias)."""
+    torch.manual_seed(0)
+    c, heads, n = 8, 2, 6
+    attn = fast_itpn.FastAttention(c, num_heads=heads)
+    torch.nn.init.normal_(attn.q_bias)
+    x = torch.randn(2, n, c)
+    with torch.no_grad():
+        fused = attn(x)
+        attn.keep_attention = True
+        explicit = attn(x)
+    torch.testing.assert_close(explicit, fused, rtol=0, atol=1e-6)
+    hd = c // heads
+    q = (x @ attn.q_proj.weight.detach().t() + attn.q_bias.detach()).split(hd, dim=-1)   # heads x (B, N, hd)
+    k = (x @ attn.k_proj.weight.detach().t()).split(hd, dim=-1)
+    expected = torch.stack([(qh @ kh.transpose(1, 2) / hd ** 0.5).softmax(-1) for qh, kh in zip(q, k)], dim=1)
+    torch.testing.assert_close(attn.last_attention, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="plain global path"):            # windows: no N x N map to keep
+        attn.forward_windows(x.reshape(2, 2, 3, c), mode="window")
+
+
+def test_received_attention_is_the_mean_over_queries_and_heads_by_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for cls in (0, 1):                                                    # a CLS token (first) is left out
+        attn = torch.rand(2, 3, cls + 6, cls + 6, generator=g).softmax(-1)   # (B, heads, T, T), grid 2 x 3
+        received = finetune.received_attention(attn, (2, 3))
+        expected = torch.zeros(2, 2, 3)
+        for b in range(2):
+            for j in range(6):
+                expected[b, j // 3, j % 3] = sum(attn[b, h, cls + i, cls + j] for h in range(3) for i in range(6)) / 18
+        torch.testing.assert_close(received, expected)
+        if cls == 0:                                                      # rows sum to 1, so the map does
+            torch.testing.assert_close(received.sum(dim=(1, 2)), torch.ones(2))
+
+
+def test_heat_overlay_puts_the_heat_on_its_unit():
+    """A one-hot heat on unit (row 1, col 2) of a 3 x 4 grid: the reddest 16 x 16 block is that unit's (a
+    transposed or flipped upsampling would light another one); a flat grey image stays grey under the blend."""
+    heat = torch.zeros(3, 4)
+    heat[1, 2] = 1.0
+    out = finetune.heat_overlay(torch.full((3, 48, 64), 0.5), heat)
+    assert out.shape == (3, 48, 64) and 0 <= out.min() and out.max() <= 1
+    red = out[0].reshape(3, 16, 4, 16).mean(dim=(1, 3))                   # (Hp, Wp) mean red per unit
+    assert divmod(int(red.argmax()), 4) == (1, 2)
+    assert out[0].max() == pytest.approx(0.75) and out[2].min() == pytest.approx(0.25)   # 0.5 grey + 0.5 colour
+
+
+@pytest.mark.parametrize("model_name, path", [
+    ("hivit_tiny", "blocks"), ("vit_tiny", "blocks"), ("itpn_tiny", "backbone.blocks"),
+    ("itpn_vit_tiny", "backbone.vit.blocks"), ("fast_itpn_tiny", "blocks"),
+])
+def test_every_family_records_its_last_attention_block_and_draws_it(tmp_path, model_name, path):
+    torch.manual_seed(0)
+    model = finetune.build_classifier(model_name, num_classes=8, drop_path=0.0, input_size=32).eval()
+    block = finetune.last_attention_block(model)
+    assert block is model.get_submodule(path)[-1].attn
+    assert finetune.last_attention_block(finetune.LinearProbe(model, 8)) is block
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        off = model(x)
+        block.keep_attention = True
+        on = model(x)
+    block.keep_attention = False
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-6)
+    assert block.last_attention.shape == (2, block.num_heads, 4, 4)    # 32 px: 2 x 2 units, no CLS token
+    views = train.SeededViews(train.ShapesDataset(5, image_size=32, task="cls"), finetune.eval_transform(32))
+    path_png = str(tmp_path / "attention.png")
+    assert finetune.save_attention(path_png, model, views, train.SHAPE_CLASSES, unit=16, device="cpu")
+    assert not block.keep_attention and block.last_attention is None     # the switch is off again
+    with Image.open(path_png) as im:                                      # 5 (image, heat) pairs: 4 + 1 per row
+        assert im.size == (8 * 96, 2 * (96 + 14))
 
 
 def test_recipes_follow_the_model_and_the_checkpoint():

@@ -504,3 +504,36 @@ def test_ln_eps_reaches_every_layernorm_and_ape_size_sets_the_ape_table_alone():
         torch.testing.assert_close(model.pos_embed_for((8, 8)), hivit.resize_pos_embed(model.absolute_pos_embed,
                                                                                         (8, 8)))
         assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()
+
+
+def test_keep_attention_stores_the_softmax_and_leaves_the_output_alone():
+    """Switch on: the output is unchanged and `last_attention` is softmax(q k^T / sqrt(hd) + bias), recomputed here
+    from the block's own qkv weights, with the bias read off the table by explicit (drow, dcol) loops."""
+    torch.manual_seed(0)
+    g, heads, c = 3, 2, 8
+    attn = hivit.Attention(c, num_heads=heads, rpe_grid=(g, g))
+    nn.init.normal_(attn.relative_position_bias_table)
+    x = torch.randn(2, g * g, c)
+    index = hivit.relative_position_index((g, g))[None]
+    with torch.no_grad():
+        off = attn(x, rpe_index=index, grid_hw=(g, g))
+        attn.keep_attention = True
+        on = attn(x, rpe_index=index, grid_hw=(g, g))
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-6)
+    w_q, w_k, _ = attn.qkv.weight.detach().split(c)                       # (C, C) each
+    b_q, b_k, _ = attn.qkv.bias.detach().split(c)
+    table = attn.relative_position_bias_table.detach()
+    expected = torch.zeros(2, heads, g * g, g * g)
+    hd = c // heads
+    for h in range(heads):
+        q = x @ w_q[h * hd:(h + 1) * hd].t() + b_q[h * hd:(h + 1) * hd]     # (B, N, hd)
+        k = x @ w_k[h * hd:(h + 1) * hd].t() + b_k[h * hd:(h + 1) * hd]
+        for i in range(g * g):
+            for j in range(g * g):
+                dr, dc = i // g - j // g, i % g - j % g                   # query minus key, row-major units
+                bias = table[(dr + g - 1) * (2 * g - 1) + dc + g - 1, h]
+                expected[:, h, i, j] = (q[:, i] * k[:, j]).sum(-1) / hd ** 0.5 + bias
+    expected = expected.softmax(dim=-1)
+    torch.testing.assert_close(attn.last_attention, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(attn.last_attention.sum(-1), torch.ones(2, heads, g * g))
+    assert not attn.last_attention.requires_grad
