@@ -3015,6 +3015,9 @@ def rescale_prediction(pred: dict, *, input_size: tuple[int, int], orig_size: tu
     return out
 
 
+PICTURE_SIDE = 256        # px: built-in 64-px images are drawn 4x larger, so labels and scores can be read
+
+
 class DenseTask:
     """The task train.Trainer drives for segmentation and detection (the *task* interface of train.py)."""
 
@@ -3139,17 +3142,26 @@ class DenseTask:
         return record
 
     def picture(self, path: str) -> None:
-        """Four val images: image | label | prediction (seg), or the detections drawn over the image (det)."""
+        """Four val images: image | label | prediction (seg), or the detections drawn over the image (det); images
+        with a side below PICTURE_SIDE are enlarged by a whole factor (labels and masks by repetition)."""
         views = SeededViews(self.data.val, self.data.eval_transform, seed=self.cfg.seed)
         panels = []
         with eval_mode(self.model):
             for i in range(min(4, len(views))):
                 pred, target = self.predict(views, i)
                 x, _, _ = views[i]
-                image = TF.resize(denormalize(x[None])[0], list(target["orig_size"]), antialias=True)   # (3, H, W)
-                panels.append(seg_picture(image, torch.as_tensor(target["semantic"]), pred, self.data.num_classes)
-                              if self.cfg.task == "seg" else
-                              detection_picture(image, pred, names=self.data.class_names))
+                h, w = target["orig_size"]
+                k = max(1, math.ceil(PICTURE_SIDE / min(h, w)))                # small images drawn k x larger
+                image = TF.resize(denormalize(x[None])[0], [h * k, w * k], antialias=True)   # (3, kH, kW)
+                if self.cfg.task == "seg":
+                    label, pred = (torch.as_tensor(m).repeat_interleave(k, 0).repeat_interleave(k, 1)
+                                   for m in (target["semantic"], pred))   # (kH, kW) each, nearest
+                    panels.append(seg_picture(image, label, pred, self.data.num_classes))
+                else:
+                    pred = {**pred, "boxes": pred["boxes"] * k}
+                    if "masks" in pred:
+                        pred["masks"] = pred["masks"].repeat_interleave(k, -2).repeat_interleave(k, -1)   # (n, kH, kW)
+                    panels.append(detection_picture(image, pred, names=self.data.class_names))
         canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
         for k, p in enumerate(panels):
             canvas.paste(p, (0, sum(q.height for q in panels[:k])))

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 import detect_seg as ds
 
@@ -55,7 +56,10 @@ def test_every_head_trains_evaluates_and_writes_its_records(tmp_path, argv, metr
     assert metric in last and 0 <= last[metric] <= 100                   # evaluated at the end of the run
     files = set(os.listdir(out))
     assert {"checkpoint-last.pth", "checkpoint-best.pth", "config.json", "log.txt"} <= files
-    assert any(f.endswith("-epoch001.png") for f in files)
+    picture = [f for f in files if f.endswith("-epoch001.png")]
+    assert len(picture) == 1
+    with Image.open(os.path.join(out, picture[0])) as pic:                # 4 val images, 64 px drawn at 256
+        assert pic.size == ((3 if picture[0].startswith("seg") else 1) * 256, 4 * 256)
     ckpt = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)
     assert ckpt["args"]["task"] == (argv[1] if argv else "seg") and ckpt["step"] == 8
 
