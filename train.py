@@ -14,7 +14,8 @@ Implements:
 Sections:
     1. Settings: RunConfig, PretrainConfig, flags   <-> MAE main_pretrain.py flags
     2. Setup: DDP from torchrun's environment       <-> MAE recipe (torchrun, DistributedSampler)
-    3. Data: shapes, image files, seeded views      <-> MAE Sec. 4 / iTPN Tab. 7: RandomResizedCrop(0.2-1) + flip
+    3. Data: shapes, image files, seeded views      <-> MAE Sec. 4 / iTPN Tab. 7: RandomResizedCrop(0.2-1) + flip;
+                                                    M3I Sec. 3.4: two independently augmented views
     4. Model: the --model and --method tables       <-> iTPN Sec. 3.3-3.4 (mim.py / itpn.py / fast_itpn.py)
     5. Optimizer and schedule                       <-> iTPN Tab. 7: AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 x B / 256
     6. Run records: checkpoints, log, pictures      <-> MAE checkpoint-<epoch>.pth, log.txt, MAE Fig. 2 panels
