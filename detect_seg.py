@@ -43,7 +43,8 @@ Differences from the paper / official code:
       (short side drawn from 11 sizes, 0.6-1.0 x --input_size: 480..800 at 800, as Swin's / HiViT's 3x configs);
       the random-crop branch of those configs' AutoAugment is left out.
     - HiViT / ViT use ViTDet's simple pyramid; --pyramid random re-initialises iTPN's pre-trained pyramid (the
-      ablation of the paper's claim). UPerHead uses BatchNorm (SyncBN under DDP), as mmseg.
+      ablation of the paper's claim). UPerHead uses BatchNorm (SyncBN under DDP on GPUs, as mmseg; torch's SyncBN
+      has no CPU kernel, so CPU ranks keep their own statistics).
     - Evaluation runs on every rank's share of the val split; COCO results are gathered and scored on rank 0.
 
 Run:
@@ -1160,8 +1161,8 @@ class SimpleFeaturePyramid(nn.Module):
 # ---- 7. UPerHead segmentation: head, loss, inference, poly schedule, picture -----------------------------------------
 
 # Differences from UPerNet / the official ADE20K setting:
-# - Norm: BatchNorm2d in every ConvNormReLU (one process); under DDP the driver converts it to SyncBatchNorm
-#   (nn.SyncBatchNorm.convert_sync_batchnorm), the papers' SyncBN. BatchNorm cannot train on one image per
+# - Norm: BatchNorm2d in every ConvNormReLU (one process); under DDP on GPUs the driver converts it to
+#   SyncBatchNorm (nn.SyncBatchNorm.convert_sync_batchnorm), the papers' SyncBN. BatchNorm cannot train on one image per
 #   process (the PPM's 1x1 branch has one value per channel): UPerHead raises a ValueError that names the fix,
 #   and UPerConfig(norm="gn") gives GroupNorm (up to 32 groups of >= 4 channels) for any batch size.
 # - Loss reduction: the sum of per-pixel cross-entropies divided by ALL label pixels, ignored ones included
@@ -2854,6 +2855,28 @@ class DenseModel(nn.Module):
         super().__init__()
         self.backbone, self.neck, self.head, self.task, self.head_name = backbone, neck, head, task, head_name
 
+    def freeze_unread(self) -> list[str]:
+        """Freeze the backbone / neck parameters whose outputs the head never reads, and return their names.
+
+        DINO-4scale reads p8..p32, so the pyramid's stride-4 branch (and the simple pyramid's p4 / p64 convs) get no
+        gradient; DDP requires every trained parameter to get one. Found by one backward from the read maps of a
+        minimum-size input, so it holds for every backbone without listing their modules."""
+        read = DET_LEVELS if self.head_name == "maskrcnn" else DINO_LEVELS if self.head_name == "dino" else None
+        if read is None:
+            return []
+        trunk = [m for m in (self.backbone, self.neck) if m is not None]
+        side = itpn.DENSE_MIN_SIZE["det"]
+        x = torch.zeros(1, 3, side, side, device=next(self.parameters()).device)
+        with torch.enable_grad():
+            maps = self.maps(x)
+            sum(maps[k].sum() for k in read).backward()
+        frozen = [n for m in trunk for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+        for m in trunk:
+            for n, p in m.named_parameters():
+                p.requires_grad_(p.requires_grad and p.grad is not None)
+                p.grad = None
+        return frozen
+
     def maps(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W), H and W multiples of the coarsest stride -> {"p4": (B, c, H/4, W/4), ...}."""
         if self.neck is None:
@@ -3015,6 +3038,13 @@ def rescale_prediction(pred: dict, *, input_size: tuple[int, int], orig_size: tu
     return out
 
 
+def evaluated_only(gt: dict, image_ids: set) -> dict:
+    """A COCO gt dict restricted to the images that were evaluated (an unreadable val image is left out of the
+    metric instead of counting its objects as missed)."""
+    return {**gt, "images": [im for im in gt["images"] if im["id"] in image_ids],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in image_ids]}
+
+
 PICTURE_SIDE = 256        # px: built-in 64-px images are drawn 4x larger, so labels and scores can be read
 
 
@@ -3069,10 +3099,9 @@ class DenseTask:
     # -- evaluation on the val split, shared out over the ranks --
 
     @torch.no_grad()
-    def predict(self, views: SeededViews, index: int):
-        """(prediction, target) of val image `index` at its original resolution: a label map (H, W) for seg, a
-        detection dict (boxes in original pixels, masks resized) for det. The model must be in eval mode."""
-        x, target, _ = views[index]
+    def predict(self, x: torch.Tensor, target: dict):
+        """(prediction, target) of one val item (x, target) at its original resolution: a label map (H, W) for seg,
+        a detection dict (boxes in original pixels, masks resized) for det. The model must be in eval mode."""
         orig = tuple(int(s) for s in target["orig_size"])
         dev = self.dist.device
         if self.cfg.task == "seg":
@@ -3088,12 +3117,21 @@ class DenseTask:
         return rescale_prediction(pred, input_size=sizes[0], orig_size=orig), target
 
     def predictions(self):
-        """This rank's share of the val split, every image exactly once: yields (index, prediction, target)."""
+        """This rank's share of the val split, every readable image exactly once: yields (index, prediction,
+        target). An image that cannot be read is left out of the metric with a warning (SeededViews would hand
+        over a neighbour in its place, which would then count twice)."""
         views = SeededViews(self.data.val, self.data.eval_transform, seed=self.cfg.seed)
         for i in range(self.dist.rank, len(views), self.dist.world_size):
-            yield (i, *self.predict(views, i))
+            x, target, skipped = views[i]
+            if skipped:
+                warnings.warn(f"val image {i} cannot be read: left out of the evaluation", stacklevel=2)
+                continue
+            yield (i, *self.predict(x, target))
 
     def evaluate(self) -> dict:
+        if self.dist.ddp:                       # rank 0's BatchNorm statistics (the checkpoint's) on every rank:
+            for buffer in self.model.buffers():  # CPU ranks keep their own statistics while training
+                dist.broadcast(buffer, src=0)
         with eval_mode(self.model):
             return self.evaluate_seg() if self.cfg.task == "seg" else self.evaluate_det()
 
@@ -3112,23 +3150,25 @@ class DenseTask:
 
     def evaluate_det(self) -> dict:
         """COCO box (and mask) AP over the val split: results gathered on rank 0, stats shared with every rank."""
-        results, gt_targets = [], []
+        results, gt_targets, ids = [], [], []
         for i, pred, target in self.predictions():
             image_id = int(target["image_id"]) if "image_id" in target else i
             results += predictions_to_coco([pred], [image_id], self.data.categories)
+            ids.append(image_id)
             if self.cfg.data_path is None:                                # the built-in data has no COCO json
                 gt_targets.append((image_id, {k: target[k] for k in ("labels", "boxes", "masks")}))
         gathered = [None] * self.dist.world_size
         if self.dist.ddp:
-            dist.all_gather_object(gathered, (results, gt_targets))
+            dist.all_gather_object(gathered, (results, gt_targets, ids))
         else:
-            gathered = [(results, gt_targets)]
+            gathered = [(results, gt_targets, ids)]
         types = ("bbox", "segm") if self.cfg.head == "maskrcnn" else ("bbox",)
         stats = torch.zeros(len(types), 12, dtype=torch.float64)
         if self.dist.master:
-            results = [r for part, _ in gathered for r in part]
-            pairs = sorted((p for _, part in gathered for p in part), key=lambda p: p[0])
-            gt = (self.data.val.coco_gt() if self.cfg.data_path else
+            results = [r for part, _, _ in gathered for r in part]
+            pairs = sorted((p for _, part, _ in gathered for p in part), key=lambda p: p[0])
+            gt = (evaluated_only(self.data.val.coco_gt(), {i for _, _, part in gathered for i in part})
+                  if self.cfg.data_path else
                   targets_to_coco_gt([t for _, t in pairs], [i for i, _ in pairs], self.data.categories))
             for row, iou_type in enumerate(types):
                 stats[row] = torch.from_numpy(coco_evaluate(gt, results, iou_type))
@@ -3148,8 +3188,8 @@ class DenseTask:
         panels = []
         with eval_mode(self.model):
             for i in range(min(4, len(views))):
-                pred, target = self.predict(views, i)
-                x, _, _ = views[i]
+                x, target, _ = views[i]
+                pred, target = self.predict(x, target)
                 h, w = target["orig_size"]
                 k = max(1, math.ceil(PICTURE_SIDE / min(h, w)))                # small images drawn k x larger
                 image = TF.resize(denormalize(x[None])[0], [h * k, w * k], antialias=True)   # (3, kH, kW)
@@ -3237,8 +3277,13 @@ def prepare(cfg: DenseConfig, dist_: Dist):
     head = build_head(cfg, widths=widths, num_classes=data.num_classes, tiny=cfg.model.endswith("_tiny"))
     model = DenseModel(backbone, neck=neck, head=head, task=cfg.task, head_name=cfg.head)
     load_backbone(model, cfg)
-    if dist_.ddp and cfg.head == "uperhead":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)           # the papers' SyncBN across GPUs
+    unread = model.freeze_unread()
+    if unread:
+        print0(f"--head {cfg.head}: {len(unread)} tensors feed only maps it does not read and are frozen "
+               f"({', '.join(sorted({'.'.join(n.split('.')[:2]) for n in unread}))})")
+    if dist_.ddp and cfg.head == "uperhead" and dist_.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)           # the papers' SyncBN across GPUs (CUDA only:
+                                                                         # on CPU each rank keeps its own statistics)
     task = DenseTask(model, data, cfg=cfg, dist_=dist_)
     eff_batch = cfg.batch_size * cfg.accum_iter * dist_.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256

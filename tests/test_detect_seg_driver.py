@@ -103,6 +103,55 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert ddp[-1]["test_bbox_AP"] == pytest.approx(single[-1]["test_bbox_AP"], abs=1e-6)   # eval sharded
 
 
+@pytest.mark.parametrize("head", ["uperhead", "dino"])
+def test_two_gloo_ranks_train_and_evaluate_every_head(tmp_path, head):
+    """UPerHead's BatchNorm (SyncBN only on GPUs) and DINO's num_boxes all-reduce under torchrun with 2 CPU ranks:
+    the run finishes, and evaluation over both ranks' shares matches the same weights evaluated by one process."""
+    argv = ["--task", "seg" if head == "uperhead" else "det", "--head", head, "--num_images", "8", "--batch_size",
+            "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    out = str(tmp_path / "ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "detect_seg.py", *argv, "--output_dir", out], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = read_log(out)[-1]
+    assert record["step"] == 2 and torch.isfinite(torch.tensor(record["train_loss"]))
+    metric = "test_mIoU" if head == "uperhead" else "test_bbox_AP"
+    again, _ = run(tmp_path, *argv, "--accum_iter", "2", "--eval", "--resume", os.path.join(out, "checkpoint-last.pth"),
+                   name="eval")                                          # the same effective batch, one process
+    assert again[0][metric] == pytest.approx(record[metric], abs=1e-6)
+
+
+def test_an_unreadable_val_image_is_left_out_of_the_metric(tmp_path, monkeypatch):
+    """COCO data with a val image that cannot be decoded: the evaluation warns and scores the others against their
+    own ground truth only (not a neighbour twice, and not the broken image's objects as missed)."""
+    from test_detect_seg_data_eval import tiny_coco
+    data, _, _ = tiny_coco(str(tmp_path / "coco"))
+    for split in ("train2017",):                                         # the same three images for training
+        os.makedirs(tmp_path / "coco" / split)
+        for im in data["images"]:
+            os.link(tmp_path / "coco" / "val2017" / im["file_name"], tmp_path / "coco" / split / im["file_name"])
+        os.link(tmp_path / "coco" / "annotations" / "instances_val2017.json",
+                tmp_path / "coco" / "annotations" / f"instances_{split}.json")
+    os.remove(tmp_path / "coco" / "val2017" / "b.jpg")
+    (tmp_path / "coco" / "val2017" / "b.jpg").write_bytes(b"not a jpeg")  # image 12, two annotations
+    scored = []
+    real = ds.coco_evaluate
+
+    def keep(gt, results, iou_type):
+        scored.append((sorted(im["id"] for im in gt["images"]), sorted({a["image_id"] for a in gt["annotations"]}),
+                       sorted({r["image_id"] for r in results})))
+        return real(gt, results, iou_type)
+
+    monkeypatch.setattr(ds, "coco_evaluate", keep)
+    with pytest.warns(UserWarning, match="cannot be read: left out of the evaluation"):
+        run(tmp_path, "--task", "det", "--head", "maskrcnn", "--data_path", str(tmp_path / "coco"), "--batch_size",
+            "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--input_size", "64")
+    images, annotated, predicted = scored[0]
+    assert images == [11, 13] and annotated == [11] and set(predicted) <= {11, 13}
+
+
 def test_schedules_follow_the_papers():
     assert [ds.step_lr(s, lr=1.0, warmup_steps=4, milestones=(8, 11)) for s in (0, 2, 4, 7, 8, 10, 11)] == \
         [0.0, 0.5, 1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.01)]
@@ -267,3 +316,29 @@ def test_the_3x_schedule_trains_three_times_as_long_at_several_sizes(tmp_path, m
                      "--num_workers", "0", "--max_steps", "4", "--input_size", "96")
     assert torch.load(os.path.join(tmp_path, "out", "checkpoint-last.pth"), weights_only=True)["args"]["epochs"] == 36
     assert len(set(sizes)) > 2 and set(sizes) <= {round(96 * (0.6 + 0.04 * k)) for k in range(11)}
+
+
+@pytest.mark.parametrize("model, stride4", [
+    ("itpn_tiny", {"pyramid.split8", "pyramid.lateral4", "pyramid.fuse4", "pyramid.out4"}),   # P8 -> P4, P4's out
+    ("hivit_tiny", {"up4", "outputs.p4"})])                                                   # ViTDet's 4x deconvs
+def test_dino_freezes_exactly_what_feeds_only_unread_maps(model, stride4):
+    """DINO reads p8..p32: what only feeds p4 / p64 is frozen (DDP needs every trained tensor to get a gradient);
+    after it, one real step gives every trainable tensor a gradient. Mask R-CNN-lite reads every level."""
+    cfg = SimpleNamespace(task="det", drop_path=0.0, head="dino")
+    backbone, neck, widths = ds.build_backbone(model, cfg)
+    dense = ds.DenseModel(backbone, neck=neck, head=ds.build_head(cfg, widths=widths, num_classes=3, tiny=True),
+                          task="det", head_name="dino")
+    frozen = dense.freeze_unread()
+    assert {".".join(n.split(".")[:2]) if n.startswith(("pyramid", "outputs")) else n.split(".")[0]
+            for n in frozen} == stride4                                  # the stride-4 branch, nothing else
+    images = torch.randn(2, 3, 64, 64)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[4.0, 4.0, 40.0, 30.0]])}] * 2
+    dense(images, pad_mask=torch.zeros(2, 64, 64, dtype=torch.bool), image_sizes=[(64, 64)] * 2,
+          targets=targets)["loss"].backward()
+    assert all(p.grad is not None for p in dense.parameters() if p.requires_grad)
+    cfg.head = "maskrcnn"
+    mask_rcnn = ds.DenseModel(backbone, neck=neck, head=ds.build_head(cfg, widths=widths, num_classes=3, tiny=True),
+                              task="det", head_name="maskrcnn")
+    for p in mask_rcnn.parameters():
+        p.requires_grad_(True)
+    assert mask_rcnn.freeze_unread() == []
