@@ -201,7 +201,6 @@ class PatchSplit(nn.Module):
         return x.reshape(b, n, h * s, w * s, -1)                          # (B, N, s*h, s*w, F)
 
 
-
 def c_mlp(dim: int, *, ln_eps: float) -> MLPBlock:
     """The pyramid's only block type: a C-MLP (LN -> fc F->4F -> GELU -> fc, residual), ratio 4, no drop path.
 
@@ -246,7 +245,6 @@ class FeaturePyramid(nn.Module):
         for blk in self.fuse4:
             v4 = blk(v4)
         return [self.out16(v16), self.out8(v8), self.out4(v4)]
-
 
 
 # ---- 4. Dense outputs (strides 4..64) -----------------------------------------------------------------------------
@@ -654,7 +652,6 @@ class FrozenTeacher(nn.Module):
         return F.layer_norm(tokens, tokens.shape[-1:], eps=1e-5)
 
 
-
 def clip_to_vit_state_dict(sd: dict) -> tuple[ViTConfig, dict, torch.Tensor]:
     """OpenAI-CLIP visual state_dict -> (ViTConfig, hivit.VisionTransformer state_dict, projection (C, T)).
 
@@ -729,7 +726,6 @@ def project_to_vit_state_dict(ckpt: dict) -> tuple[ViTConfig, dict]:
                     pre_norm="norm_pre.weight" in sd, quick_gelu=saved.get("quick_gelu", False),
                     ln_eps=saved.get("ln_eps", LN_EPS), num_classes=0)
     return cfg, {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}   # classifier head unused
-
 
 
 def load_teacher(path: str) -> FrozenTeacher:
@@ -895,14 +891,11 @@ def map_itpn_key(key: str, cfg: iTPNConfig) -> str | None:
     return key                                                            # mask_token, decoder_*, norm, lm_head
 
 
-
 def load_official(model: nn.Module, state_dict: dict) -> list[str]:
     """Strictly load a released iTPN checkpoint; returns the official keys that were ignored.
 
     - iTPN classifier (num_classes > 0) <- `itpn_*_finetune` / `itpn_*_clip_finetune` (via hivit.load_official);
     - iTPN backbone (num_classes = 0)   <- any pre-training layout: backbone + pyramid, the heads are ignored;
-                                           the det/seg layouts into DENSE_PRESETS (mmdet / mmseg files: the
-                                           `backbone.*` keys, the heads' keys are ignored);
                                            the det/seg layouts into DENSE_PRESETS (mmdet / mmseg files: the
                                            `backbone.*` keys, the heads' keys are ignored);
     - iTPNPixelPretrainer               <- `itpn_*_pixel_pretrain` (build with ape_quirk=True for output parity);
