@@ -478,6 +478,7 @@ def test_m3i_teacher_gets_no_gradient_and_follows_the_ema_rule():
     before = [t.clone() for t in model.teacher.parameters()]
     model.ema_update()                                                    # m = cfg.momentum
     m = model.cfg.momentum
+    assert m == 0.995                                                     # SiameseIM's m0 (cosine to 1)
     for t, t0, s in zip(model.teacher.parameters(), before, model.encoder.parameters()):
         assert torch.allclose(t, m * t0 + (1 - m) * s, atol=1e-7)
     after = [t.clone() for t in model.teacher.parameters()]
@@ -638,6 +639,8 @@ def test_table2_presets_have_the_tables_input_target_and_loss(name):
     cfg = mim.PRESETS[name]
     assert cfg.input_view == ("same" if inputs.startswith("V1") else "other")
     assert (cfg.mask_ratio > 0) == inputs.endswith("masked") and cfg.mix_ratio == 0
+    if inputs.endswith("masked"):          # intra-view: MAE's 0.75 at random; inter-view: SiameseIM's blocks ~ 0.6
+        assert (cfg.mask_ratio, cfg.mask_pattern) == ((0.75, "random") if inputs.startswith("V1") else (0.6, "block"))
     assert cfg.target == TARGET_KINDS[target_kind]
     assert (cfg.loss, cfg.norm_pix_loss if cfg.target == "pixel" else None) == LOSS_OF_TARGET[cfg.target]
     assert cfg.loss_on_masked == (positions == "masked only")
