@@ -252,6 +252,40 @@ def test_matcher_batched_equals_unbatched():
         assert len(q) == len(targets[b]["labels"])
 
 
+def pair_cost(logit: list, box: list, label: int, gt: list) -> float:
+    """DINO's matching cost of one (query, GT) pair, written out from the DINO config (set_cost_class 2,
+    set_cost_bbox 5, set_cost_giou 2; focal alpha 0.25, gamma 2): scalar arithmetic only."""
+    p = 1 / (1 + math.exp(-logit[label]))
+    focal = 0.25 * (1 - p) ** 2 * -math.log(p + 1e-8) - 0.75 * p ** 2 * -math.log(1 - p + 1e-8)
+    l1 = sum(abs(a - b) for a, b in zip(box, gt))
+
+    def corners(b):
+        return b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
+
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = corners(box), corners(gt)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
+    hull = (max(ax1, bx1) - min(ax0, bx0)) * (max(ay1, by1) - min(ay0, by0))
+    giou = inter / union - (hull - union) / hull
+    return 2 * focal + 5 * l1 - 2 * giou
+
+
+def test_matcher_minimises_dinos_cost_by_brute_force():
+    """The matching is a minimum of the pair costs written independently above, over every assignment."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        Q, K, n = 5, 3, 1 + trial % 4
+        logits = torch.randn(1, Q, K, generator=g) * 2
+        boxes = torch.cat([torch.rand(1, Q, 2, generator=g) * 0.6 + 0.2, torch.rand(1, Q, 2, generator=g) * 0.3 + 0.05],
+                          -1)
+        targets = random_targets(g, [n], K)
+        cost = np.array([[pair_cost(logits[0, q].tolist(), boxes[0, q].tolist(), int(targets[0]["labels"][j]),
+                                    targets[0]["boxes"][j].tolist()) for j in range(n)] for q in range(Q)])
+        (q, t), = ds.hungarian_match(logits, boxes, targets)
+        assert len(q) == n and len(set(q.tolist())) == n
+        assert cost[q.numpy(), t.numpy()].sum() == pytest.approx(brute_force_min(cost), rel=1e-6, abs=1e-6)
+
+
 def test_matcher_finds_the_planted_permutation_and_losses_vanish():
     """Queries perm[j] carry GT j's exact box and a confident logit for its class: the matcher must return perm,
     and L1 and GIoU are then zero while the focal term equals its hand-computed value."""
