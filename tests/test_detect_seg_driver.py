@@ -342,3 +342,21 @@ def test_dino_freezes_exactly_what_feeds_only_unread_maps(model, stride4):
     for p in mask_rcnn.parameters():
         p.requires_grad_(True)
     assert mask_rcnn.freeze_unread() == []
+
+
+@pytest.mark.parametrize("argv, field, value", [
+    (["--migration_ratio", "0.2"], "migration_ratio", 0.2),                      # Sec. 4.1, seg at 64 px
+    (["--task", "det", "--head", "dino", "--attention", "gathering", "--input_size", "128"], "attention",
+     "gathering")])                                                              # Tab. 7, det at 128 px
+def test_fast_itpn_switches_reach_the_dense_backbone(tmp_path, monkeypatch, argv, field, value):
+    seen = []
+    real = ds.DenseTask.__init__
+
+    def keep(self, model, data, **kw):
+        seen.append(model.backbone.cfg)
+        real(self, model, data, **kw)
+
+    monkeypatch.setattr(ds.DenseTask, "__init__", keep)
+    records, _ = run(tmp_path, "--model", "fast_itpn_tiny", *argv, "--num_images", "8", "--batch_size", "4",
+                     "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0")
+    assert getattr(seen[0], field) == value and torch.isfinite(torch.tensor(records[-1]["train_loss"]))
