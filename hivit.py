@@ -13,8 +13,7 @@ Implements:
 
 Sections:
     1. Config and presets            <-> HiViT Tab. 7 (and its depth notation, see PRESETS)
-    2. Primitives (DropPath, MLP, position tables, unit helpers) <-> Sec. 3.2 "positional information", MAE's
-       sin-cos table, BEiT's mask token
+    2. Primitives (DropPath, MLP, position tables, units) <-> Sec. 3.2, MAE's sin-cos table, BEiT's mask token
     3. Patch embedding into units     <-> Sec. 3.1, Fig. 2 (16x16 main patch = 4x4 inner patches of 4x4 px)
     4. MLP-only blocks                <-> Sec. 3.1 "MLP blocks in the early stages", Tab. 2 rows (b)-(d)
     5. Patch merging inside units     <-> Sec. 3.1 "patch merging", Fig. 2
@@ -37,18 +36,13 @@ Differences from the paper / official code:
       `load_official` renames; outputs are identical.
     - Depth notation: the HiViT paper counts two MLP blocks as one "block" (Tab. 7's parameter counts hold only in
       that reading), so HiViT-B "2-2-20" is 4+4 MLP blocks here. Presets store literal block counts.
-    - `relative_position_index` is recomputed, never stored (official: a persistent buffer). At a grid other than
-      the one the tables were built for, the bias table is resized bicubically to (2Hp-1)x(2Wp-1) on the fly (our
-      choice; the official segmentation code resizes pre-trained tables once, when it loads them:
-      `seg/mmcv_custom/checkpoint.py`, `load_checkpoint`).
-    - The APE is resized with the official DINO-style `scale_factor=(G+0.1)/G_0`. The official masked pixel
-      pre-training also resamples the table when units are dropped (official `itpn_pixel/models/models_itpn.py`,
-      `interpolate_pos_encoding`, called with N_vis != N tokens). That quirk is off here; `ape_quirk=True` turns it
-      on. Library only (no preset names it): it exists to reproduce released pixel pre-training outputs, as
-      `replace(preset, ape_quirk=True)`; tests/test_hivit.py shows it.
-    - Config fields for the released dense backbones: `ln_eps` (their LayerNorms use torch's 1e-5, ours 1e-6) and
-      `ape_size` (the segmentation backbone keeps a 224-px APE table, resized to its 512-px grid, beside RPE
-      tables built for 512 px). Constructors check every config field (check_config) and name the fix.
+    - `relative_position_index` is recomputed, never stored. At another grid the bias table is resized bicubically
+      on the fly (our choice; the official seg code resizes once at load, `seg/mmcv_custom/checkpoint.py`).
+    - The APE is resized with the official DINO-style `scale_factor=(G+0.1)/G_0`. The official pixel pre-training
+      also resamples it when units are dropped (`itpn_pixel/models/models_itpn.py`, `interpolate_pos_encoding`):
+      off here; `replace(preset, ape_quirk=True)` reproduces it (library only, shown in tests/test_hivit.py).
+    - For the released dense backbones: `ln_eps` (1e-5 there, 1e-6 here) and `ape_size` (seg: a 224-px APE beside
+      512-px RPE tables). Constructors check every config field (check_config) and name the fix.
     - Plain ViT: mean pooling -> fc_norm -> head (like HiViT); an optional CLS token, pre-norm and QuickGELU make
       OpenAI-CLIP image encoders loadable as teachers (itpn.py). Its weights are not the official timm layout.
 
