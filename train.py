@@ -36,10 +36,11 @@ Differences from the paper / official code:
       --batch_size 1 a run on R ranks with --accum_iter A equals one process with --accum_iter R*A.
     - Unreadable images are skipped and counted (log key skipped_images); MAE crashes. Checkpoints hold plain types
       only (torch.load weights_only=True reads them) and are written to a .tmp file, fsynced, then renamed.
-    - A fresh run refuses an --output_dir that holds checkpoints (--resume auto continues, --overwrite replaces);
-      a resume refuses another model, method, effective batch or dataset size; Ctrl-C (or SIGTERM) stops at a step
-      boundary, saves and prints the resume command.
-    - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (CPU bf16 is ~35x slower without bf16 units);
+    - A fresh run refuses an --output_dir that holds checkpoints (--resume auto continues, --overwrite replaces
+      the run's own files); a resume refuses other settings of what is trained (model, method, seed, input size,
+      masking, targets, truncation), another effective batch or another dataset size; Ctrl-C (or SIGTERM) stops at
+      a step boundary, saves and prints the resume command (a torchrun one under torchrun).
+    - bf16 autocast (no GradScaler) on CUDA by default, fp32 on CPU (bf16 is much slower on CPUs without bf16 units);
       the official code used fp16 + GradScaler (--amp fp16).
     - One optimisation recipe (iTPN's = MAE's) for every --method; after each step train.py calls
       ema_update(progress=step/total) on pre-trainers with a momentum teacher.
@@ -56,11 +57,13 @@ Run:
 import argparse
 import errno
 import glob
+import io
 import json
 import math
 import os
 import random
-import shutil
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,12 +91,13 @@ import mim
 # The seam finetune.py and detect_seg.py build on (README "Seams"): settings, set-up, data, records, the loop.
 __all__ = [
     "flag", "RunConfig", "PretrainConfig", "parse_config", "ConfigError",
-    "Dist", "setup_distributed", "teardown_distributed", "print0", "seed_for",
+    "Dist", "setup_distributed", "teardown_distributed", "print0", "seed_for", "resume_command",
     "SHAPE_CLASSES", "ShapesDataset", "IMAGE_EXTENSIONS", "to_rgb", "ImageFiles", "SeededViews", "PretrainViews",
     "epoch_loader", "DataError", "count_steps", "cosine_schedule", "IMAGENET_MEAN", "IMAGENET_STD",
     "MODELS", "METHOD_FILE", "build_pretrainer",
     "BETAS", "param_groups", "get_lr",
-    "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "clear_run", "write_run_config",
+    "write_file", "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "clear_run",
+    "write_run_config",
     "denormalize", "titled_grid", "Trainer", "one_line", "main",
 ]
 
@@ -131,7 +135,8 @@ class RunConfig:
                     choices=["auto", "none", "bf16", "fp16"])
     device: str = flag("auto", "auto = CUDA when available (under torchrun: the GPU LOCAL_RANK)",
                        choices=["auto", "cpu", "cuda"])
-    seed: int = flag(0, "seed of the model init, data order, augmentation and masks")
+    seed: int = flag(0, "seed of the model init, data order, augmentation and masks",
+                     valid=(lambda v: 0 <= v < 2**32, "in [0, 2**32)"))   # numpy's seed range
     threads: int | None = flag(None, "CPU threads per process (torch.set_num_threads); tiny models are overhead-"
                                      "bound and run fastest on 1", valid=(lambda v: v >= 1, ">= 1"))
     num_workers: int | None = flag(None, "DataLoader worker processes per process",
@@ -146,7 +151,10 @@ class RunConfig:
     max_steps: int | None = flag(None, "stop after this many optimizer steps in total (checkpoint saved); the "
                                        "schedule still follows --epochs", valid=(lambda v: v >= 1, ">= 1"))
 
-    RESUME_KEYS = ()          # settings a resumed run must share with its checkpoint (besides the batch)
+    # Settings a resumed run must share with its checkpoint, besides the effective batch and the dataset size
+    # (check_resumable). A subclass adds its own: the keys of every class in the hierarchy count. The seed fixes
+    # the data order, so it decides which images a mid-epoch resume skips, and every later crop and mask.
+    RESUME_KEYS = ("seed",)
 
 
 @dataclass
@@ -178,7 +186,10 @@ class PretrainConfig(RunConfig):
     vis_every: int | None = flag(None, "write reconstruction pictures every N epochs and at the end",
                                  valid=(lambda v: v >= 1, ">= 1 (epochs)"))
 
-    RESUME_KEYS = ("model", "method")
+    # What is trained: the architecture and its depth, the method, the crop side, the masking and the targets.
+    # Not --data_path (a folder may move; its size is checked) nor --teacher (a file may move; the teacher's weights
+    # are part of the pre-trainer's state and come back from the checkpoint).
+    RESUME_KEYS = ("model", "method", "input_size", "mask_ratio", "norm_pix_loss", "truncate")
 
 
 # Defaults that depend on the model size. "paper": iTPN Tab. 7 / MAE PRETRAIN.md (400 of the 400/1600 epochs,
@@ -304,6 +315,26 @@ def print0(*args, **kwargs) -> None:
 def seed_for(*keys: int) -> int:
     """A well-mixed 32-bit seed from integers, e.g. (seed, step, shard); the same on every machine and process."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+def resume_command(script: str, argv: list[str], dist_: Dist) -> str:
+    """The command that starts this run again, launched as it was: `python script ...` for one process,
+    `torchrun --nproc_per_node N script ...` under torchrun (with --nnodes and a rendezvous endpoint HOST to fill
+    in when the run spans nodes). --resume and --overwrite are left out; Trainer.fit adds --resume auto."""
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg not in ("--resume", "--overwrite", "--no-overwrite") and not arg.startswith("--resume="):
+            kept.append(arg)
+        skip = arg == "--resume"                                          # its value follows it
+    if dist_.world_size == 1:
+        launcher = "python"
+    else:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist_.world_size))   # torchrun exports it
+        nodes = dist_.world_size // per_node
+        launcher = (f"torchrun --nproc_per_node {per_node}" if nodes == 1 else
+                    f"torchrun --nnodes {nodes} --nproc_per_node {per_node} --rdzv_backend c10d "
+                    f"--rdzv_endpoint HOST:29500")
+    return shlex.join([*launcher.split(), script, *kept])
 
 
 # ---- 3. Data: the built-in ShapesDataset, image files, seeded views -----------------------------------------------
@@ -753,6 +784,33 @@ def cosine_schedule(cfg: RunConfig, *, lr: float, steps_per_epoch: int):
 
 # ---- 6. Run records: checkpoints, the output folder, config.json, the log, pictures ------------------------------
 
+def write_error(path: str, err: OSError, *, kept: str) -> ConfigError:
+    """The one message of a failed write: the file, the reason, the fix, and what is still on disk (`kept`)."""
+    fix = ("the disk is full: free space or choose another --output_dir" if err.errno == errno.ENOSPC else
+           "check that the folder is writable and has space, or choose another --output_dir")
+    return ConfigError(f"could not write {path}: {err.strerror or err} ({fix}); {kept}")
+
+
+def write_file(path: str, data: str | bytes, *, append: bool = False) -> None:
+    """Write a run record (config.json, a picture), or append to one (log.txt), all or nothing: a new file goes
+    to path + '.tmp' and is renamed into place; an append that fails is cut back to the file's old end, so the log
+    keeps whole lines. A failed write (full disk, ...) ends in one ConfigError naming the file and the fix."""
+    data = data.encode() if isinstance(data, str) else data
+    target = path if append else path + ".tmp"
+    end = os.path.getsize(path) if append and os.path.exists(path) else 0
+    try:
+        with open(target, "ab" if append else "wb") as f:
+            f.write(data)
+    except OSError as err:
+        try:
+            os.truncate(path, end) if append and os.path.exists(path) else os.remove(target)
+        except OSError:
+            pass                                                          # nothing was created, or it stays as is
+        raise write_error(path, err, kept="the files already written, checkpoints included, are untouched") from err
+    if not append:
+        os.replace(target, path)
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to path + '.tmp', fsync it, then rename: a crash mid-write leaves the previous checkpoint intact.
 
@@ -770,9 +828,7 @@ def save_checkpoint(path: str, state: dict) -> None:
     except OSError as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        full = " (the disk is full: free space or choose another --output_dir)" if err.errno == errno.ENOSPC else ""
-        raise ConfigError(f"could not write {path}: {err.strerror or err}{full}; the previous checkpoint, if any, "
-                          f"is untouched") from err
+        raise write_error(path, err, kept="the previous checkpoint, if any, is untouched") from err
     os.replace(tmp, path)
     if hasattr(os, "O_DIRECTORY"):                                        # POSIX; Windows cannot open a folder
         fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
@@ -828,11 +884,16 @@ def prepare_output_dir(cfg: RunConfig, *, resuming: bool) -> None:
                           f"with --resume auto, start over with --overwrite, or choose another --output_dir")
 
 
+PICTURE_NAME = re.compile(r"^[a-z]+-epoch\d{3,}\.png$")   # reconstruction-epoch009.png, seg-epoch1599.png, ...
+
+
 def clear_run(output_dir: str) -> None:
-    """--overwrite: remove an earlier run's checkpoints, log and pictures (rank 0, after every check passed)."""
-    for pattern in ("checkpoint-*.pth", "checkpoint-*.pth.tmp", "log.txt", "*.png"):
+    """--overwrite: remove an earlier run's own files, nothing else (rank 0, after every check passed): its
+    checkpoints, log.txt, config.json and the pictures the scripts write (<kind>-epochNNN.png)."""
+    for pattern in ("checkpoint-*.pth", "checkpoint-*.pth.tmp", "log.txt", "config.json", "*.png"):
         for path in glob.glob(os.path.join(output_dir, pattern)):
-            os.remove(path)
+            if not path.endswith(".png") or PICTURE_NAME.match(os.path.basename(path)):
+                os.remove(path)
 
 
 def run_record(source_dir: str) -> dict:
@@ -854,10 +915,10 @@ def write_run_config(output_dir: str, run_config: dict, script: str) -> dict:
     os.makedirs(output_dir, exist_ok=True)
     for tmp in glob.glob(os.path.join(output_dir, "*.tmp")):              # an interrupted checkpoint write
         os.remove(tmp)
-    with open(os.path.join(output_dir, "config.json"), "w") as f:
-        json.dump(run_config, f, indent=2, default=str)
+    write_file(os.path.join(output_dir, "config.json"), json.dumps(run_config, indent=2, default=str))
     if run_config["git_commit"] is None:
-        shutil.copyfile(os.path.abspath(script), os.path.join(output_dir, os.path.basename(script) + ".source"))
+        with open(os.path.abspath(script), "rb") as f:
+            write_file(os.path.join(output_dir, os.path.basename(script) + ".source"), f.read())
     return run_config
 
 
@@ -879,7 +940,9 @@ def titled_grid(path: str, panels: dict[str, torch.Tensor]) -> None:
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(panels):
         draw.text((2, 12 * i), f"column {i + 1}: {name}", fill="black")
-    canvas.save(path)
+    encoded = io.BytesIO()
+    canvas.save(encoded, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
+    write_file(path, encoded.getvalue())
 
 
 @torch.no_grad()
@@ -899,11 +962,11 @@ def save_pictures(path: str, pretrainer: nn.Module, imgs, *, seed: int, norm_pix
     unit = round(math.sqrt(size[0] * size[1] / out["mask"].shape[1]))   # units are square: N x unit^2 = H x W
     m = mim.mask_to_map(out["mask"].to(original.dtype), (size[0] // unit, size[1] // unit), unit)   # (B, H, W)
     m = m.unsqueeze(1)                                                    # (B, 1, H, W), 1 = masked
-    panels = {"original": original, "masked": original * (1 - m) + 0.5 * m}   # masked units grey
+    panels = {"original": original, "masked": hivit.mask_blend(original, m, torch.tensor(0.5))}   # masked: grey
     if "recon" in out:
         pred = denormalize(out["recon"].float())
         panels["prediction" + (" (unit mean/std of original)" if norm_pix_loss else "")] = pred
-        panels["prediction + visible"] = original * (1 - m) + pred * m
+        panels["prediction + visible"] = hivit.mask_blend(original, m, pred)
     for name, pic in out.get("pictures", {}).items():                    # already in [0, 1], maybe another size
         panels[name] = nn.functional.interpolate(pic.float(), size=size, mode="nearest").clamp(0, 1)
     titled_grid(path, panels)
@@ -911,16 +974,34 @@ def save_pictures(path: str, pretrainer: nn.Module, imgs, *, seed: int, norm_pix
 
 # ---- 7. The loop: Trainer (shared by the three scripts) and the pre-training task --------------------------------
 
-def check_resumable(ckpt: dict, path: str, cfg: RunConfig, *, world_size: int, steps_per_epoch: int) -> None:
-    """A resumed run must be the same run: the same RESUME_KEYS settings (model, method, ...), the same effective
-    batch (batch_size x accum_iter x world size) and the same number of steps per epoch (dataset size), because the
-    lr schedule, the step -> epoch mapping and the images a mid-epoch resume skips are all counted in them. Another
-    split of the same effective batch (2x the GPUs, half the --accum_iter) is allowed (masks then differ)."""
-    was = {k: ckpt["args"].get(k) for k in cfg.RESUME_KEYS}
-    now = {k: getattr(cfg, k) for k in cfg.RESUME_KEYS}
-    if was != now:
-        raise ConfigError(f"{path} was written by {' '.join(f'--{k} {v}' for k, v in was.items())}; this run is "
-                          f"{' '.join(f'--{k} {v}' for k, v in now.items())}: pass those or use another --output_dir")
+def resume_keys(cfg: RunConfig) -> list[str]:
+    """The RESUME_KEYS of cfg's class and of every settings class above it, in that order, each once."""
+    keys = [k for klass in reversed(type(cfg).__mro__) for k in vars(klass).get("RESUME_KEYS", ())]
+    return list(dict.fromkeys(keys))
+
+
+def as_flag(name: str, value) -> str:
+    """A setting as the user types it: --seed 0, --norm_pix_loss / --no-norm_pix_loss, --mask_ratio unset."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {'unset' if value is None else value}"
+
+
+def check_resumable(ckpt: dict, path: str, cfg: RunConfig, *, world_size: int, steps_per_epoch: int,
+                    num_samples: int) -> None:
+    """A resumed run must be the same run: the same RESUME_KEYS settings (what is trained), the same effective
+    batch (batch_size x accum_iter x world size) and the same dataset size, because the lr schedule, the step ->
+    epoch mapping and the images a mid-epoch resume skips are all counted in them. Another split of the same
+    effective batch (2x the GPUs, half the --accum_iter) is allowed (masks then differ). A setting the checkpoint
+    does not record (a file from before the setting existed) was at its default when the file was written."""
+    default = {f.name: f.default for f in fields(cfg)}
+    was = {k: ckpt["args"].get(k, default[k]) for k in resume_keys(cfg)}
+    now = {k: getattr(cfg, k) for k in resume_keys(cfg)}
+    differ = [k for k in was if was[k] != now[k]]
+    if differ:
+        raise ConfigError(f"{path} was written by {' '.join(as_flag(k, was[k]) for k in differ)}; this run has "
+                          f"{' '.join(as_flag(k, now[k]) for k in differ)}: resume with the settings it was written "
+                          f"with (its config.json lists them), or start a fresh run in another --output_dir")
     was = {"batch_size": ckpt["args"]["batch_size"], "accum_iter": ckpt["args"]["accum_iter"],
            "world size": ckpt["world_size"]}
     now = {"batch_size": cfg.batch_size, "accum_iter": cfg.accum_iter, "world size": world_size}
@@ -933,6 +1014,10 @@ def check_resumable(ckpt: dict, path: str, cfg: RunConfig, *, world_size: int, s
                           f"mapping and the images already seen depend on it: resume with --batch_size "
                           f"{was['batch_size']} --accum_iter {was['accum_iter']} on {was['world size']} process(es) "
                           f"(or any split with the same product), or start a fresh run in another --output_dir")
+    if ckpt.get("num_samples", num_samples) != num_samples:           # a file without it: steps per epoch below
+        raise ConfigError(f"{path} was written on a dataset of {ckpt['num_samples']} images, this run has "
+                          f"{num_samples}: the dataset changed size (--num_images, or files added to or removed from "
+                          f"--data_path). Resume on the same data, or start a fresh run in another --output_dir")
     if ckpt["steps_per_epoch"] != steps_per_epoch:
         raise ConfigError(f"{path} was written with {ckpt['steps_per_epoch']} steps per epoch, this run has "
                           f"{steps_per_epoch}: the dataset changed size (--num_images, or files added to or removed "
@@ -979,12 +1064,22 @@ class Trainer:
         """Everything the next step depends on, as plain types (weights_only=True loads it)."""
         return {"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.step // self.steps_per_epoch,
-                "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size, "best": self.best,
+                "steps_per_epoch": self.steps_per_epoch, "num_samples": self.task.num_samples,
+                "world_size": self.dist.world_size, "best": self.best,
                 "args": asdict(self.cfg), "config": self.run_config.get("config"), **self.task.state()}
 
     def resume(self, ckpt: dict, path: str) -> None:
-        """Restore a checkpoint after checking that it belongs to this run (model, batch, dataset size)."""
-        check_resumable(ckpt, path, self.cfg, world_size=self.dist.world_size, steps_per_epoch=self.steps_per_epoch)
+        """Restore a checkpoint after checking that it belongs to this run (settings, batch, dataset size) and that
+        its weights fit the model, key for key and shape for shape (one message, not load_state_dict's traceback)."""
+        check_resumable(ckpt, path, self.cfg, world_size=self.dist.world_size, steps_per_epoch=self.steps_per_epoch,
+                        num_samples=self.task.num_samples)
+        try:                                                              # settings the keys do not cover
+            hivit.check_state_dict(ckpt["model"], {k: v.shape for k, v in self.raw.state_dict().items()},
+                                   what=f"{path} does not fit this run's model",
+                                   hint="resume with the settings it was written with, which its config.json lists, "
+                                        "or start a fresh run in another --output_dir")
+        except (KeyError, ValueError) as err:
+            raise ConfigError(err.args[0]) from None
         self.raw.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -1096,7 +1191,10 @@ class Trainer:
         print0(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again: stop now)")
 
     def fit(self, resume_command: str) -> list[dict]:
-        """Run every remaining epoch; rank 0 writes checkpoints and log.txt. Returns the epochs' records."""
+        """Run every remaining epoch; rank 0 writes checkpoints and log.txt. Returns the epochs' records.
+
+        resume_command: the command that starts this run again (train.resume_command); a stop by Ctrl-C or SIGTERM
+        prints it with --resume auto added."""
         self.optimizer.zero_grad(set_to_none=True)
         print0(f"{self.steps_per_epoch} steps/epoch x {self.cfg.epochs} epochs, {self.images_per_step} images/step, "
                f"{sum(p.numel() for p in self.raw.parameters() if p.requires_grad) / 1e6:.2f}M trained parameters")
@@ -1115,8 +1213,7 @@ class Trainer:
                 records.append(record)
                 if self.dist.master:
                     self.save(epoch, record)
-                    with open(os.path.join(self.cfg.output_dir, "log.txt"), "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    write_file(os.path.join(self.cfg.output_dir, "log.txt"), json.dumps(record) + "\n", append=True)
                     print0(json.dumps({k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in record.items()}))
         finally:
             for s, handler in handlers.items():
@@ -1241,13 +1338,18 @@ def check_pretrain_flags(cfg: PretrainConfig, parser: argparse.ArgumentParser) -
                      f"into {split}, and it needs at least one of each: {fix}{ratio}")
 
 
+DESCRIPTION = ("Masked image pre-training (iTPN, MAE, SimMIM, FastMIM, M3I). Flags left unset take the 'paper' "
+               "recipe, or the 'demo' recipe for the *_tiny models.")
+EPILOG = (f"models: {', '.join(MODELS)}\nmethods: {', '.join(METHOD_FILE)}\n\n" + __doc__[__doc__.index("Run:"):])
+
+
 def get_parser() -> argparse.ArgumentParser:
     return build_parser(PretrainConfig, description=DESCRIPTION, defaults=DEFAULTS, epilog=EPILOG)
 
 
-DESCRIPTION = ("Masked image pre-training (iTPN, MAE, SimMIM, FastMIM, M3I). Flags left unset take the 'paper' "
-               "recipe, or the 'demo' recipe for the *_tiny models.")
-EPILOG = (f"models: {', '.join(MODELS)}\nmethods: {', '.join(METHOD_FILE)}\n\n" + __doc__[__doc__.index("Run:"):])
+def pretrain_folder(path: str) -> str:
+    """MAE reads <path>/train when it exists (ImageFolder layout); any other folder is read as it is."""
+    return os.path.join(path, "train") if path and os.path.isdir(os.path.join(path, "train")) else path
 
 
 def prepare(cfg: PretrainConfig, dist_: Dist):
@@ -1289,11 +1391,6 @@ def prepare(cfg: PretrainConfig, dist_: Dist):
     return task, trainer, resume
 
 
-def pretrain_folder(path: str) -> str:
-    """MAE reads <path>/train when it exists (ImageFolder layout); any other folder is read as it is."""
-    return os.path.join(path, "train") if path and os.path.isdir(os.path.join(path, "train")) else path
-
-
 def one_line(err: Exception) -> str:
     """The user's message of an error, also when a DataLoader worker raised it (the main process re-raises it
     with the worker's traceback text prepended)."""
@@ -1324,7 +1421,8 @@ def main(argv=None) -> list[dict]:
             trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
         print0(f"{cfg.model} + {cfg.method} on {dist_.device} x {dist_.world_size}, data: "
                f"{cfg.data_path or 'built-in shapes'} ({task.num_samples} images), output: {cfg.output_dir}")
-        return trainer.fit(resume_command=" ".join(["python train.py", *(argv if argv is not None else sys.argv[1:])]))
+        return trainer.fit(resume_command=resume_command("train.py", argv if argv is not None else sys.argv[1:],
+                                                         dist_))
     except ConfigError as err:                                            # bad input: one message, no traceback
         raise SystemExit(f"error: {one_line(err)}") from None
     finally:

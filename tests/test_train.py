@@ -496,7 +496,8 @@ def test_unknown_or_incompatible_model_and_method_list_the_valid_ones(tmp_path, 
     ("--batch_size", "0", ">= 1"), ("--accum_iter", "0", ">= 1"), ("--epochs", "0", ">= 1"),
     ("--input_size", "0", ">= 1"), ("--input_size", "-16", ">= 1"), ("--num_images", "0", ">= 1"),
     ("--mask_ratio", "1.5", "in [0, 1)"), ("--mask_ratio", "-0.5", "in [0, 1)"), ("--mask_ratio", "1.0", "in [0, 1)"),
-    ("--save_every", "0", ">= 1"), ("--vis_every", "0", ">= 1"), ("--clip_grad", "0.0", "> 0")])
+    ("--save_every", "0", ">= 1"), ("--vis_every", "0", ">= 1"), ("--clip_grad", "0.0", "> 0"),
+    ("--seed", "-1", "in [0, 2**32)"), ("--seed", str(2**32), "in [0, 2**32)")])
 def test_out_of_range_numbers_stop_at_start_up_naming_the_flag_and_its_range(tmp_path, capsys, flag, value, valid):
     with pytest.raises(SystemExit) as info:                              # before any model is built or data read
         run(tmp_path, flag, value)
@@ -694,7 +695,7 @@ def test_a_run_of_broken_files_inside_loader_workers_ends_in_one_line(tmp_path):
 
 def test_high_bit_depth_images_are_scaled_by_their_modes_range_the_same_for_every_image(tmp_path):
     dim = np.full((8, 8), 250, np.uint16)
-    dim[0, 0] = 300                                                       # max > 255: was rescaled per image
+    dim[0, 0] = 300                                                       # max > 255: still the 16-bit range's scale
     Image.fromarray(dim).save(tmp_path / "dim.png")
     Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dimmer.png")
     Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "half.tif")
@@ -766,7 +767,9 @@ def test_resume_on_a_dataset_of_another_size_is_refused(tmp_path):
     argv = [*TINY, "--epochs", "2", "--warmup_epochs", "0", "--model", "hivit_tiny", "--method", "mae"]
     run(tmp_path, *argv, "--num_images", "8", "--max_steps", "1")
     msg = error_of([*argv, "--num_images", "6", "--resume", "auto"], tmp_path, name="out")
-    assert "4 steps per epoch, this run has 3" in msg and "dataset changed size" in msg
+    assert "written on a dataset of 8 images, this run has 6" in msg and "dataset changed size" in msg
+    msg = error_of([*argv, "--num_images", "9", "--resume", "auto"], tmp_path, name="out")   # 4 steps per epoch too
+    assert "written on a dataset of 8 images, this run has 9" in msg
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_leaves_no_tmp(tmp_path, monkeypatch):
@@ -856,9 +859,9 @@ def flags_verdict(argv, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, split, smallest", [
-    (["--model", "itpn_tiny", "--input_size", "16"], "1 masked, 0 visible", 32),             # was: a reshape crash
+    (["--model", "itpn_tiny", "--input_size", "16"], "1 masked, 0 visible", 32),             # a 16-px image: 1 unit
     (["--model", "itpn_tiny", "--method", "itpn_pixel", "--input_size", "16"], "1 masked, 0 visible", 32),
-    (["--model", "hivit_tiny", "--method", "mae", "--input_size", "16"], "1 masked, 0 visible", 32),   # was: 0 units
+    (["--model", "hivit_tiny", "--method", "mae", "--input_size", "16"], "1 masked, 0 visible", 32),   # HiViT alike
     (["--model", "vit_tiny", "--method", "simmim", "--input_size", "16"], "1 masked, 0 visible", 32),
     (["--model", "hivit_tiny", "--method", "fastmim_p", "--input_size", "32"], "1 masked, 0 visible", 48),  # 16 px
     (["--model", "hivit_tiny", "--method", "m3i", "--input_size", "16"], "0 from image i, 1 from image j", 32),
@@ -944,3 +947,140 @@ def test_teacher_files_that_are_not_checkpoints_get_one_message_each(tmp_path, c
     content(path)
     msg = error_of([*TINY, "--method", "itpn_distill", "--teacher", path], tmp_path)
     assert msg.startswith(f"error: teacher '{path}'") and expected in msg and "Traceback" not in msg
+
+
+# ---- reliability: resume settings, records on a full disk, the resume command, --overwrite -------------------------
+
+HIVIT_MAE = [*TINY, "--model", "hivit_tiny", "--method", "mae", "--num_images", "4", "--epochs", "2",
+             "--warmup_epochs", "0"]                                      # 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tmp_path_factory):
+    """A hivit_tiny + MAE run stopped after step 1 (seed 0, full depth, the method's mask ratio and targets)."""
+    out = str(tmp_path_factory.mktemp("resume") / "run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train.main([*HIVIT_MAE, "--max_steps", "1", "--output_dir", out])
+    torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.parametrize("changed, was", [
+    (["--seed", "1"], "--seed 0"), (["--input_size", "48"], "--input_size 32"),
+    (["--mask_ratio", "0.5"], "--mask_ratio unset"), (["--no-norm_pix_loss"], "--norm_pix_loss unset"),
+    (["--truncate", "1"], "--truncate 0")])
+def test_a_resume_that_changes_what_is_trained_is_refused_in_one_line(one_step_run, changed, was):
+    before = {name: os.path.getmtime(os.path.join(one_step_run, name)) for name in os.listdir(one_step_run)}
+    with pytest.raises(SystemExit) as info:
+        train.main([*HIVIT_MAE, *changed, "--max_steps", "2", "--resume", "auto", "--output_dir", one_step_run])
+    msg = str(info.value.code)
+    assert f"was written by {was}; this run has {changed[0]}" in msg and "\n" not in msg
+    assert {name: os.path.getmtime(os.path.join(one_step_run, name)) for name in os.listdir(one_step_run)} == before
+
+
+def test_a_checkpoint_that_does_not_record_a_setting_is_read_as_written_with_its_default(one_step_run, tmp_path):
+    """Files from before a setting existed lack it in their args: they were written with its default. The weight
+    load behind the settings check still ends in one line when the file's weights do not fit."""
+    ckpt = train.load_checkpoint(os.path.join(one_step_run, "checkpoint-last.pth"))
+    del ckpt["args"]["truncate"], ckpt["args"]["seed"]
+    torch.save(ckpt, tmp_path / "old.pth")
+    records, _ = run(tmp_path, *HIVIT_MAE, "--max_steps", "2", "--resume", str(tmp_path / "old.pth"))
+    assert records[0]["step"] == 2                                        # seed 0 and truncate 0: the defaults
+    msg = error_of([*HIVIT_MAE, "--seed", "3", "--resume", str(tmp_path / "old.pth")], tmp_path)
+    assert "was written by --seed 0; this run has --seed 3" in msg
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if not k.startswith("encoder.blocks.1.")}
+    torch.save(ckpt, tmp_path / "shallow.pth")                            # as a --truncate 1 run would write it
+    msg = error_of([*HIVIT_MAE, "--resume", str(tmp_path / "shallow.pth")], tmp_path)
+    assert "does not fit this run's model" in msg and "encoder.blocks.1." in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("name", ["log.txt", "config.json"])
+def test_a_full_disk_while_writing_a_record_is_one_message_and_keeps_the_checkpoint(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn())
+    real_open = open
+
+    def full_disk(path, *args, **kwargs):
+        if os.path.basename(str(path)).startswith(name):                  # the record and its temporary file
+            raise OSError(28, "No space left on device", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    msg = error_of([*TINY, "--num_images", "2", "--epochs", "1", "--warmup_epochs", "0"], tmp_path, name="out")
+    assert msg.startswith(f"error: could not write {tmp_path / 'out' / name}") and "disk is full" in msg
+    assert "--output_dir" in msg and "\n" not in msg
+    last = tmp_path / "out" / "checkpoint-last.pth"
+    if name == "log.txt":                                                 # written before the log line
+        assert train.load_checkpoint(str(last))["step"] == 1
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").iterdir())
+
+
+def test_a_log_line_cut_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    path = tmp_path / "log.txt"
+    train.write_file(str(path), '{"epoch": 0}\n', append=True)
+    real_open = open
+
+    class HalfWritten:                                                    # writes half, then the disk is full
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: HalfWritten(real_open(p, *a, **k)))
+    with pytest.raises(train.ConfigError, match="disk is full"):
+        train.write_file(str(path), '{"epoch": 1}\n', append=True)
+    monkeypatch.undo()
+    assert path.read_text() == '{"epoch": 0}\n'                           # only whole lines
+
+
+def test_ctrl_c_under_torchrun_prints_a_torchrun_resume_command(tmp_path, monkeypatch):
+    """Rank 0 of 2 (no process group is needed to run one rank's share of the data) is stopped by SIGINT."""
+    monkeypatch.setattr(train, "build_pretrainer", lambda *a, **k: StandIn())
+    monkeypatch.setattr(train, "setup_distributed", lambda cfg: train.Dist(0, 2, torch.device("cpu")))
+    monkeypatch.setattr(train.PretrainTask, "after_step",
+                        lambda self, progress: os.kill(os.getpid(), __import__("signal").SIGINT))
+    argv = [*TINY, "--num_images", "8", "--epochs", "1", "--warmup_epochs", "0", "--seed", "5"]
+    msg = error_of([*argv, "--overwrite"], tmp_path, name="out")
+    out = str(tmp_path / "out")
+    assert msg.endswith(f"\n  torchrun --nproc_per_node 2 train.py {' '.join(argv)} --output_dir {out} --resume auto")
+
+
+def test_resume_command_names_the_launcher_and_drops_resume_and_overwrite(monkeypatch):
+    cpu = torch.device("cpu")
+    argv = ["--batch_size", "2", "--resume", "x.pth", "--overwrite", "--data_path", "/my data", "--resume=auto"]
+    assert train.resume_command("train.py", argv, train.Dist(0, 1, cpu)) == \
+        "python train.py --batch_size 2 --data_path '/my data'"
+    assert train.resume_command("finetune.py", [], train.Dist(0, 8, cpu)) == "torchrun --nproc_per_node 8 finetune.py"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                           # 2 nodes of 8: the same on each node
+    assert train.resume_command("train.py", ["--seed", "1"], train.Dist(0, 16, cpu)) == \
+        "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --seed 1"
+
+
+def test_every_numeric_setting_has_a_range():
+    """Every int / float flag is range-checked at start-up (range_errors); the exceptions name their reason."""
+    unchecked = {}                                                        # name -> why it needs no range
+    for cls in (train.RunConfig, train.PretrainConfig):
+        for f in fields(cls):
+            if train.field_type(f) in (int, float) and f.name not in unchecked:
+                assert f.metadata.get("valid") is not None, f"{cls.__name__}.{f.name} has no range"
+
+
+def test_overwrite_removes_only_the_run_s_own_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    own = ["checkpoint-last.pth", "checkpoint-9.pth", "checkpoint-best.pth", "checkpoint-last.pth.tmp", "log.txt",
+           "config.json", "reconstruction-epoch099.png", "predictions-epoch1200.png", "seg-epoch000.png"]
+    users = ["notes.png", "reconstruction-final.png", "plot-epoch1.png", "notes.txt", "Run-epoch001.png"]
+    for name in own + users:
+        (out / name).write_bytes(b"x")
+    train.clear_run(str(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(users)
