@@ -91,7 +91,7 @@ from finetune import layer_decay_groups, load_pretrained, read_pretrained
 from train import (IMAGENET_MEAN, IMAGENET_STD, MODELS, SHAPE_CLASSES, ConfigError, Dist, RunConfig, SeededViews,
                    ShapesDataset, Trainer, clear_run, count_steps, denormalize, epoch_loader, find_checkpoint, flag,
                    load_checkpoint, one_line, param_groups, parse_config, prepare_output_dir, print0,
-                   setup_distributed, teardown_distributed, write_run_config)
+                   resume_command, save_image, setup_distributed, teardown_distributed, write_run_config)
 
 __all__ = [
     "DenseConfig", "DEFAULTS",
@@ -3205,7 +3205,7 @@ class DenseTask:
         canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
         for k, p in enumerate(panels):
             canvas.paste(p, (0, sum(q.height for q in panels[:k])))
-        canvas.save(path)
+        save_image(path, canvas)
 
 
 @contextmanager
@@ -3326,7 +3326,7 @@ def main(argv=None) -> list[dict]:
             trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
         print0(f"{cfg.model} + {cfg.head} ({cfg.task}) on {dist_.device} x {dist_.world_size}, data: "
                f"{cfg.data_path or 'built-in shapes'} ({task.num_samples} train images), output: {cfg.output_dir}")
-        command = " ".join(["python detect_seg.py", *(argv if argv is not None else sys.argv[1:])])
+        command = resume_command("detect_seg.py", sys.argv[1:] if argv is None else argv, dist_)
         return trainer.fit(resume_command=command)
     except ConfigError as err:
         raise SystemExit(f"error: {one_line(err)}") from None

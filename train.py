@@ -96,7 +96,7 @@ __all__ = [
     "epoch_loader", "DataError", "count_steps", "cosine_schedule", "IMAGENET_MEAN", "IMAGENET_STD",
     "MODELS", "METHOD_FILE", "build_pretrainer",
     "BETAS", "param_groups", "get_lr",
-    "write_file", "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "clear_run",
+    "write_file", "save_image", "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "clear_run",
     "write_run_config",
     "denormalize", "titled_grid", "Trainer", "one_line", "main",
 ]
@@ -929,6 +929,13 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
+def save_image(path: str, image: Image.Image) -> None:
+    """A picture of the run, written through write_file (all or nothing; a full disk is one message)."""
+    encoded = io.BytesIO()
+    image.save(encoded, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
+    write_file(path, encoded.getvalue())
+
+
 def titled_grid(path: str, panels: dict[str, torch.Tensor]) -> None:
     """Save panels (name -> (B, 3, H, W) in [0, 1]) as a grid, one row per image, with a title line per column."""
     grid = make_grid(torch.stack(list(panels.values()), 1).flatten(0, 1).cpu(),   # (B * P, 3, H, W)
@@ -940,9 +947,7 @@ def titled_grid(path: str, panels: dict[str, torch.Tensor]) -> None:
     draw = ImageDraw.Draw(canvas)
     for i, name in enumerate(panels):
         draw.text((2, 12 * i), f"column {i + 1}: {name}", fill="black")
-    encoded = io.BytesIO()
-    canvas.save(encoded, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
-    write_file(path, encoded.getvalue())
+    save_image(path, canvas)
 
 
 @torch.no_grad()
