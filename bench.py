@@ -10,14 +10,16 @@ Implements:
     (STYLE.md 10): it lives here.
 
 Sections:
-    1. Timing helpers        (warm-up, median of reps, one-thread CPU time, peak memory)
+    1. Timing helpers        (warm-up, median of reps, one-thread CPU time, peak memory, --amp autocast)
     2. hivit.py suite        <-> HiViT Tab. 8 (dropping masked units), supplementary Tab. 12 (HiViT-B vs ViT-B)
     3. itpn.py suite         <-> iTPN Sec. 3.3-3.4: step cost of the pixel / paper (MIM+MFM) / distillation recipes
     4. mim.py suite          <-> HiViT Tab. 8 (MAE vs SimMIM), FastMIM Sec. 3 (128 px), M3I step cost
     5. fast_itpn.py suite    <-> Fast-iTPN Fig. 5 (token migration), Tab. 7 (window attention, gathering, HRPE)
     6. train.py suite        whole pre-training steps through the real CLI (data loading included), peak memory
-    7. detect_seg.py suite   dense heads' steps; Mask R-CNN-lite vs torchvision; deformable attention vs the loop
-    8. CLI
+    7. finetune.py suite     fine-tuning steps (finetune.py's own Trainer, recipe, layer decay, MixUp / CutMix) and
+                             evaluation images/s, peak memory; Fast-iTPN Sec. 5.2 classification with token migration
+    8. detect_seg.py suite   dense heads' steps; Mask R-CNN-lite vs torchvision; deformable attention vs the loop
+    9. CLI
 
 Shapes:
     B batch, H = W image side.
@@ -26,15 +28,22 @@ Differences from the paper / official code:
     - Numbers are measured on whatever machine runs this; the papers measured on V100/A100 GPUs. Ratios, not
       absolute throughput, are what compare. Rows that take long on a CPU (1024-px inputs, an iTPN-B training run)
       run only with --long.
+    - --amp bf16 (CUDA only) runs the timed forwards under torch.autocast(bfloat16), as train.py / finetune.py
+      train on GPUs (not finetune.evaluate, which finetune.py runs in fp32, nor the deformable-attention row, which
+      runs on the CPU); the default is fp32. CPU bf16 is refused: without native bf16 units it ran ~35x slower.
 
 Run:
     python bench.py                         # every suite, CPU, default batches (minutes per suite: see --help)
     python bench.py --suite hivit --batch 8 --reps 5
     python bench.py --suite fast_itpn --long   # adds the 1024-px rows
     python bench.py --device cuda           # on a GPU machine
+    python bench.py --device cuda --amp bf16 --suite dense --suite finetune --long   # bf16 autocast, the papers' sizes
 """
 
 import argparse
+import ctypes
+import gc
+import itertools
 import json
 import os
 import resource
@@ -51,14 +60,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import detect_seg as ds
 import fast_itpn
+import finetune
 import hivit
 import itpn
 import mim
+import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))   # conftest's oracles
 
 
-# ---- 1. Timing helpers --------------------------------------------------------------------------------------------
+# ---- 1. Timing helpers, autocast ----------------------------------------------------------------------------------
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -112,11 +123,49 @@ def peak_memory_mb(fn, *, device: str = "cpu") -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def fwd_bwd(model, x, **kwargs):
+def rss_mb(field: str) -> float | None:
+    """This process's resident memory ("VmRSS") or its peak since the last reset_peak_rss ("VmHWM") in MiB, read
+    from Linux's /proc/self/status; None where that file does not exist."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))   # kB -> MiB
+    except (OSError, StopIteration):
+        return None
+
+
+def reset_peak_rss() -> float | None:
+    """Start counting one row's CPU peak memory; returns the RSS now (MiB), None off Linux.
+
+    Two steps. First, memory that earlier rows freed goes back to the OS (gc, then glibc's malloc_trim): otherwise
+    the allocator hands it out again without the RSS growing, and this row would look smaller than it is. Second,
+    writing 5 to /proc/self/clear_refs sets the peak (VmHWM) back to the current RSS (getrusage's ru_maxrss only
+    ever grows). rss_mb("VmHWM") - the returned RSS is then the memory the row added at its peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):                                     # not glibc: skip the trim
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return rss_mb("VmRSS")
+
+
+def autocast(device: str, amp: str):
+    """--amp as a context: torch.autocast(bfloat16) on the device for "bf16", a disabled one for "none". Forward
+    passes only: backward runs in the dtypes the forward chose (autocast's own advice)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def fwd_bwd(model, x, *, amp: str, device: str, **kwargs):
     """One forward + backward of the stage-3 output (the part a pre-training step always pays)."""
     def step():
         model.zero_grad(set_to_none=True)
-        model.forward_features(x, **kwargs)[-1].float().mean().backward()
+        with autocast(device, amp):
+            out = model.forward_features(x, **kwargs)[-1]
+        out.float().mean().backward()
     return step
 
 
@@ -136,20 +185,20 @@ def forward_gmacs(build, side: int = 224) -> float:
 # ---- 2. hivit.py suite --------------------------------------------------------------------------------------------
 # Every suite is a generator of rows (name, value, note), so the CLI prints each row as soon as it is measured.
 
-def bench_hivit(*, batch: int, reps: int, device: str, long: bool):
+def bench_hivit(*, batch: int, reps: int, device: str, long: bool, amp: str):
     """HiViT Tab. 8: dropping 75% of units speeds up a pre-training step ~1.8-2x; supp. Tab. 12: HiViT-B 0.95x ViT-B."""
     torch.manual_seed(0)
     model = hivit.HiViT(hivit.PRESETS["hivit_b"]).to(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
     n, n_vis = 196, 49                                                   # 14x14 units, 75% masked
     ids_keep = torch.rand(batch, n, device=device).argsort(dim=1)[:, :n_vis]   # (B, N_vis)
-    t_all = measure(fwd_bwd(model, x), reps=reps, device=device)
+    t_all = measure(fwd_bwd(model, x, amp=amp, device=device), reps=reps, device=device)
     yield "HiViT-B fwd+bwd 224, all units (s/step)", t_all, f"batch {batch}"
-    t_drop = measure(fwd_bwd(model, x, ids_keep=ids_keep), reps=reps, device=device)
+    t_drop = measure(fwd_bwd(model, x, ids_keep=ids_keep, amp=amp, device=device), reps=reps, device=device)
     yield "HiViT-B fwd+bwd 224, 75% units dropped (s/step)", t_drop, f"batch {batch}"
     yield "speed-up from dropping masked units", t_all / t_drop, "x  (HiViT Tab. 8: ~1.8-2x)"
     vit = hivit.VisionTransformer(hivit.VIT_PRESETS["vit_b"]).to(device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, amp):
         t_hivit_fwd = measure(lambda: model(x), reps=reps, device=device)
         t_vit_fwd = measure(lambda: vit(x), reps=reps, device=device)
     yield "HiViT-B / ViT-B forward throughput", t_vit_fwd / t_hivit_fwd, "x  (supp. Tab. 12: 0.95x)"
@@ -157,7 +206,7 @@ def bench_hivit(*, batch: int, reps: int, device: str, long: bool):
 
 # ---- 3. itpn.py suite: iTPN-B pre-training steps of the three recipes vs an MAE-style HiViT-B step --------------
 
-def bench_itpn(*, batch: int, reps: int, device: str, long: bool):
+def bench_itpn(*, batch: int, reps: int, device: str, long: bool, amp: str):
     """Whole pre-training steps (forward + loss + backward) at 224 px, as ratios to mim.py's MAE step on HiViT-B.
 
     The baseline is HiViT's MAE recipe (6-block decoder). The pixel recipe adds the pyramid and a 3-level decoder
@@ -176,7 +225,9 @@ def bench_itpn(*, batch: int, reps: int, device: str, long: bool):
 
         def run():
             model.zero_grad(set_to_none=True)
-            model(x)["loss"].backward()
+            with autocast(device, amp):
+                loss = model(x)["loss"]
+            loss.backward()
         return run
 
     def mae():                                                            # HiViT's MAE recipe: 6b512d decoder
@@ -209,7 +260,7 @@ def bench_itpn(*, batch: int, reps: int, device: str, long: bool):
 
 # ---- 4. mim.py suite: MAE vs SimMIM, FastMIM low resolution, M3I cost -------------------------------------------
 
-def bench_mim(*, batch: int, reps: int, device: str, long: bool):
+def bench_mim(*, batch: int, reps: int, device: str, long: bool, amp: str):
     """Whole pre-training steps (forward + loss + backward) of mim.py methods on HiViT-B, as ratios of step times.
 
     HiViT Tab. 8 / Sec. 4.2: MAE-style dropping (HiViT's recipe: 6-block decoder, App. A) 1.82x faster than feeding
@@ -234,7 +285,9 @@ def bench_mim(*, batch: int, reps: int, device: str, long: bool):
 
         def run():
             model.zero_grad(set_to_none=True)
-            model(x, **extra)["loss"].backward()
+            with autocast(device, amp):
+                loss = model(x, **extra)["loss"]
+            loss.backward()
         return run
 
     t = interleaved_seconds({"mae": step("mae", 224), "simmim": step("simmim", 224),
@@ -284,7 +337,7 @@ def fast_itpn_flops(cfg, side: int) -> list[float]:
     return flops
 
 
-def bench_fast_itpn(*, batch: int, reps: int, device: str, long: bool):
+def bench_fast_itpn(*, batch: int, reps: int, device: str, long: bool, amp: str):
     """Fast-iTPN Fig. 5 and Tab. 7: forward of Fast-iTPN-B backbone + pyramid at 512x512 under each switch.
 
     First the speed-up in FLOPs at 512 and 1024 px (exact, meta device, instant). Then wall-clock rows, timed in
@@ -311,7 +364,7 @@ def bench_fast_itpn(*, batch: int, reps: int, device: str, long: bool):
         models[hrpe].set_acceleration(migration_ratio=ratio, attention=attention)
         sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             models[hrpe].forward_pyramid(x)
         sync(device)
         return time.perf_counter() - t0, time.process_time() - c0
@@ -348,7 +401,7 @@ def bench_fast_itpn(*, batch: int, reps: int, device: str, long: bool):
 
 # ---- 6. train.py suite: the whole pre-training step, data loading included ---------------------------------------
 
-def bench_train(*, batch: int, reps: int, device: str, long: bool):
+def bench_train(*, batch: int, reps: int, device: str, long: bool, amp: str):
     """`python train.py` as a user runs it, for 2 epochs of `reps` steps; images/s of the second (steady) epoch, so
     the first steps' allocations do not count. Peak memory: CUDA max allocated, or the child process's peak RSS.
     Rows have fixed batches: 32 for the demo, 8 for iTPN-B (--long); `batch` is not used here."""
@@ -360,7 +413,7 @@ def bench_train(*, batch: int, reps: int, device: str, long: bool):
         per_step = int(argv[argv.index("--batch_size") + 1])
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "train.py", *argv, "--num_images", str(per_step * reps), "--epochs", "2",
-                   "--warmup_epochs", "1", "--device", "cuda" if device.startswith("cuda") else "cpu",
+                   "--warmup_epochs", "1", "--device", "cuda" if device.startswith("cuda") else "cpu", "--amp", amp,
                    "--save_every", "100", "--vis_every", "100", "--output_dir", out]
             subprocess.run(cmd, check=True, capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)),
                            env={**os.environ, "TQDM_DISABLE": "1"})
@@ -372,7 +425,116 @@ def bench_train(*, batch: int, reps: int, device: str, long: bool):
                ("CUDA max allocated" if "max_mem_mb" in last else "peak RSS of the largest child so far") + note)
 
 
-# ---- 7. detect_seg.py suite: the dense heads on the pyramid ------------------------------------------------------
+# ---- 7. finetune.py suite: fine-tuning steps and evaluation, built by finetune.py itself --------------------------
+
+CPU_PEAK = "peak RSS over building the run and timing it, minus the RSS before"
+
+
+def finetune_trainer(argv: list[str], *, out: str, device: str, amp: str):
+    """(task, trainer) as `python finetune.py ARGV` builds them: its flags and recipe (the one for a pixel-pre-trained
+    checkpoint; the weights stay random, nothing is loaded), classifier, layer-decay AdamW groups, MixUp / CutMix,
+    EMA and the Trainer with its own autocast (--amp). The built-in data is drawn small; no step is taken."""
+    argv = [*argv, "--output_dir", out, "--device", "cuda" if device.startswith("cuda") else "cpu", "--amp", amp,
+            "--num_workers", "0", "--mixup", "0.8", "--cutmix", "1.0"]   # mixing on, also for the demo
+    cfg, _ = train.parse_config(finetune.FinetuneConfig, argv, description="", defaults=finetune.RECIPES,
+                                recipe=lambda c: finetune.recipe_name(c.model, "pixel", c.linear_probe))
+    task, trainer, _ = finetune.prepare(cfg, train.Dist(0, 1, torch.device(device)), None)
+    return task, trainer
+
+
+def finetune_step(trainer, x: torch.Tensor, y: torch.Tensor):
+    """One optimizer step of finetune's Trainer on a fixed batch already on the device (data loading excluded):
+    MixUp / CutMix, forward under the run's autocast, smoothed loss, backward, gradient norm, AdamW with layer-wise
+    lr scales, EMA (when the recipe keeps one)."""
+    batches = itertools.repeat((x, y, torch.zeros(len(y), dtype=torch.long)))   # (inputs, labels, skipped)
+    return lambda: trainer.train_step(batches)
+
+
+def inference(model, x: torch.Tensor, *, device: str, amp: str):
+    """One no-grad forward in eval mode (the classifier's logits), under --amp."""
+    def run():
+        model.eval()
+        with torch.no_grad(), autocast(device, amp):
+            model(x)
+        model.train()
+    return run
+
+
+def bench_finetune(*, batch: int | None, reps: int, device: str, long: bool, amp: str):
+    """finetune.py: fine-tuning step and inference images/s and peak memory of the demo (itpn_tiny, 64 px, batch
+    32) and, with --long, iTPN-B at 224 px (batch 8) and Fast-iTPN-B classification at 384 px with token migration
+    rho = 0 / 0.2 / 0.4 on the same weights (Fast-iTPN Sec. 4.1 and 5.2; the paper times migration only on dense
+    tasks). Fast-iTPN-B's batch: --batch, else its recipe's 32 on CUDA and 4 on a CPU. Steps and forwards of one
+    model are timed round by round (interleaved_seconds; CPU: 1-thread CPU time). Peak memory: CUDA max allocated
+    in one step (weights, gradients, AdamW and EMA states, activations), or on CPU (Linux) the peak RSS over
+    building the run and timing it minus the RSS before (reset_peak_rss)."""
+    cuda = device.startswith("cuda")
+    note = "1-thread CPU time" if not cuda else device + (", bf16 autocast" if amp == "bf16" else ", fp32")
+    rows = [("demo itpn_tiny 64 px", "itpn_tiny", 64, 32)] + ([("iTPN-B 224 px", "itpn_b", 224, 8)] if long else [])
+    for label, model_name, side, b in rows:
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as out:
+            rss = reset_peak_rss()
+            val = "64" if model_name.endswith("_tiny") else "1"           # only the demo runs finetune.evaluate
+            task, trainer = finetune_trainer(["--model", model_name, "--input_size", str(side), "--batch_size", str(b),
+                                              "--num_images", str(b), "--num_val_images", val],
+                                             out=out, device=device, amp=amp)
+            x = torch.randn(b, 3, side, side, device=device)
+            y = torch.randint(0, task.cfg.nb_classes, (b,), device=device)
+            t = interleaved_seconds({"step": finetune_step(trainer, x, y),
+                                     "eval": inference(task.model, x, device=device, amp=amp)}, reps=reps,
+                                    device=device)
+            yield f"{label} fine-tuning step (images/s)", b / t["step"], f"batch {b}, MixUp/CutMix, {note}"
+            yield f"{label} inference (images/s)", b / t["eval"], f"batch {b}, {note}"
+            if cuda:
+                yield f"{label} fine-tuning peak memory (MiB)", \
+                    peak_memory_mb(finetune_step(trainer, x, y), device=device), "CUDA max allocated in one step"
+            elif rss is not None:
+                yield f"{label} fine-tuning peak memory (MiB)", rss_mb("VmHWM") - rss, CPU_PEAK
+            if model_name.endswith("_tiny"):                             # the val loop as finetune.py runs it
+                t = interleaved_seconds({"evaluate": task.evaluate}, reps=reps, device=device)["evaluate"]
+                yield f"{label} finetune.evaluate (images/s)", len(task.val_views) / t, \
+                    f"{len(task.val_views)} val images, data loading included, fp32 as finetune.py evaluates"
+        del task, trainer
+    if not long:
+        return
+    torch.manual_seed(0)
+    b = batch or (32 if cuda else 4)
+    with tempfile.TemporaryDirectory() as out:
+        rss = reset_peak_rss()
+        task, trainer = finetune_trainer(["--model", "fast_itpn_b", "--input_size", "384", "--batch_size", str(b),
+                                          "--num_images", str(b), "--num_val_images", "1"],
+                                         out=out, device=device, amp=amp)
+        model, ratios = task.model, (0.0, 0.2, 0.4)
+        x = torch.randn(b, 3, 384, 384, device=device)
+        y = torch.randint(0, task.cfg.nb_classes, (b,), device=device)
+
+        def at(ratio, fn):                                                # Sec. 4.1: a switch on the same weights
+            def run():
+                model.set_acceleration(migration_ratio=ratio)
+                fn()
+            return run
+
+        runs = {}
+        for r in ratios:
+            runs[("step", r)] = at(r, finetune_step(trainer, x, y))
+            runs[("eval", r)] = at(r, inference(model, x, device=device, amp=amp))
+        t = interleaved_seconds(runs, reps=reps, device=device)
+        for kind, what in (("step", "fine-tuning step"), ("eval", "inference")):
+            yield f"Fast-iTPN-B 384 px {what}, no migration (images/s)", b / t[(kind, 0.0)], f"batch {b}, {note}"
+            for r in ratios[1:]:
+                yield f"  speed-up with token migration {r:.0%}", t[(kind, 0.0)] / t[(kind, r)], \
+                    f"x  ({b / t[(kind, r)]:.2f} images/s)"
+        if cuda:
+            for r in ratios:
+                yield f"Fast-iTPN-B 384 px step peak memory, migration {r:.0%} (MiB)", \
+                    peak_memory_mb(at(r, finetune_step(trainer, x, y)), device=device), "CUDA max allocated in one step"
+        elif rss is not None:
+            yield "Fast-iTPN-B 384 px fine-tuning peak memory (MiB)", rss_mb("VmHWM") - rss, CPU_PEAK + ", all rows"
+        model.set_acceleration(migration_ratio=0.0)
+
+
+# ---- 8. detect_seg.py suite: the dense heads on the pyramid ------------------------------------------------------
 
 def synthetic_targets(batch: int, side: int, num_classes: int, *, seed: int = 0) -> list:
     """Three boxes per image with their filled rectangles as masks, labels 1..K (a fixed dense training batch)."""
@@ -397,22 +559,23 @@ def dense_model(model: str, task: str, head: str, num_classes: int):
     return ds.DenseModel(backbone, neck=neck, head=head_module, task=task, head_name=head)
 
 
-def dense_step(model, images, targets, *, task: str):
+def dense_step(model, images, targets, *, task: str, amp: str):
     """One training step's forward + backward of a DenseModel (the driver's loss, without the optimizer)."""
     def step():
         model.zero_grad(set_to_none=True)
         sizes = [tuple(images.shape[-2:])] * len(images)
         pad_mask = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool, device=images.device)
-        if task == "seg":
-            out = model(images, pad_mask=pad_mask, image_sizes=sizes)
-            loss = ds.seg_loss(out, torch.stack([t["semantic"] for t in targets]))["loss"]
-        else:
-            loss = model(images, pad_mask=pad_mask, image_sizes=sizes, targets=targets)["loss"]
+        with autocast(images.device.type, amp):
+            if task == "seg":
+                out = model(images, pad_mask=pad_mask, image_sizes=sizes)
+                loss = ds.seg_loss(out, torch.stack([t["semantic"] for t in targets]))["loss"]
+            else:
+                loss = model(images, pad_mask=pad_mask, image_sizes=sizes, targets=targets)["loss"]
         loss.backward()
     return step
 
 
-def bench_dense(*, batch: int, reps: int, device: str, long: bool):
+def bench_dense(*, batch: int, reps: int, device: str, long: bool, amp: str):
     """detect_seg.py: training / inference images/s of the heads (demo sizes; iTPN-B at 512 px with --long), Mask
     R-CNN-lite against torchvision's heads on the same pyramid features and weights, deformable attention by
     grid_sample against the per-point bilinear loop it replaces."""
@@ -424,20 +587,22 @@ def bench_dense(*, batch: int, reps: int, device: str, long: bool):
     if long:                                                              # the papers' sizes: slow on a CPU
         rows += [("itpn_b", "seg", "uperhead", 512, batch), ("itpn_b", "det", "maskrcnn", 512, batch),
                  ("itpn_b", "det", "dino", 512, batch)]
+    threads = "1 thread" if device == "cpu" else device + (", bf16 autocast" if amp == "bf16" else "")
     for model_name, task, head, side, b in rows:
         model = dense_model(model_name, task, head, num_classes=8).to(device).train()
         images, targets = torch.randn(b, 3, side, side, device=device), synthetic_targets(b, side, 8)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        train_s = interleaved_seconds({"step": dense_step(model, images, targets, task=task)}, reps=reps,
+        train_s = interleaved_seconds({"step": dense_step(model, images, targets, task=task, amp=amp)}, reps=reps,
                                       device=device)["step"]
         model.eval()
-        with torch.no_grad():
-            infer_s = interleaved_seconds({"eval": lambda: model(images, pad_mask=None if task == "seg" else
-                                                                  torch.zeros(b, side, side, dtype=torch.bool),
+        pad_mask = None if task == "seg" else torch.zeros(b, side, side, dtype=torch.bool, device=device)
+        with torch.no_grad(), autocast(device, amp):
+            infer_s = interleaved_seconds({"eval": lambda: model(images, pad_mask=pad_mask,
                                                                   image_sizes=[(side, side)] * b)},
                                           reps=reps, device=device)["eval"]
-        yield f"{model_name} + {head} {side} px train step (images/s)", b / train_s, f"batch {b}, 1 thread"
-        yield f"{model_name} + {head} {side} px inference (images/s)", b / infer_s, f"batch {b}, 1 thread"
+        yield f"{model_name} + {head} {side} px train step (images/s)", b / train_s, f"batch {b}, {threads}"
+        yield f"{model_name} + {head} {side} px inference (images/s)", b / infer_s, f"batch {b}, {threads}"
+        del model                                                         # free it before the next row's
     if long:                                                              # ADE20K test: whole image vs windows
         model = dense_model("itpn_b", "seg", "uperhead", num_classes=150).to(device).eval()
         x = torch.randn(1, 3, 512, 683, device=device)
@@ -445,10 +610,10 @@ def bench_dense(*, batch: int, reps: int, device: str, long: bool):
         def logits_fn(images):
             return model(images, pad_mask=None, image_sizes=None)["logits"]
 
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             t = interleaved_seconds({"whole": lambda: ds.predict_whole(logits_fn, x),
                                      "slide": lambda: ds.predict_slide(logits_fn, x)}, reps=reps, device=device)
-        yield "iTPN-B + UPerHead 512x683 whole-image inference (images/s)", 1 / t["whole"], "1 thread"
+        yield "iTPN-B + UPerHead 512x683 whole-image inference (images/s)", 1 / t["whole"], threads
         yield "iTPN-B + UPerHead 512x683 sliding-window inference (images/s)", 1 / t["slide"], "512 windows, stride 341"
     # Mask R-CNN-lite vs torchvision's Mask R-CNN heads: same settings ("torchvision" preset), same weights, same
     # iTPN-B pyramid-shaped features (256 channels, strides 4..64 of a 512-px input), batch 2.
@@ -462,12 +627,15 @@ def bench_dense(*, batch: int, reps: int, device: str, long: bool):
 
     def lite_train():
         lite.zero_grad(set_to_none=True)
-        lite(feats, image_sizes=[(side, side)] * b, targets=targets)["loss"].backward()
+        with autocast(device, amp):
+            loss = lite(feats, image_sizes=[(side, side)] * b, targets=targets)["loss"]
+        loss.backward()
 
     def twin_train():
         twin.zero_grad(set_to_none=True)
-        proposals, rpn_losses = twin.rpn(image_list, named, targets)
-        _, roi_losses = twin.roi_heads(named, proposals, image_list.image_sizes, targets)
+        with autocast(device, amp):
+            proposals, rpn_losses = twin.rpn(image_list, named, targets)
+            _, roi_losses = twin.roi_heads(named, proposals, image_list.image_sizes, targets)
         sum({**rpn_losses, **roi_losses}.values()).backward()
 
     def twin_eval():
@@ -480,7 +648,7 @@ def bench_dense(*, batch: int, reps: int, device: str, long: bool):
     yield "Mask R-CNN-lite / torchvision heads, train step (speed)", t["torchvision"] / t["lite"], \
         f"x  lite {t['lite']:.2f} s, 512 px, batch 2, heads only"
     lite.eval(), twin.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, amp):
         t = interleaved_seconds({"lite": lambda: lite(feats, image_sizes=[(side, side)] * b),
                                  "torchvision": twin_eval}, reps=reps, device=device)
     yield "Mask R-CNN-lite / torchvision heads, inference (speed)", t["torchvision"] / t["lite"], \
@@ -500,7 +668,7 @@ def bench_dense(*, batch: int, reps: int, device: str, long: bool):
         f"x  {queries} queries x {heads} heads x {levels} levels x {points} points"
 
 
-# ---- 8. CLI -------------------------------------------------------------------------------------------------------
+# ---- 9. CLI -------------------------------------------------------------------------------------------------------
 
 # name -> (suite, default batch, default reps, minutes on a 2-core CPU with the defaults, without --long)
 SUITES = {
@@ -509,6 +677,7 @@ SUITES = {
     "mim": (bench_mim, 4, 3, "3"),
     "fast_itpn": (bench_fast_itpn, 1, 2, "2"),
     "train": (bench_train, None, 3, "0.5"),
+    "finetune": (bench_finetune, None, 3, "0.1"),
     "dense": (bench_dense, 2, 3, "4"),
 }
 
@@ -517,26 +686,39 @@ def main():
     timings = "; ".join(f"{name} ~{minutes}" for name, (*_, minutes) in SUITES.items())
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog=f"Minutes per suite on a 2-core CPU with the defaults: {timings}; "
-                                            f"--long adds the 1024-px Fast-iTPN rows (~4 more) and an iTPN-B "
-                                            f"train.py run (~3 more).")
+                                            f"--long adds the 1024-px Fast-iTPN rows (~4 more), an iTPN-B "
+                                            f"train.py run (~3 more), finetune's iTPN-B and Fast-iTPN-B rows (~7 "
+                                            f"more) and dense's iTPN-B rows at 512 px.")
     parser.add_argument("--suite", choices=sorted(SUITES), action="append",
                         help="suite(s) to run (repeatable); default: all, in the order of the epilog")
     parser.add_argument("--batch", type=int, default=None,
-                        help="images per timed step; default: the suite's own (hivit 4, itpn 4, mim 4, fast_itpn 1)")
+                        help="images per timed step; default: the suite's own (hivit 4, itpn 4, mim 4, fast_itpn 1, "
+                             "dense 2 for its iTPN-B rows; finetune: its Fast-iTPN-B rows, 32 on CUDA and 4 on a CPU; "
+                             "the demo rows and train keep their fixed batches)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed repetitions per row, the median is reported; default: the suite's own "
                              "(fast_itpn 2, others 3)")
     parser.add_argument("--long", action="store_true",
-                        help="also run the long rows: Fast-iTPN at 1024 px and an iTPN-B train.py run")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+                        help="also run the long rows: Fast-iTPN at 1024 px, an iTPN-B train.py run, iTPN-B / "
+                             "Fast-iTPN-B fine-tuning (224 / 384 px) and iTPN-B dense heads at 512 px")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"],
+                        help="bf16: every timed forward under torch.autocast(bfloat16), CUDA only; none: fp32")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads", flush=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is visible to PyTorch (check the driver, "
+                         "CUDA_VISIBLE_DEVICES and the torch build) - or use --device cpu")
+    if args.amp == "bf16" and args.device == "cpu":
+        raise SystemExit("error: --amp bf16 needs --device cuda: CPU bf16 autocast ran ~35x slower than fp32 here "
+                         "(no native bf16 units), so its timings would mislead - use --amp none on a CPU")
+    where = f"cuda ({torch.cuda.get_device_name()})" if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, device {where}, amp {args.amp}, {torch.get_num_threads()} threads", flush=True)
     for name in args.suite or list(SUITES):
         suite, batch, reps, _ = SUITES[name]
         print(f"\n== {name} ==", flush=True)
         t0 = time.perf_counter()
         for row, value, note in suite(batch=args.batch or batch, reps=args.reps or reps, device=args.device,
-                                      long=args.long):
+                                      long=args.long, amp=args.amp):
             print(f"  {row:58s} {value:10.3f}  {note}", flush=True)
         print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
 

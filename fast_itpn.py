@@ -269,8 +269,9 @@ class FastAttention(nn.Module):
     plain global attention.
 
     `keep_attention` (default False) is hivit.Attention's switch for pictures: when True, forward(x) computes the
-    softmax explicitly (fp32, scale hd^-0.5 as `scaled_dot_product_attention` uses) and stores the probabilities,
-    detached, as `last_attention` (B, heads, N, N). The fused kernel otherwise; the two agree to float rounding.
+    logits explicitly (scale hd^-0.5, as `scaled_dot_product_attention` uses) and stores the fp32 softmax
+    probabilities, detached, as `last_attention` (B, heads, N, N). The fused kernel otherwise; the two agree to
+    float rounding.
     Only the plain global path records: with token migration or window attention no N x N map exists.
     """
 

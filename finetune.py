@@ -81,7 +81,7 @@ from train import (
     IMAGENET_MEAN, IMAGENET_STD, MODELS, METHOD_FILE, ConfigError, DataError, Dist, ImageFiles, RunConfig,
     SeededViews, ShapesDataset, Trainer, clear_run, cosine_schedule, count_steps, denormalize, epoch_loader, flag,
     find_checkpoint, load_checkpoint, one_line, parse_config, prepare_output_dir, print0, setup_distributed,
-    teardown_distributed, write_run_config,
+    save_image, teardown_distributed, write_run_config,
 )
 
 __all__ = [
@@ -723,7 +723,7 @@ def save_predictions(path: str, model: nn.Module, views: SeededViews, classes: l
         canvas.paste(Image.fromarray(arr).resize((tile - 4, tile - 4), Image.NEAREST), (left + 2, top + 2))
         draw.text((left + 2, top + tile - 2), f"{classes[true]} -> {classes[guess]}",
                   fill=(0, 128, 0) if true == guess else (200, 0, 0))
-    canvas.save(path)
+    save_image(path, canvas)
 
 
 # The attention modules whose `keep_attention` switch records softmax probabilities (hivit.py, fast_itpn.py).
@@ -801,7 +801,7 @@ def save_attention(path: str, model: nn.Module, views: SeededViews, classes: lis
                          (left + j * tile + 2, top + 2))
             draw.text((left + j * tile + 2, top + tile - 2), caption,
                       fill=(0, 0, 0) if j else (0, 128, 0) if true == guess else (200, 0, 0))
-    canvas.save(path)
+    save_image(path, canvas)
     return True
 
 
