@@ -25,6 +25,27 @@ from torch.utils.flop_counter import FlopCounterMode
 KEYS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_keys")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models are overhead-bound: one OpenMP thread ran the driver tests' runs up to ~10x faster than two on a
+    loaded 2-core machine. A test file opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_log(out: str) -> list[dict]:
+    """The records of a run's log.txt (one JSON object per line)."""
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def subprocess_env() -> dict:
+    """Environment for a script run in a subprocess (torchrun): the project importable, one thread, no bars."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+
+
 def official_layout(name: str) -> dict:
     """An official state_dict listing (tests/official_keys/<name>.json): keys, shapes, dtypes, parameter counts."""
     path = os.path.join(KEYS_DIR, f"{name}.json")

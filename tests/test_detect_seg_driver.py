@@ -1,7 +1,6 @@
 """detect_seg.py's driver: the three heads end to end on built-in shapes, records, resume, DDP, schedules, bad input.
 
 CPU only, tiny models, 64-px images, a few steps each (the heads' own oracles are in the other test_detect_seg_*)."""
-import json
 import os
 import subprocess
 import sys
@@ -12,18 +11,13 @@ import torch
 from PIL import Image
 
 import detect_seg as ds
+from conftest import read_log, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num_images", "16", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is the fastest on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")                       # conftest: tiny runs, one thread
 
 
 def run(tmp_path, *argv, name="out"):
@@ -31,9 +25,6 @@ def run(tmp_path, *argv, name="out"):
     return ds.main([*argv, "--output_dir", out]), out
 
 
-def read_log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
 
 
 def error_of(tmp_path, *argv, name="bad"):
@@ -88,7 +79,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     reads the k-th image and seeds the samplers by k, so Mask R-CNN-lite's losses and gradients agree."""
     argv = ["--task", "det", "--head", "maskrcnn", "--num_images", "8", "--batch_size", "1", "--epochs", "2",
             "--warmup_epochs", "1", "--num_workers", "0", "--eval_every", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    env = subprocess_env()
     ddp_out = str(tmp_path / "ddp")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "detect_seg.py", *argv, "--accum_iter", "2", "--output_dir", ddp_out],
@@ -109,7 +100,7 @@ def test_two_gloo_ranks_train_and_evaluate_every_head(tmp_path, head):
     the run finishes, and evaluation over both ranks' shares matches the same weights evaluated by one process."""
     argv = ["--task", "seg" if head == "uperhead" else "det", "--head", head, "--num_images", "8", "--batch_size",
             "2", "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    env = subprocess_env()
     out = str(tmp_path / "ddp")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "detect_seg.py", *argv, "--output_dir", out], cwd=ROOT, env=env, capture_output=True,

@@ -15,18 +15,13 @@ import torch.nn as nn
 from PIL import Image
 
 import train
+from conftest import read_log, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--input_size", "32", "--batch_size", "2", "--num_workers", "0"]   # smallest real run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound; on a busy 2-core machine 2 OpenMP threads ran these runs ~10x slower than 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")                       # conftest: tiny runs, one thread
 
 
 class StandIn(nn.Module):
@@ -66,13 +61,6 @@ def run(tmp_path, *argv, name="out"):
     return train.main([*argv, "--output_dir", out]), out
 
 
-def read_log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
-
-
-def subprocess_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
 
 
 def error_of(argv, tmp_path, name="bad"):
