@@ -80,8 +80,8 @@ import itpn
 from train import (
     IMAGENET_MEAN, IMAGENET_STD, MODELS, METHOD_FILE, ConfigError, DataError, Dist, ImageFiles, RunConfig,
     SeededViews, ShapesDataset, Trainer, clear_run, cosine_schedule, count_steps, denormalize, epoch_loader, flag,
-    find_checkpoint, load_checkpoint, one_line, parse_config, prepare_output_dir, print0, setup_distributed,
-    save_image, teardown_distributed, write_run_config,
+    find_checkpoint, load_checkpoint, one_line, parse_config, prepare_output_dir, print0, resume_command,
+    save_image, setup_distributed, teardown_distributed, write_run_config,
 )
 
 __all__ = [
@@ -98,6 +98,8 @@ __all__ = [
 @dataclass
 class FinetuneConfig(RunConfig):
     """Fine-tuning: model, weights, recipe and data."""
+    output_dir: str = flag("output_finetune", "checkpoints, log.txt, config.json and pictures (train.py's output/ "
+                                              "holds the pre-training run the second demo starts from)")
     model: str = flag("itpn_tiny", "architecture and size (train.py's --model choices)", metavar="NAME")
     finetune: str = flag("", "weights to start from: a train.py or finetune.py checkpoint, or an official "
                              "HiViT / iTPN / Fast-iTPN file; empty = train from scratch", metavar="PATH")
@@ -188,7 +190,6 @@ RECIPES: dict[str, dict] = {name: {**COMMON, **r} for name, r in {
                           smoothing=0.0, mixup=0.0, cutmix=0.0, randaug=0, reprob=0.0, num_workers=1, threads=1,
                           save_every=5),
 }.items()}
-DEFAULT_OUTPUT_DIR = "output_finetune"     # train.py's demo writes output/, which the second demo reads
 
 
 def recipe_name(model: str, kind: str | None, linear_probe: bool) -> str:
@@ -960,15 +961,12 @@ def prepare(cfg: FinetuneConfig, dist_: Dist, pretrained: Pretrained | None):
 
 
 DESCRIPTION = ("Fine-tune (or linearly probe) a HiViT / iTPN / Fast-iTPN / ViT classifier. Flags left unset take "
-               "the recipe of the model and checkpoint (RECIPES in finetune.py); output goes to "
-               f"{DEFAULT_OUTPUT_DIR}/ unless --output_dir says otherwise.")
+               "the recipe of the model and checkpoint (RECIPES in finetune.py).")
 EPILOG = (f"models: {', '.join(MODELS)}\nrecipes: {', '.join(RECIPES)}\n\n" + __doc__[__doc__.index("Run:"):])
 
 
 def main(argv=None) -> list[dict]:
-    # finetune.py writes to output_finetune/ by default (train.py's default, output/, holds the pre-training run);
-    # an --output_dir given by the user comes later and wins, as argparse keeps the last value.
-    argv = ["--output_dir", DEFAULT_OUTPUT_DIR, *(sys.argv[1:] if argv is None else argv)]
+    argv = sys.argv[1:] if argv is None else argv
     read = {}
 
     def recipe(c: FinetuneConfig) -> str:                                 # the checkpoint decides pixel / CLIP
@@ -997,7 +995,7 @@ def main(argv=None) -> list[dict]:
             if resume is None and cfg.overwrite:
                 clear_run(cfg.output_dir)
             trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
-        return trainer.fit(resume_command=" ".join(["python finetune.py", *argv]))
+        return trainer.fit(resume_command=resume_command("finetune.py", argv, dist_))
     except ConfigError as err:                                            # bad input: one message, no traceback
         raise SystemExit(f"error: {one_line(err)}") from None
     finally:

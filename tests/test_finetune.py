@@ -19,31 +19,20 @@ import finetune
 import hivit
 import itpn
 import train
-from conftest import official_layout
+from conftest import official_layout, read_log, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--input_size", "32", "--num_images", "16", "--num_val_images", "6", "--batch_size", "4", "--num_workers",
         "0", "--epochs", "2", "--warmup_epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one OpenMP thread is the fastest setting for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")                       # conftest: tiny runs, one thread
 
 
 def run(tmp_path, *argv, name="out"):
     """finetune.main in this process; returns (records, output dir)."""
     out = str(tmp_path / name)
     return finetune.main([*argv, "--output_dir", out]), out
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
 
 
 def error_of(tmp_path, *argv, name="bad"):
@@ -541,7 +530,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
             "--batch_size", "1", "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.05",
             "--drop_path", "0.1", "--randaug", "9"]
     ddp_out = str(tmp_path / "ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "finetune.py", *argv, "--accum_iter", "2", "--output_dir", ddp_out],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -727,3 +716,13 @@ def test_flag_mistakes_are_one_message_each(tmp_path):
     assert "holds a run" in error_of(tmp_path, *TINY, name="taken")      # train.py's overwrite protection
     _, out = run(tmp_path, *TINY, "--max_steps", "1", "--overwrite", name="taken")
     assert len(read_log(out)) == 1                                        # the earlier run's log is gone
+
+
+def test_default_output_folder_leaves_the_pretraining_run_alone(tmp_path, monkeypatch):
+    """`python train.py` writes output/; `python finetune.py` writes output_finetune/ and does not touch output/."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "checkpoint-last.pth").write_bytes(b"the pre-training run")
+    finetune.main([*TINY, "--max_steps", "1"])
+    assert (tmp_path / "output_finetune" / "checkpoint-last.pth").is_file()
+    assert os.listdir(tmp_path / "output") == ["checkpoint-last.pth"]
