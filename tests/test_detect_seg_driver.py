@@ -62,16 +62,17 @@ def test_eval_only_reproduces_the_logged_evaluation(tmp_path):
     assert not os.path.exists(tmp_path / "eval" / "log.txt")              # --eval writes nothing
 
 
-def test_resume_continues_bitwise(tmp_path):
-    argv = [*SMALL, "--task", "det", "--head", "maskrcnn"]                   # 4 steps per epoch
+@pytest.mark.parametrize("head", ["maskrcnn", "dino", "uperhead"])
+def test_resume_continues_bitwise(tmp_path, head):
+    argv = [*SMALL, "--task", "seg" if head == "uperhead" else "det", "--head", head]   # 4 steps per epoch
     run(tmp_path, *argv, name="straight")
     run(tmp_path, *argv, "--max_steps", "3", name="stopped")
     run(tmp_path, *argv, "--resume", "auto", name="stopped")
     a = torch.load(tmp_path / "straight" / "checkpoint-last.pth", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "checkpoint-last.pth", weights_only=True)
     assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert read_log(str(tmp_path / "straight"))[-1]["test_bbox_AP"] == read_log(
-        str(tmp_path / "stopped"))[-1]["test_bbox_AP"]
+    metric = "test_mIoU" if head == "uperhead" else "test_bbox_AP"
+    assert read_log(str(tmp_path / "straight"))[-1][metric] == read_log(str(tmp_path / "stopped"))[-1][metric]
 
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):

@@ -115,6 +115,37 @@ def test_torchvision_preset_and_constants_equal_torchvision_defaults():
     assert len(roi.mask_head) == ds.MASK_NUM_CONVS
 
 
+# mmdet 2.x `configs/_base_/models/mask_rcnn_r50_fpn.py`, the model file of the iTPN / HiViT COCO configs, copied
+# value by value: (our field, mmdet's key, mmdet's value).
+MMDET_MASK_RCNN = [
+    ("anchor_scale", "rpn_head.anchor_generator.scales", 8),
+    ("aspect_ratios", "rpn_head.anchor_generator.ratios", (0.5, 1.0, 2.0)),
+    ("rpn_pre_nms_top_n", "train_cfg.rpn_proposal.nms_pre, test_cfg.rpn.nms_pre", (2000, 1000)),
+    ("rpn_post_nms_top_n", "train_cfg.rpn_proposal.max_per_img, test_cfg.rpn.max_per_img", (1000, 1000)),
+    ("rpn_batch_per_image", "train_cfg.rpn.sampler.num", 256),
+    ("rpn_low_quality_min_iou", "train_cfg.rpn.assigner.min_pos_iou", 0.3),
+    ("roi_batch_per_image", "train_cfg.rcnn.sampler.num", 512),
+    ("roi_sampling_ratio", "bbox_roi_extractor.roi_layer.sampling_ratio", 0),
+    ("box_loss_beta", "loss_bbox=L1Loss (RPN and RoI heads)", 0.0),
+    ("box_fc_dim", "bbox_head.fc_out_channels", 1024),
+    ("mask_dim", "mask_head.conv_out_channels", 256),
+]
+
+
+@pytest.mark.parametrize("field, mmdet_key, value", MMDET_MASK_RCNN)
+def test_paper_preset_is_mmdets_mask_rcnn(field, mmdet_key, value):
+    assert getattr(ds.MASKRCNN_PRESETS["paper"], field) == value, mmdet_key
+
+
+def test_paper_constants_are_mmdets():
+    """The rules both presets share, against the same mmdet file's train_cfg / test_cfg."""
+    assert (ds.RPN_FG_IOU, ds.RPN_BG_IOU, ds.RPN_POSITIVE_FRACTION, ds.RPN_NMS_IOU) == (0.7, 0.3, 0.5, 0.7)
+    assert (ds.ROI_IOU, ds.ROI_POSITIVE_FRACTION) == (0.5, 0.25)              # rcnn assigner pos/neg 0.5, 1:3
+    assert (ds.SCORE_THRESH, ds.DET_NMS_IOU, ds.DETS_PER_IMAGE) == (0.05, 0.5, 100)
+    assert (ds.BOX_POOL, ds.MASK_POOL, ds.MASK_SIZE) == (7, 14, 28)
+    assert ds.ROI_BOX_WEIGHTS == tuple(1 / s for s in (0.1, 0.1, 0.2, 0.2))   # bbox_coder.target_stds
+
+
 def test_paper_heads_have_torchvision_size_without_background_outputs():
     """At the paper's widths (C = 256, K = 80) our heads = torchvision's heads minus the background box deltas and
     background mask map (mmdet's predictors have neither)."""
