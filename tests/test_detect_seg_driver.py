@@ -1,6 +1,7 @@
 """detect_seg.py's driver: the three heads end to end on built-in shapes, records, resume, DDP, schedules, bad input.
 
 CPU only, tiny models, 64-px images, a few steps each (the heads' own oracles are in the other test_detect_seg_*)."""
+import math
 import os
 import subprocess
 import sys
@@ -352,3 +353,23 @@ def test_fast_itpn_switches_reach_the_dense_backbone(tmp_path, monkeypatch, argv
     records, _ = run(tmp_path, "--model", "fast_itpn_tiny", *argv, "--num_images", "8", "--batch_size", "4",
                      "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0")
     assert getattr(seen[0], field) == value and torch.isfinite(torch.tensor(records[-1]["train_loss"]))
+
+
+def test_dense_layer_decay_keeps_the_pyramid_and_head_at_full_lr():
+    """UPerHead at layer decay 0.9 (the papers' ADE20K setting): the backbone decays with depth (patch embedding
+    lowest, a power of 0.9; later blocks never lower than earlier ones), the pre-trained pyramid counts as the top
+    layer and the head trains at the full lr; every parameter in exactly one group."""
+    cfg = SimpleNamespace(task="seg", drop_path=0.0, head="uperhead", model="itpn_tiny", layer_decay=0.9,
+                          weight_decay=0.05)
+    backbone, neck, widths = ds.build_backbone("itpn_tiny", cfg)
+    model = ds.DenseModel(backbone, neck=neck, head=ds.build_head(cfg, widths=widths, num_classes=5, tiny=True),
+                          task="seg", head_name="uperhead")
+    scale = {id(p): g.get("lr_scale", 1.0) for g in ds.dense_param_groups(model, cfg) for p in g["params"]}
+    assert len(scale) == sum(1 for _ in model.parameters())
+    named = {n: scale[id(p)] for n, p in model.backbone.named_parameters()}
+    assert {v for n, v in named.items() if n.startswith("pyramid.")} == {1.0}
+    assert {scale[id(p)] for p in model.head.parameters()} == {1.0}
+    lowest = named["backbone.patch_embed.proj.weight"]
+    assert lowest == min(named.values()) < 1.0 and math.log(lowest, 0.9) == pytest.approx(round(math.log(lowest, 0.9)))
+    blocks = [named[f"backbone.blocks.{i}.attn.qkv.weight"] for i in range(len(model.backbone.backbone.blocks))]
+    assert blocks == sorted(blocks) and blocks[0] < blocks[-1] < 1.0
