@@ -1,5 +1,6 @@
 """finetune.py: official layer ids, checkpoint conversion (train.py and official layouts), position-table resizing,
-mixing, accuracy, the loop (overfit, bitwise resume, 2 gloo ranks = 1 process) and every bad input's message.
+mixing, accuracy, the loop (overfit, weight EMA, gradient clipping, bitwise resume, 2 gloo ranks = 1 process), the
+recipes against their sources and every bad input's message.
 CPU only, tiny models, 32-px images, a few steps each; the official layouts are read from tests/official_keys."""
 import json
 import math
@@ -233,6 +234,32 @@ def test_a_checkpoint_at_another_grid_is_resized_when_loaded(tmp_path):
     assert len(report["resized"]) == 1 + hivit.PRESETS["tiny"].depth
 
 
+def bicubic_grid(table, side):
+    """Independent resize of a (1, G*G, C) table, rows first: the G x G grid of C-vectors as a C-channel image,
+    bicubic (align_corners=False) to side x side, flattened back row by row."""
+    g, c = math.isqrt(table.shape[1]), table.shape[2]
+    image = table[0].reshape(g, g, c).permute(2, 0, 1)[None]             # (1, C, G, G): row i, column j
+    image = F.interpolate(image, size=(side, side), mode="bicubic", align_corners=False)   # (1, C, side, side)
+    return image[0].permute(1, 2, 0).reshape(1, side * side, c)          # (1, side^2, C)
+
+
+def test_a_fastmim_vit_pretrained_small_is_fine_tuned_larger_with_its_table_resized(tmp_path):
+    """FastMIM pre-trains at low resolution and fine-tunes at a larger one: a train.py vit_tiny --method fastmim
+    checkpoint (4 x 4 table, 64 px) in a 112-px classifier (7 x 7, a non-integer ratio) holds the bicubic resize of
+    the pre-trained table and every other tensor unchanged."""
+    pretrainer, path = pretrain_checkpoint(tmp_path, "vit_tiny", "fastmim")
+    table = pretrainer.encoder.pos_embed.detach()
+    assert table.shape[1] == 16
+    classifier = finetune.build_classifier("vit_tiny", num_classes=8, drop_path=0.0, input_size=112)
+    report = finetune.load_pretrained(classifier, finetune.read_pretrained(path), model_name="vit_tiny")
+    ours = classifier.state_dict()
+    assert report["resized"] == ["pos_embed (1, 16, 64) -> (1, 49, 64)"]
+    torch.testing.assert_close(ours["pos_embed"], bicubic_grid(table, 7), rtol=0, atol=1e-6)
+    for k, v in pretrainer.encoder.state_dict().items():                  # the rest is loaded as it was
+        if k in ours and k != "pos_embed":
+            assert torch.equal(ours[k], v), k
+
+
 # ---- 4. official layouts: random tensors shaped as the released listings give the official forward's logits -----
 
 def official_hivit_logits(sd, x, *, n1, n2, heads):
@@ -364,6 +391,41 @@ def test_official_pretraining_layouts_load_the_backbone_and_leave_the_rest(tmp_p
         ignored_tops = {k.split(".")[0] for k in report["ignored"]}
         assert {"decoder_embed", "split_16to8", "fpn_modules"} <= ignored_tops and "blocks" not in ignored_tops
         assert len(report["resized"]) == 1 + (2 if kind == "clip" else 0)   # 224 -> 64 px: APE (+ bias tables)
+
+
+def bias_table_grid(table, side):
+    """Independent resize of a ((2G-1)^2, heads) relative position bias table: entry (dr + G-1) * (2G-1) + dc + G-1
+    holds offset (dr, dc) (the index official_hivit_logits builds), so it is a (2G-1) x (2G-1) image per head."""
+    n, heads = math.isqrt(table.shape[0]), table.shape[1]
+    image = table.reshape(n, n, heads).permute(2, 0, 1)[None]            # (1, heads, 2G-1, 2G-1): dr, dc
+    image = F.interpolate(image, size=(2 * side - 1, 2 * side - 1), mode="bicubic", align_corners=False)
+    return image[0].permute(1, 2, 0).reshape(-1, heads)                  # ((2 side - 1)^2, heads)
+
+
+@pytest.mark.parametrize("layout, model_name, input_size", [("fast_itpn_tiny", "fast_itpn_t", 448),
+                                                            ("hivit_tiny", "hivit_t", 320)])
+def test_an_official_layout_at_a_larger_grid_gets_resized_tables_and_the_official_logits(tmp_path, layout,
+                                                                                        model_name, input_size):
+    """A released 224-px file (14 x 14 grid) fine-tuned larger (Fast-iTPN-T at 448 = 2x the grid, HiViT-T at 320):
+    the APE (and HiViT's relative position bias tables) are bicubic resizes of the file's, and the classifier
+    computes the official forward on the file with its tables resized independently."""
+    sd, path, info = official_file(tmp_path, layout)
+    family, preset = train.MODELS[model_name]
+    cfg = replace(preset, depth=2, num_classes=1000, img_size=input_size)
+    model = (fast_itpn.FastiTPN(cfg) if family == "fast_itpn" else hivit.HiViT(cfg)).eval()
+    report = finetune.load_pretrained(model, finetune.read_pretrained(path), model_name=model_name)
+    side, ours = input_size // 16, model.state_dict()
+    want = {k: bicubic_grid(v, side) for k, v in sd.items() if k in ("pos_embed", "absolute_pos_embed")}
+    want.update({k: bias_table_grid(v, side) for k, v in sd.items() if k.endswith("relative_position_bias_table")})
+    assert len(report["resized"]) == len(want) == (1 if family == "fast_itpn" else 1 + 2)   # 2 attention blocks
+    for key, table in want.items():
+        ours_key = hivit.map_official_key(key, mlp_depth1=preset.mlp_depth1, mlp_depth2=preset.mlp_depth2)
+        torch.testing.assert_close(ours[ours_key], table, rtol=0, atol=1e-6)
+    forward = official_fast_itpn_logits if family == "fast_itpn" else official_hivit_logits
+    x = torch.randn(1, 3, input_size, input_size)
+    with torch.no_grad():
+        logits = forward({**sd, **want}, x, n1=preset.mlp_depth1, n2=preset.mlp_depth2, heads=preset.num_heads)
+        torch.testing.assert_close(model(x), logits, rtol=1e-4, atol=1e-4)
 
 
 # ---- 5. mixing, smoothing and accuracy ----------------------------------------------------------------------------
@@ -523,25 +585,87 @@ def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
     assert read_log(straight)[-1]["test_acc1_ema"] == read_log(stopped)[-1]["test_acc1_ema"]
 
 
+def prepared(tmp_path, *argv):
+    """finetune.prepare's (task, trainer) for argv, one process on the CPU, as finetune.main builds them."""
+    cfg, _ = train.parse_config(finetune.FinetuneConfig, [*argv, "--output_dir", str(tmp_path / "out")],
+                                description="", defaults=finetune.RECIPES,
+                                recipe=lambda c: finetune.recipe_name(c.model, None, c.linear_probe))
+    task, trainer, _ = finetune.prepare(cfg, train.Dist(0, 1, torch.device("cpu")), None)
+    return task, trainer
+
+
+def test_weight_ema_copies_the_first_step_then_averages_with_the_decay(tmp_path):
+    """torch's AveragedModel through finetune's task and Trainer: after optimizer step 1 the EMA is the weights, after
+    step t it is d * ema + (1 - d) * w_t with d = --model_ema_decay (0.75, so d and 1 - d cannot be swapped)."""
+    d = 0.75
+    task, trainer = prepared(tmp_path, *TINY, "--model", "hivit_tiny", "--model_ema", "--model_ema_decay", str(d),
+                             "--lr", "1e-2", "--warmup_epochs", "0", "--mixup", "0.8", "--cutmix", "1.0")
+    batches = iter(task.batches(0, 0))
+    ema = None
+    for step in range(3):
+        before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+        trainer.train_step(batches)
+        weights = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+        got = dict(task.ema.module.named_parameters())
+        assert got.keys() == weights.keys()
+        assert not torch.equal(weights["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])   # a real step
+        want = weights if ema is None else {n: d * ema[n] + (1 - d) * weights[n] for n in weights}
+        for n in weights:
+            if ema is None:
+                assert torch.equal(got[n], want[n]), n                     # the first update copies
+            else:
+                torch.testing.assert_close(got[n].detach(), want[n], rtol=0, atol=1e-6, msg=n)
+        if ema is not None:
+            assert not torch.equal(got["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
+        ema = {n: p.detach().clone() for n, p in got.items()}
+
+
+def test_clip_grad_clips_the_step_and_the_log_keeps_the_norm_before_clipping(tmp_path):
+    """--clip_grad through finetune.main: after one AdamW step, exp_avg = (1 - beta1) * g for the gradient g the
+    optimizer received, so its global norm / 0.1 is |g|: the clipped run's is 0.01, the unclipped run's is the logged
+    train_grad_norm, and both runs log the same norm (the norm before clipping)."""
+    argv = [*TINY, "--model", "hivit_tiny", "--max_steps", "1", "--lr", "1e-3", "--warmup_epochs", "0"]
+    norms = {}
+    for name, extra in (("clipped", ["--clip_grad", "0.01"]), ("free", [])):
+        records, out = run(tmp_path, *argv, *extra, name=name)
+        state = torch.load(os.path.join(out, "checkpoint-last.pth"), weights_only=True)["optimizer"]["state"]
+        exp_avg = torch.cat([s["exp_avg"].flatten() for s in state.values()])
+        norms[name] = (records[0]["train_grad_norm"], exp_avg.norm().item() / (1 - 0.9))   # AdamW beta1 0.9
+    logged, received = norms["clipped"]
+    assert logged > 1.0 and received == pytest.approx(0.01, rel=1e-4)   # the step saw a gradient of norm 0.01
+    assert norms["free"][0] == pytest.approx(logged, rel=1e-5)          # the log: the norm before clipping
+    assert norms["free"][1] == pytest.approx(logged, rel=1e-4)          # without --clip_grad: the whole gradient
+
+
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     # Global batch 4 = 2 ranks x 2 micro-steps x 1 image = 1 process x 4 micro-steps x 1 image; 7 val images are
-    # split 4 + 3 over the ranks and summed.
+    # split 4 + 3 over the ranks and summed. Only one image per micro-batch makes the micro-batches the same for
+    # both world sizes (DistributedSampler gives rank r positions r, r + R, ...), so MixUp / CutMix pair each image
+    # with itself here: what the run checks is that their draws (lambda, the choice, the box) come from the
+    # (seed, step, shard) stream, or the drop path draws after them would differ by rank. Drop path 0.5: at 0.1 the
+    # few per-image keep / drop draws mostly agree whatever the seed, and mixing seeded by rank went unnoticed. EMA on.
     argv = ["--model", "itpn_tiny", "--input_size", "32", "--num_images", "4", "--num_val_images", "7",
             "--batch_size", "1", "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.05",
-            "--drop_path", "0.1", "--randaug", "9"]
+            "--drop_path", "0.5", "--randaug", "9", "--mixup", "0.8", "--cutmix", "1.0", "--model_ema",
+            "--model_ema_decay", "0.5"]
     ddp_out = str(tmp_path / "ddp")
     env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "finetune.py", *argv, "--accum_iter", "2", "--output_dir", ddp_out],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single, _ = run(tmp_path, *argv, "--accum_iter", "4", name="single")
+    single, single_out = run(tmp_path, *argv, "--accum_iter", "4", name="single")
     ddp = read_log(ddp_out)
     assert len(ddp) == len(single) == 3 and len({r["train_loss"] for r in single}) == 3
     for a, b in zip(ddp, single):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5, rel=0)
         assert a["train_grad_norm"] == pytest.approx(b["train_grad_norm"], rel=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5) and a["test_acc1"] == b["test_acc1"]
+        assert a["test_loss_ema"] == pytest.approx(b["test_loss_ema"], rel=1e-5)
+    last = [torch.load(os.path.join(d, "checkpoint-last.pth"), weights_only=True) for d in (ddp_out, single_out)]
+    for part in ("model", "model_ema"):
+        for k, v in last[0][part].items():
+            torch.testing.assert_close(v, last[1][part][k], rtol=0, atol=1e-5, msg=f"{part} {k}")
 
 
 def test_linear_probe_trains_the_head_only(tmp_path):
@@ -655,6 +779,60 @@ def test_recipes_follow_the_model_and_the_checkpoint():
     assert finetune.recipe_name("vit_l", "pixel", True) == "linprobe"
     assert finetune.recipe_name("itpn_tiny", None, False) == "demo"
     assert finetune.RECIPES["fast_itpn_l"]["input_size"] == 640 and finetune.RECIPES["itpn_pixel_b"]["blr"] == 5e-4
+
+
+# The paper-size recipes against their sources: (recipe, GPUs x accumulation of the source's command, source's
+# numbers, citation). Sources that give an absolute lr at batch B are written as lr * 256 / B (MAE's blr); Swin-style
+# configs scale lr and min_lr per 512 images, so their min_lr is written at the source's batch (128 x 8 GPUs = 1024).
+RECIPE_SOURCES = [
+    ("itpn_pixel_b", 32, dict(blr=5e-4, epochs=100, warmup_epochs=5, drop_path=0.2, layer_decay=0.60, min_lr=5e-6),
+     "iTPN supp. Tab. 8 (B: lr, epochs, warm-up, drop path, batch 1024); layer decay, min_lr: official "
+     "`itpn_pixel/FINETUNE.md`"),
+    ("itpn_pixel_l", 32, dict(blr=1e-3, epochs=50, warmup_epochs=5, drop_path=0.2, layer_decay=0.55, min_lr=5e-6),
+     "iTPN supp. Tab. 8 (L); official `itpn_pixel/FINETUNE.md`"),
+    ("itpn_clip_b", 32, dict(blr=5e-4, epochs=100, warmup_epochs=5, drop_path=0.2, layer_decay=0.60, min_lr=1e-6),
+     "iTPN supp. Tab. 10 (B, CLIP); layer decay, min_lr: official `itpn_clip/README.md`"),
+    ("itpn_clip_l", 32, dict(blr=1e-3, epochs=50, warmup_epochs=5, drop_path=0.3, layer_decay=0.55, min_lr=1e-6),
+     "iTPN supp. Tab. 10 (L, CLIP); official `itpn_clip/README.md`"),
+    ("hivit_mae", 8 * 2, dict(blr=5e-4, epochs=100, warmup_epochs=5, drop_path=0.2, layer_decay=0.85, min_lr=1e-6),
+     "official hivit `self_supervised/get_started.md` (64 x accum 2 x 8 GPUs); min_lr: MAE `main_finetune.py`"),
+    ("vit_mae_b", 32, dict(blr=5e-4, epochs=100, warmup_epochs=5, drop_path=0.1, layer_decay=0.65, min_lr=1e-6),
+     "MAE `FINETUNE.md` ViT-B (32 GPUs); App. A Tab. 9: batch 1024, warm-up 5, 100 epochs (B)"),
+    ("vit_mae_l", 32, dict(blr=1e-3, epochs=50, warmup_epochs=5, drop_path=0.2, layer_decay=0.75, min_lr=1e-6),
+     "MAE `FINETUNE.md` ViT-L; App. A Tab. 9: 50 epochs (L), layer decay 0.75"),
+    ("fast_itpn_t", 16, dict(blr=1e-4 * 256 / 1024, epochs=100, warmup_epochs=5, drop_path=0.1, layer_decay=0.80,
+                             min_lr=1e-6, model_ema=True, model_ema_decay=0.9999),
+     "Fast-iTPN Sec. 5.2 / official `fast_itpn/README.md`: lr 1e-4 at 64 x 16 GPUs, EMA 0.9999"),
+    ("fast_itpn_s", 16, dict(blr=1e-4 * 256 / 1024, epochs=100, warmup_epochs=5, drop_path=0.1, layer_decay=0.90,
+                             min_lr=1e-6, model_ema=True), "Fast-iTPN Sec. 5.2 / official README (S)"),
+    ("fast_itpn_b", 32, dict(blr=1e-4 * 256 / 1024, epochs=20, warmup_epochs=3, drop_path=0.1, layer_decay=0.90,
+                             min_lr=1e-6, model_ema=True), "Fast-iTPN Sec. 5.2 / official README (B, 32 x 32)"),
+    ("fast_itpn_l", 32 * 4, dict(blr=5e-5 * 256 / 512, epochs=20, warmup_epochs=3, drop_path=0.2, layer_decay=0.95,
+                                 min_lr=1e-6, model_ema=True, input_size=640),
+     "Fast-iTPN Sec. 5.2 / official README (L: lr 5e-5 at 4 x 32 GPUs x update_freq 4 = 512, 640 px)"),
+    *[(f"scratch_{size}", 8, dict(blr=5e-4 * 256 / 512, epochs=300, warmup_epochs=20, drop_path=dp, layer_decay=1.0,
+                                  min_lr=5e-6 * 1024 / 512),
+       f"official hivit `supervised/config.py` (Swin's: lr 5e-4 and min_lr 5e-6 per 512, 300 epochs, 20 warm-up), "
+       f"`supervised/get_started.md` (128 x 8 GPUs), drop path of `supervised/configs/hivit_{name}_224.yaml`")
+      for size, name, dp in (("t", "tiny", 0.05), ("s", "small", 0.3), ("b", "base", 0.5))],
+    ("linprobe", 32, dict(blr=0.1, weight_decay=0.0, epochs=90, warmup_epochs=10, mixup=0.0, cutmix=0.0, randaug=0,
+                          reprob=0.0, smoothing=0.0),
+     "MAE App. A Tab. 10: LARS, base lr 0.1, wd 0, batch 16384 (`main_linprobe.py`: 512 x 32 GPUs), 90 epochs, "
+     "warm-up 10, RandomResizedCrop only"),
+]
+SOURCE_BATCH = {"linprobe": 16384}                                        # every other source: 1024 (Fast-iTPN-L 512)
+
+
+@pytest.mark.parametrize("name, devices, want, source", RECIPE_SOURCES, ids=[r[0] for r in RECIPE_SOURCES])
+def test_paper_recipes_hold_their_sources_values(name, devices, want, source):
+    recipe = finetune.RECIPES[name]
+    for key, value in want.items():
+        assert recipe[key] == pytest.approx(value, rel=1e-12), (key, source)
+    batch = SOURCE_BATCH.get(name, 512 if name == "fast_itpn_l" else 1024)
+    assert recipe["batch_size"] * devices == batch, source                # per-GPU batch x GPUs x accumulation
+    if name != "linprobe":                                                # MAE Tab. 9's regularisation, every recipe
+        assert {k: recipe[k] for k in ("weight_decay", "smoothing", "mixup", "cutmix", "randaug", "reprob")} == \
+            dict(weight_decay=0.05, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug=9, reprob=0.25)
 
 
 def test_help_lists_every_setting(capsys):
