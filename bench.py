@@ -391,7 +391,7 @@ def bench_fast_itpn(*, batch: int, reps: int, device: str, long: bool, amp: str)
         wall, cpu = [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
         yield f"{side} px baseline: {rows[0][0]} (s)", wall[0], f"batch {batch_size}, {threads}"
         for i, (name, *_, paper) in enumerate(rows[1:], start=1):
-            cpu_note = f"cpu time {cpu[0] / cpu[i]:.2f}x  " if device == "cpu" else ""   # host time means nothing on CUDA
+            cpu_note = f"cpu time {cpu[0] / cpu[i]:.2f}x  " if device == "cpu" else ""   # no meaning on CUDA
             yield f"speed-up at {side} px: {name}", wall[0] / wall[i], f"x  {cpu_note}{paper}"
 
     yield from timed_rows(FAST_ITPN_ROWS, 512, batch)

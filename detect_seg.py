@@ -44,7 +44,8 @@ Differences from the paper / official code:
       the random-crop branch of those configs' AutoAugment is left out.
     - HiViT / ViT use ViTDet's simple pyramid; --pyramid random re-initialises iTPN's pre-trained pyramid (the
       ablation of the paper's claim). UPerHead uses BatchNorm (SyncBN under DDP on GPUs, as mmseg; torch's SyncBN
-      has no CPU kernel, so CPU ranks keep their own statistics).
+      has no CPU kernel, so CPU ranks normalise by their own batch; DDP re-sends rank 0's running statistics at
+      every step, and once more before an evaluation).
     - Evaluation runs on every rank's share of the val split; COCO results are gathered and scored on rank 0.
 
 Run:
@@ -156,7 +157,7 @@ class DenseConfig(RunConfig):
     output_dir: str | None = flag(None, "checkpoints, log.txt, config.json and pictures. Default: output_<head> "
                                         "(train.py's output/ holds the pre-training run it may start from)")
 
-    RESUME_KEYS = ("task", "head", "model", "schedule")
+    RESUME_KEYS = ("task", "head", "model", "schedule", "input_size")
 
 
 # Defaults per (scale, head). "paper": iTPN-B's ADE20K UPerNet (official seg config: AdamW 3e-5 at batch 16, layer
@@ -2842,6 +2843,10 @@ class DINOHead(nn.Module):
 
 # ---- 10. Backbones -> dense features ---------------------------------------------------------------------------------
 
+DET_LEVELS = ("p4", "p8", "p16", "p32", "p64")   # Mask R-CNN: RPN on all five, RoIAlign on p4..p32
+DINO_LEVELS = ("p8", "p16", "p32")               # DINO-4scale: strides 8-32 + one extra stride-2 conv level
+
+
 class DenseModel(nn.Module):
     """A backbone that gives pyramid maps, and one head: forward(images, pad_mask, image_sizes, targets) -> the head's.
 
@@ -2892,10 +2897,6 @@ class DenseModel(nn.Module):
             return self.head([maps[k] for k in DET_LEVELS], image_sizes=image_sizes, targets=targets)
         return self.head([maps[k] for k in DINO_LEVELS], pad_mask=pad_mask, image_sizes=image_sizes,
                          targets=targets)
-
-
-DET_LEVELS = ("p4", "p8", "p16", "p32", "p64")   # Mask R-CNN: RPN on all five, RoIAlign on p4..p32
-DINO_LEVELS = ("p8", "p16", "p32")               # DINO-4scale: strides 8-32 + one extra stride-2 conv level
 
 
 def build_backbone(model: str, cfg) -> tuple[nn.Module, nn.Module | None, list[int]]:
@@ -3130,7 +3131,7 @@ class DenseTask:
 
     def evaluate(self) -> dict:
         if self.dist.ddp:                       # rank 0's BatchNorm statistics (the checkpoint's) on every rank:
-            for buffer in self.model.buffers():  # CPU ranks keep their own statistics while training
+            for buffer in self.model.buffers():  # the last CPU step updated each rank's copy with its own batch
                 dist.broadcast(buffer, src=0)
         with eval_mode(self.model):
             return self.evaluate_seg() if self.cfg.task == "seg" else self.evaluate_det()
@@ -3283,7 +3284,7 @@ def prepare(cfg: DenseConfig, dist_: Dist):
                f"({', '.join(sorted({'.'.join(n.split('.')[:2]) for n in unread}))})")
     if dist_.ddp and cfg.head == "uperhead" and dist_.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)           # the papers' SyncBN across GPUs (CUDA only:
-                                                                         # on CPU each rank keeps its own statistics)
+                                                                         # CPU ranks normalise by their own batch)
     task = DenseTask(model, data, cfg=cfg, dist_=dist_)
     eff_batch = cfg.batch_size * cfg.accum_iter * dist_.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
@@ -3293,7 +3294,13 @@ def prepare(cfg: DenseConfig, dist_: Dist):
     best = "test_mIoU" if cfg.task == "seg" else "test_bbox_AP"
     trainer = Trainer(task, cfg=cfg, dist_=dist_, optimizer=optimizer, run_config=run_config, best=best,
                       lr_at=dense_schedule(cfg, lr=lr, steps_per_epoch=count_steps(task.num_samples, cfg, dist_)))
-    if ckpt is not None:
+    if ckpt is not None and cfg.eval:                                   # weights only: nothing is trained
+        was = {k: ckpt["args"].get(k) for k in ("task", "head", "model")}
+        if was != {"task": cfg.task, "head": cfg.head, "model": cfg.model}:
+            raise ConfigError(f"--resume {resume} was written with {' '.join(f'--{k} {v}' for k, v in was.items())}: "
+                              f"evaluate it with those flags")
+        trainer.load_weights(ckpt, resume, hint="evaluate it with the flags it was trained with (its config.json)")
+    elif ckpt is not None:
         trainer.resume(ckpt, resume)
     return task, trainer, resume
 

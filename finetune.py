@@ -133,7 +133,7 @@ class FinetuneConfig(RunConfig):
     attention: str | None = flag(None, "Fast-iTPN stage-3 attention (Sec. 4.2): global, window or gathering",
                                  choices=list(fast_itpn.ATTENTION_MODES))
 
-    RESUME_KEYS = ("model", "nb_classes", "linear_probe")
+    RESUME_KEYS = ("model", "nb_classes", "linear_probe", "input_size")
 
 
 # Every setting a recipe leaves out is COMMON: MAE's fine-tuning defaults, which the iTPN, HiViT and Fast-iTPN
@@ -757,7 +757,8 @@ def received_attention(attn: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Te
 def heat_overlay(image: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     """(3, H, W) image in [0, 1] and (Hp, Wp) heat -> (3, H, W): half a grey copy of the image, half a blue (low)
     to red (high) colour of the heat, bilinearly upsampled to the image and min-max scaled per image."""
-    h = F.interpolate(heat[None, None].float(), size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
+    h = F.interpolate(heat[None, None].float(), size=image.shape[-2:], mode="bilinear",
+                      align_corners=False)[0]                              # (1, H, W)
     h = (h - h.min()) / (h.max() - h.min()).clamp_min(1e-12)              # (1, H, W) in [0, 1]
     colour = torch.cat([h, torch.zeros_like(h), 1 - h])                   # (3, H, W): red = high, blue = low
     return 0.5 * image.mean(dim=0, keepdim=True) + 0.5 * colour           # (3, H, W)
@@ -917,14 +918,15 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.op
     return torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=lr)
 
 
-def load_for_eval(task: "FinetuneTask", ckpt: dict, path: str, cfg: FinetuneConfig) -> None:
-    """--eval --resume: the checkpoint must come from a run of this model and protocol."""
+def load_for_eval(trainer: Trainer, ckpt: dict, path: str, cfg: FinetuneConfig) -> None:
+    """--eval --resume: the checkpoint must come from a run of this model and protocol, and fit it tensor for tensor
+    (another --input_size: evaluate it with --finetune, which resizes the position tables)."""
     was = {k: ckpt["args"].get(k) for k in ("model", "linear_probe")}
     if was != {"model": cfg.model, "linear_probe": cfg.linear_probe}:
         raise ConfigError(f"--resume {path} was written with {' '.join(f'--{k} {v}' for k, v in was.items())}: "
                           f"evaluate it with those flags")
-    task.model.load_state_dict(ckpt["model"])
-    task.load_state(ckpt)
+    trainer.load_weights(ckpt, path, hint=f"evaluate it at the --input_size it was trained at "
+                                          f"({ckpt['args'].get('input_size')}), or pass it as --finetune with --eval")
 
 
 def prepare(cfg: FinetuneConfig, dist_: Dist, pretrained: Pretrained | None):
@@ -954,7 +956,7 @@ def prepare(cfg: FinetuneConfig, dist_: Dist, pretrained: Pretrained | None):
                       run_config=run_config,
                       lr_at=cosine_schedule(cfg, lr=lr, steps_per_epoch=count_steps(len(views), cfg, dist_)))
     if ckpt is not None and cfg.eval:
-        load_for_eval(task, ckpt, resume, cfg)
+        load_for_eval(trainer, ckpt, resume, cfg)
     elif ckpt is not None:
         trainer.resume(ckpt, resume)
     return task, trainer, resume

@@ -96,8 +96,8 @@ __all__ = [
     "epoch_loader", "DataError", "count_steps", "cosine_schedule", "IMAGENET_MEAN", "IMAGENET_STD",
     "MODELS", "METHOD_FILE", "build_pretrainer",
     "BETAS", "param_groups", "get_lr",
-    "write_file", "save_image", "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir", "clear_run",
-    "write_run_config",
+    "write_file", "save_image", "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir",
+    "clear_run", "write_run_config",
     "denormalize", "titled_grid", "Trainer", "one_line", "main",
 ]
 
@@ -145,7 +145,7 @@ class RunConfig:
     resume: str = flag("", "checkpoint to continue from; 'auto' = the latest one in --output_dir (fresh if none)",
                        metavar="PATH|auto")
     overwrite: bool = flag(False, "start a fresh run in an --output_dir that already holds a run, replacing its "
-                                  "checkpoints and log (without it such a start is refused)")
+                                  "checkpoints, log, config and pictures (without it such a start is refused)")
     save_every: int | None = flag(None, "keep checkpoint-<epoch>.pth every N epochs (checkpoint-last.pth is "
                                         "rewritten every epoch)", valid=(lambda v: v >= 1, ">= 1 (epochs)"))
     max_steps: int | None = flag(None, "stop after this many optimizer steps in total (checkpoint saved); the "
@@ -1078,19 +1078,29 @@ class Trainer:
         its weights fit the model, key for key and shape for shape (one message, not load_state_dict's traceback)."""
         check_resumable(ckpt, path, self.cfg, world_size=self.dist.world_size, steps_per_epoch=self.steps_per_epoch,
                         num_samples=self.task.num_samples)
-        try:                                                              # settings the keys do not cover
+        self.load_weights(ckpt, path, hint="resume with the settings it was written with, which its config.json "
+                                           "lists, or start a fresh run in another --output_dir")
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as err:                                         # e.g. another set of trained tensors
+            raise ConfigError(f"{path}: its optimizer state does not fit this run's trained parameters ({err}); it "
+                              f"was written with other settings or by another version: start a fresh run from its "
+                              f"weights with --finetune, or in another --output_dir") from None
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.best, self.last_good = ckpt["step"], ckpt.get("best", -math.inf), path
+        print0(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+
+    def load_weights(self, ckpt: dict, path: str, *, hint: str) -> None:
+        """The model (and the task's own state, e.g. EMA weights) of a checkpoint, after checking key for key and
+        shape for shape that it fits (one message naming the difference, not load_state_dict's traceback).
+        --eval uses it alone: evaluation trains nothing, so batch split, seed or world size may differ."""
+        try:
             hivit.check_state_dict(ckpt["model"], {k: v.shape for k, v in self.raw.state_dict().items()},
-                                   what=f"{path} does not fit this run's model",
-                                   hint="resume with the settings it was written with, which its config.json lists, "
-                                        "or start a fresh run in another --output_dir")
+                                   what=f"{path} does not fit this run's model", hint=hint)
         except (KeyError, ValueError) as err:
             raise ConfigError(err.args[0]) from None
         self.raw.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
         self.task.load_state(ckpt)
-        self.step, self.best, self.last_good = ckpt["step"], ckpt.get("best", -math.inf), path
-        print0(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
     def save(self, epoch: int, record: dict) -> None:
         """Rank 0: checkpoint-last, the numbered checkpoint every save_every epochs and at the end, the best one."""

@@ -26,8 +26,6 @@ def run(tmp_path, *argv, name="out"):
     return ds.main([*argv, "--output_dir", out]), out
 
 
-
-
 def error_of(tmp_path, *argv, name="bad"):
     with pytest.raises(SystemExit) as info:
         run(tmp_path, *argv, name=name)
@@ -96,6 +94,15 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert ddp[-1]["test_bbox_AP"] == pytest.approx(single[-1]["test_bbox_AP"], abs=1e-6)   # eval sharded
 
 
+@pytest.mark.parametrize("change, said", [(["--schedule", "3x", "--epochs", "2"], "--schedule 1x"),
+                                          (["--input_size", "96"], "--input_size 64")])
+def test_a_resume_that_would_train_something_else_is_refused(tmp_path, change, said):
+    argv = [*SMALL, "--task", "det", "--head", "maskrcnn", "--max_steps", "1"]
+    _, out = run(tmp_path, *argv)
+    msg = error_of(tmp_path, *argv, *change, "--resume", "auto", name="out")
+    assert msg.startswith("error:") and said in msg and "\n" not in msg
+
+
 @pytest.mark.parametrize("head", ["uperhead", "dino"])
 def test_two_gloo_ranks_train_and_evaluate_every_head(tmp_path, head):
     """UPerHead's BatchNorm (SyncBN only on GPUs) and DINO's num_boxes all-reduce under torchrun with 2 CPU ranks:
@@ -111,8 +118,8 @@ def test_two_gloo_ranks_train_and_evaluate_every_head(tmp_path, head):
     record = read_log(out)[-1]
     assert record["step"] == 2 and torch.isfinite(torch.tensor(record["train_loss"]))
     metric = "test_mIoU" if head == "uperhead" else "test_bbox_AP"
-    again, _ = run(tmp_path, *argv, "--accum_iter", "2", "--eval", "--resume", os.path.join(out, "checkpoint-last.pth"),
-                   name="eval")                                          # the same effective batch, one process
+    again, _ = run(tmp_path, *argv, "--eval", "--resume", os.path.join(out, "checkpoint-last.pth"),
+                   name="eval")                                          # one process, another batch split
     assert again[0][metric] == pytest.approx(record[metric], abs=1e-6)
 
 

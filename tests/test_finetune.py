@@ -554,9 +554,12 @@ def test_default_run_logs_accuracy_keeps_the_best_and_draws_predictions(tmp_path
         tiles = np.asarray(im.convert("RGB")).reshape(2, 96 + 14, 8, 96, 3)   # (rows, px, cols, px, RGB) slots
     drawn = (tiles[:, 2:94, :, 2:94] != 255).any(axis=(1, 3, 4))        # (rows, cols): a picture in the slot
     assert drawn.tolist() == [[True] * 8, [True] * 4 + [False] * 4]
-    again = finetune.main([*TINY, "--model_ema", "--eval", "--resume", os.path.join(out, "checkpoint-last.pth")])
+    last = os.path.join(out, "checkpoint-last.pth")
+    again = finetune.main([*TINY, "--batch_size", "2", "--model_ema", "--eval", "--resume", last])   # another split
     assert again[0]["test_acc1"] == log[-1]["test_acc1"] and again[0]["test_loss"] == pytest.approx(
         log[-1]["test_loss"], rel=1e-6)
+    msg = error_of(tmp_path, *TINY, "--input_size", "64", "--model_ema", "--eval", "--resume", last)
+    assert msg.startswith("error:") and "does not fit" in msg and "--finetune" in msg   # not a traceback
 
 
 def test_finetune_from_the_train_demo_checkpoint(tmp_path):
@@ -583,6 +586,8 @@ def test_resume_continues_bitwise_as_if_never_stopped(tmp_path):
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert read_log(straight)[-1]["train_loss"] == read_log(stopped)[-1]["train_loss"]
     assert read_log(straight)[-1]["test_acc1_ema"] == read_log(stopped)[-1]["test_acc1_ema"]
+    msg = error_of(tmp_path, *argv, "--input_size", "64", "--resume", "auto", name="stopped")   # another size
+    assert msg.startswith("error:") and "--input_size 32" in msg
 
 
 def prepared(tmp_path, *argv):
@@ -643,7 +648,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     # both world sizes (DistributedSampler gives rank r positions r, r + R, ...), so MixUp / CutMix pair each image
     # with itself here: what the run checks is that their draws (lambda, the choice, the box) come from the
     # (seed, step, shard) stream, or the drop path draws after them would differ by rank. Drop path 0.5: at 0.1 the
-    # few per-image keep / drop draws mostly agree whatever the seed, and mixing seeded by rank went unnoticed. EMA on.
+    # few per-image keep / drop draws mostly agree whatever the seed, so a wrong mixing stream could pass. EMA on.
     argv = ["--model", "itpn_tiny", "--input_size", "32", "--num_images", "4", "--num_val_images", "7",
             "--batch_size", "1", "--epochs", "3", "--warmup_epochs", "1", "--num_workers", "0", "--blr", "0.05",
             "--drop_path", "0.5", "--randaug", "9", "--mixup", "0.8", "--cutmix", "1.0", "--model_ema",
@@ -713,6 +718,8 @@ def test_fast_attention_keeps_the_explicit_softmax_and_the_fused_output():
     k = (x @ attn.k_proj.weight.detach().t()).split(hd, dim=-1)
     expected = torch.stack([(qh @ kh.transpose(1, 2) / hd ** 0.5).softmax(-1) for qh, kh in zip(q, k)], dim=1)
     torch.testing.assert_close(attn.last_attention, expected, rtol=0, atol=1e-6)
+    attn(x).sum().backward()                                              # with grad on: the stored map is detached
+    assert attn.last_attention.grad_fn is None and not attn.last_attention.requires_grad
     with pytest.raises(ValueError, match="plain global path"):            # windows: no N x N map to keep
         attn.forward_windows(x.reshape(2, 2, 3, c), mode="window")
 

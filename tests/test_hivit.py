@@ -536,4 +536,5 @@ def test_keep_attention_stores_the_softmax_and_leaves_the_output_alone():
     expected = expected.softmax(dim=-1)
     torch.testing.assert_close(attn.last_attention, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(attn.last_attention.sum(-1), torch.ones(2, heads, g * g))
-    assert not attn.last_attention.requires_grad
+    attn(x, rpe_index=index, grid_hw=(g, g)).sum().backward()            # with grad on: the stored map is detached
+    assert not attn.last_attention.requires_grad and attn.last_attention.grad_fn is None

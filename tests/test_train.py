@@ -61,8 +61,6 @@ def run(tmp_path, *argv, name="out"):
     return train.main([*argv, "--output_dir", out]), out
 
 
-
-
 def error_of(argv, tmp_path, name="bad"):
     """The message a bad invocation stops with (SystemExit), as a string (in a fresh output folder by default)."""
     with pytest.raises(SystemExit) as info:
@@ -1054,11 +1052,12 @@ def test_resume_command_names_the_launcher_and_drops_resume_and_overwrite(monkey
 
 
 def test_every_numeric_setting_has_a_range():
-    """Every int / float flag is range-checked at start-up (range_errors); the exceptions name their reason."""
-    unchecked = {}                                                        # name -> why it needs no range
-    for cls in (train.RunConfig, train.PretrainConfig):
+    """Every int / float flag of every script is range-checked at start-up (range_errors)."""
+    import detect_seg
+    import finetune
+    for cls in (train.RunConfig, train.PretrainConfig, finetune.FinetuneConfig, detect_seg.DenseConfig):
         for f in fields(cls):
-            if train.field_type(f) in (int, float) and f.name not in unchecked:
+            if train.field_type(f) in (int, float):
                 assert f.metadata.get("valid") is not None, f"{cls.__name__}.{f.name} has no range"
 
 
