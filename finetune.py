@@ -540,7 +540,7 @@ def load_pretrained(model: nn.Module, pretrained: Pretrained, *, model_name: str
             if name in fresh and name.endswith("head.weight"):
                 nn.init.trunc_normal_(p, std=2e-5)
     loaded = [k for k in expected if k in mapped]
-    print0(f"--finetune: {pretrained.source} ({pretrained.kind} pre-training): loaded {len(loaded)} tensors; "
+    print0(f"--finetune: {pretrained.source} (recipe kind: {pretrained.kind}): loaded {len(loaded)} tensors; "
            f"freshly initialised: {summarise(fresh, 4)}; ignored: {summarise(ignored, 1)}"
            + (f"; resized: {'; '.join(resized)}" if resized else ""))
     return {"loaded": loaded, "fresh": fresh, "ignored": ignored, "resized": resized}
