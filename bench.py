@@ -656,17 +656,22 @@ def bench_dense(*, batch: int, reps: int, device: str, long: bool, amp: str):
         f"x  lite {t['lite']:.2f} s, masks pasted by both"
     # Deformable attention (Deformable DETR Eq. 3): one grid_sample per level against the per-point loop.
     shapes, heads, dh, levels, points, queries = [(16, 16), (8, 8), (4, 4), (2, 2)], 4, 8, 4, 4, 8
-    value = torch.randn(1, sum(h * w for h, w in shapes), heads, dh, requires_grad=True)
-    locations = torch.rand(1, queries, heads, levels, points, 2, requires_grad=True)
-    weights = torch.rand(1, queries, heads, levels, points).softmax(-1).requires_grad_()
+    value = torch.randn(1, sum(h * w for h, w in shapes), heads, dh, device=device, requires_grad=True)
+    locations = torch.rand(1, queries, heads, levels, points, 2, device=device, requires_grad=True)
+    weights = torch.rand(1, queries, heads, levels, points, device=device).softmax(-1).requires_grad_()
 
     def fwd_bwd_of(fn):
-        return lambda: fn(value, shapes, locations, weights).sum().backward()
+        def step():
+            with autocast(device, amp):
+                out = fn(value, shapes, locations, weights)
+            out.float().sum().backward()
+        return step
 
     t = interleaved_seconds({"grid_sample": fwd_bwd_of(ds.ms_deform_attn_sample),
-                             "loop": fwd_bwd_of(naive_deform_sample)}, reps=reps, device="cpu")
+                             "loop": fwd_bwd_of(naive_deform_sample)}, reps=reps, device=device)
     yield "deformable attention fwd+bwd, grid_sample / naive loop (speed)", t["loop"] / t["grid_sample"], \
-        f"x  {queries} queries x {heads} heads x {levels} levels x {points} points"
+        f"x  {queries} queries x {heads} heads x {levels} levels x {points} points, {device}" + \
+        (", bf16 autocast" if amp == "bf16" else "")
 
 
 # ---- 9. CLI -------------------------------------------------------------------------------------------------------
