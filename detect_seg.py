@@ -91,9 +91,9 @@ import hivit
 import itpn
 from finetune import layer_decay_groups, load_pretrained, read_pretrained
 from train import (IMAGENET_MEAN, IMAGENET_STD, MODELS, SHAPE_CLASSES, ConfigError, Dist, RunConfig, SeededViews,
-                   ShapesDataset, Trainer, clear_run, count_steps, denormalize, epoch_loader, find_checkpoint, flag,
-                   load_checkpoint, one_line, param_groups, parse_config, prepare_output_dir, print0,
-                   resume_command, save_image, setup_distributed, teardown_distributed, write_run_config)
+                   ShapesDataset, Trainer, count_steps, denormalize, epoch_loader, find_checkpoint, flag,
+                   load_checkpoint, param_groups, parse_config, prepare_output_dir, print0, save_image, script_errors,
+                   setup_distributed)
 
 __all__ = [
     "DenseConfig", "DEFAULTS",
@@ -3319,7 +3319,7 @@ def main(argv=None) -> list[dict]:
     cfg, parser = parse_config(DenseConfig, argv, description=DESCRIPTION, defaults=DEFAULTS, recipe=recipe,
                                epilog=__doc__[__doc__.index("Run:"):])
     check_dense_flags(cfg, parser)
-    try:
+    with script_errors():
         dist_ = setup_distributed(cfg)
         try:
             task, trainer, resume = prepare(cfg, dist_)
@@ -3329,18 +3329,10 @@ def main(argv=None) -> list[dict]:
             record = task.evaluate()
             print0(json.dumps({k: round(v, 3) for k, v in record.items()}))
             return [record]
-        if dist_.master:
-            if resume is None and cfg.overwrite:
-                clear_run(cfg.output_dir)
-            trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
         print0(f"{cfg.model} + {cfg.head} ({cfg.task}) on {dist_.device} x {dist_.world_size}, data: "
                f"{cfg.data_path or 'built-in shapes'} ({task.num_samples} train images), output: {cfg.output_dir}")
-        command = resume_command("detect_seg.py", sys.argv[1:] if argv is None else argv, dist_)
-        return trainer.fit(resume_command=command)
-    except ConfigError as err:
-        raise SystemExit(f"error: {one_line(err)}") from None
-    finally:
-        teardown_distributed()
+        return trainer.launch(script=__file__, argv=sys.argv[1:] if argv is None else argv,
+                              resuming=resume is not None)
 
 
 if __name__ == "__main__":

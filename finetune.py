@@ -79,9 +79,9 @@ import hivit
 import itpn
 from train import (
     IMAGENET_MEAN, IMAGENET_STD, MODELS, METHOD_FILE, ConfigError, DataError, Dist, ImageFiles, RunConfig,
-    SeededViews, ShapesDataset, Trainer, clear_run, cosine_schedule, count_steps, denormalize, epoch_loader, flag,
-    find_checkpoint, load_checkpoint, one_line, parse_config, prepare_output_dir, print0, resume_command,
-    save_image, setup_distributed, teardown_distributed, write_run_config,
+    SeededViews, ShapesDataset, Trainer, cosine_schedule, count_steps, denormalize, epoch_loader, flag,
+    find_checkpoint, load_checkpoint, parse_config, prepare_output_dir, print0, save_image, script_errors,
+    setup_distributed,
 )
 
 __all__ = [
@@ -976,7 +976,7 @@ def main(argv=None) -> list[dict]:
         read["recipe"] = recipe_name(c.model, read["pretrained"].kind if read["pretrained"] else None, c.linear_probe)
         return read["recipe"]
 
-    try:
+    with script_errors():
         cfg, _ = parse_config(FinetuneConfig, argv, description=DESCRIPTION, defaults=RECIPES, recipe=recipe,
                               epilog=EPILOG)
         dist_ = setup_distributed(cfg)
@@ -993,15 +993,7 @@ def main(argv=None) -> list[dict]:
             record = task.evaluate()
             print0(json.dumps(record))
             return [record]
-        if dist_.master:
-            if resume is None and cfg.overwrite:
-                clear_run(cfg.output_dir)
-            trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
-        return trainer.fit(resume_command=resume_command("finetune.py", argv, dist_))
-    except ConfigError as err:                                            # bad input: one message, no traceback
-        raise SystemExit(f"error: {one_line(err)}") from None
-    finally:
-        teardown_distributed()
+        return trainer.launch(script=__file__, argv=argv, resuming=resume is not None)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ import subprocess
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 
 import numpy as np
@@ -98,7 +98,7 @@ __all__ = [
     "BETAS", "param_groups", "get_lr",
     "write_file", "save_image", "save_checkpoint", "find_checkpoint", "load_checkpoint", "prepare_output_dir",
     "clear_run", "write_run_config",
-    "denormalize", "titled_grid", "Trainer", "one_line", "main",
+    "denormalize", "titled_grid", "Trainer", "one_line", "script_errors", "main",
 ]
 
 
@@ -1205,6 +1205,15 @@ class Trainer:
         self.stop_requested = True
         print0(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again: stop now)")
 
+    def launch(self, *, script: str, argv: list[str], resuming: bool) -> list[dict]:
+        """A script's run once every check has passed: rank 0 clears an earlier run (--overwrite, fresh runs only)
+        and writes config.json, then fit() with the command that continues this run (resume_command)."""
+        if self.dist.master:
+            if not resuming and self.cfg.overwrite:
+                clear_run(self.cfg.output_dir)
+            self.run_config = write_run_config(self.cfg.output_dir, self.run_config, script)
+        return self.fit(resume_command=resume_command(os.path.basename(script), argv, self.dist))
+
     def fit(self, resume_command: str) -> list[dict]:
         """Run every remaining epoch; rank 0 writes checkpoints and log.txt. Returns the epochs' records.
 
@@ -1415,6 +1424,18 @@ def one_line(err: Exception) -> str:
     return text
 
 
+@contextmanager
+def script_errors():
+    """The frame of every script's main(): bad input (a ConfigError) ends in one "error: ..." line, never a
+    traceback, and the process group is torn down however the run ends."""
+    try:
+        yield
+    except ConfigError as err:
+        raise SystemExit(f"error: {one_line(err)}") from None
+    finally:
+        teardown_distributed()
+
+
 def main(argv=None) -> list[dict]:
     cfg, parser = parse_config(PretrainConfig, argv, description=DESCRIPTION, defaults=DEFAULTS, epilog=EPILOG,
                                recipe=lambda c: "demo" if c.model.endswith("_tiny") else "paper")
@@ -1424,24 +1445,16 @@ def main(argv=None) -> list[dict]:
     if cfg.method not in METHOD_FILE:
         parser.error(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(METHOD_FILE)})")
     check_pretrain_flags(cfg, parser)
-    try:
+    with script_errors():
         dist_ = setup_distributed(cfg)
         try:
             task, trainer, resume = prepare(cfg, dist_)
         except (ValueError, KeyError, FileNotFoundError) as err:         # the model files' checks, by type
             raise ConfigError(err.args[0] if err.args else str(err)) from None
-        if dist_.master:
-            if resume is None and cfg.overwrite:
-                clear_run(cfg.output_dir)
-            trainer.run_config = write_run_config(cfg.output_dir, trainer.run_config, __file__)
         print0(f"{cfg.model} + {cfg.method} on {dist_.device} x {dist_.world_size}, data: "
                f"{cfg.data_path or 'built-in shapes'} ({task.num_samples} images), output: {cfg.output_dir}")
-        return trainer.fit(resume_command=resume_command("train.py", argv if argv is not None else sys.argv[1:],
-                                                         dist_))
-    except ConfigError as err:                                            # bad input: one message, no traceback
-        raise SystemExit(f"error: {one_line(err)}") from None
-    finally:
-        teardown_distributed()
+        return trainer.launch(script=__file__, argv=sys.argv[1:] if argv is None else argv,
+                              resuming=resume is not None)
 
 
 if __name__ == "__main__":
