@@ -12,7 +12,7 @@ from hivit import map_official_key, resize_pos_embed
 from hivit import map_to_units, select_units
 from fast_itpn import (PRESETS, FastiTPN, load_official,
                        migration_schedule, replenish, select_migrants, window_shape)
-from conftest import official_layout
+from conftest import official_fast_itpn_logits, official_layout
 
 TINY = PRESETS["tiny"]
 
@@ -92,40 +92,6 @@ def test_units_stay_independent_before_stage3():
 
 # ---- 3. loading the released layout ----
 
-def official_forward(sd, x, *, n1, n2, heads):
-    """Independent forward written out on the official key names (`fast_itpn/modeling_finetune.py`'s model)."""
-    ln = lambda t, p: F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)   # noqa: E731
-    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4).permute(0, 2, 3, 1)
-    i = 0
-    for stage_depth in (n1, n2):
-        for _ in range(stage_depth):                                      # ConvMLP block as a per-pixel MLP
-            p = f"blocks.{i}."
-            h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"][:, :, 0, 0], sd[p + "mlp.fc1.bias"]))
-            x = x + F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.fc2.weight"][:, :, 0, 0], sd[p + "mlp.fc2.bias"])
-            i += 1
-        p = f"blocks.{i}."                                                # LN per pixel, then the 2x2/2 conv
-        x = F.conv2d(ln(x, p + "norm").permute(0, 3, 1, 2), sd[p + "reduction.weight"], sd[p + "reduction.bias"],
-                     stride=2).permute(0, 2, 3, 1)
-        i += 1
-    x = x.flatten(1, 2) + sd["pos_embed"]                                 # (B, N, C)
-    b, n, c = x.shape
-    while f"blocks.{i}.norm1.weight" in sd:
-        p = f"blocks.{i}."
-        h = ln(x, p + "norm1")
-        q = F.linear(h, sd[p + "attn.q_proj.weight"], sd[p + "attn.q_bias"]).reshape(b, n, heads, -1).transpose(1, 2)
-        k = F.linear(h, sd[p + "attn.k_proj.weight"]).reshape(b, n, heads, -1).transpose(1, 2)
-        v = F.linear(h, sd[p + "attn.v_proj.weight"], sd[p + "attn.v_bias"]).reshape(b, n, heads, -1).transpose(1, 2)
-        a = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).float().softmax(-1)
-        h = F.linear((a @ v).transpose(1, 2).reshape(b, n, c), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
-        x = x + sd[p + "gamma_1"] * h
-        h = ln(x, p + "norm2")
-        h = F.silu(F.linear(h, sd[p + "mlp.w1.weight"], sd[p + "mlp.w1.bias"])) * \
-            F.linear(h, sd[p + "mlp.w2.weight"], sd[p + "mlp.w2.bias"])
-        x = x + sd[p + "gamma_2"] * F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.w3.weight"], sd[p + "mlp.w3.bias"])
-        i += 1
-    return F.linear(ln(x.mean(1), "fc_norm"), sd["head.weight"], sd["head.bias"])
-
-
 def random_official_state_dict(layout, *, max_block=None, seed=0):
     """Random tensors for every (key, shape) of an official listing; `max_block` keeps blocks.{i} with i < it."""
     g = torch.Generator().manual_seed(seed)
@@ -169,7 +135,7 @@ def test_load_official_round_trip_and_independent_forward():
     x = torch.randn(2, 3, 64, 64)
     official = {**sd, "pos_embed": resize_pos_embed(sd["pos_embed"], (4, 4))}
     with torch.no_grad():
-        torch.testing.assert_close(model(x), official_forward(official, x, n1=1, n2=1, heads=6),
+        torch.testing.assert_close(model(x), official_fast_itpn_logits(official, x, n1=1, n2=1, heads=6),
                                    rtol=1e-4, atol=1e-4)
 
 

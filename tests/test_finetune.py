@@ -20,7 +20,7 @@ import finetune
 import hivit
 import itpn
 import train
-from conftest import official_layout, read_log, subprocess_env
+from conftest import official_fast_itpn_logits, official_hivit_logits, official_layout, read_log, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--input_size", "32", "--num_images", "16", "--num_val_images", "6", "--batch_size", "4", "--num_workers",
@@ -261,79 +261,6 @@ def test_a_fastmim_vit_pretrained_small_is_fine_tuned_larger_with_its_table_resi
 
 
 # ---- 4. official layouts: random tensors shaped as the released listings give the official forward's logits -----
-
-def official_hivit_logits(sd, x, *, n1, n2, heads):
-    """The official HiViT / iTPN classifier (flat blocks.{i}, CLIP variants with gamma) written out on its keys."""
-    def ln(t, p):
-        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-6)
-
-    def lin(t, p):
-        return F.linear(t, sd[p + ".weight"], sd.get(p + ".bias"))
-
-    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
-    b, c, hh, ww = x.shape
-    hp, wp = hh // 4, ww // 4
-    x = ln(x.view(b, c, hp, 4, wp, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, hp * wp, 4, 4, c), "patch_embed.norm")
-    for i in range(n1 + n2 + 2):
-        p = f"blocks.{i}"
-        if i in (n1, n1 + n2 + 1):                                        # Swin order: (0,0), (1,0), (0,1), (1,1)
-            x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
-            x = lin(ln(x, p + ".norm"), p + ".reduction")
-        else:
-            x = x + sd.get(p + ".gamma_2", 1.0) * lin(F.gelu(lin(ln(x, p + ".norm2"), p + ".mlp.fc1")), p + ".mlp.fc2")
-    x = x[:, :, 0, 0, :] + sd["absolute_pos_embed"]
-    n = x.shape[1]
-    rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
-    dr, dc = rows.flatten()[:, None] - rows.flatten()[None], cols.flatten()[:, None] - cols.flatten()[None]
-    index = (dr + hp - 1) * (2 * wp - 1) + dc + wp - 1
-    i = n1 + n2 + 2
-    while f"blocks.{i}.norm1.weight" in sd:
-        p = f"blocks.{i}"
-        q, k, v = lin(ln(x, p + ".norm1"), p + ".attn.qkv").view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        att = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + \
-            sd[p + ".attn.relative_position_bias_table"][index].permute(2, 0, 1)
-        h = lin((att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1), p + ".attn.proj")
-        x = x + sd.get(p + ".gamma_1", 1.0) * h
-        x = x + sd.get(p + ".gamma_2", 1.0) * lin(F.gelu(lin(ln(x, p + ".norm2"), p + ".mlp.fc1")), p + ".mlp.fc2")
-        i += 1
-    return lin(ln(x.mean(1), "fc_norm"), "head")
-
-
-def official_fast_itpn_logits(sd, x, *, n1, n2, heads):
-    """The official Fast-iTPN classifier on its keys: ConvMLP stages, LN + 2x2 conv merges, q/v-bias attention,
-    SwiGLU with sub-LN, layer scale, mean pooling."""
-    def ln(t, p):
-        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-6)
-
-    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4).permute(0, 2, 3, 1)
-    i = 0
-    for depth in (n1, n2):
-        for _ in range(depth):
-            p = f"blocks.{i}."
-            h = F.gelu(F.linear(ln(x, p + "norm2"), sd[p + "mlp.fc1.weight"][:, :, 0, 0], sd[p + "mlp.fc1.bias"]))
-            x = x + F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.fc2.weight"][:, :, 0, 0], sd[p + "mlp.fc2.bias"])
-            i += 1
-        p = f"blocks.{i}."
-        x = F.conv2d(ln(x, p + "norm").permute(0, 3, 1, 2), sd[p + "reduction.weight"], sd[p + "reduction.bias"],
-                     stride=2).permute(0, 2, 3, 1)
-        i += 1
-    x = x.flatten(1, 2) + sd["pos_embed"]
-    b, n, c = x.shape
-    while f"blocks.{i}.norm1.weight" in sd:
-        p = f"blocks.{i}."
-        h = ln(x, p + "norm1")
-        q = F.linear(h, sd[p + "attn.q_proj.weight"], sd[p + "attn.q_bias"]).view(b, n, heads, -1).transpose(1, 2)
-        k = F.linear(h, sd[p + "attn.k_proj.weight"]).view(b, n, heads, -1).transpose(1, 2)
-        v = F.linear(h, sd[p + "attn.v_proj.weight"], sd[p + "attn.v_bias"]).view(b, n, heads, -1).transpose(1, 2)
-        h = ((q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, c)
-        x = x + sd[p + "gamma_1"] * F.linear(h, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
-        h = ln(x, p + "norm2")
-        h = F.silu(F.linear(h, sd[p + "mlp.w1.weight"], sd[p + "mlp.w1.bias"])) * \
-            F.linear(h, sd[p + "mlp.w2.weight"], sd[p + "mlp.w2.bias"])
-        x = x + sd[p + "gamma_2"] * F.linear(ln(h, p + "mlp.ffn_ln"), sd[p + "mlp.w3.weight"], sd[p + "mlp.w3.bias"])
-        i += 1
-    return F.linear(ln(x.mean(1), "fc_norm"), sd["head.weight"], sd["head.bias"])
-
 
 def official_file(tmp_path, layout, *, attention_blocks=2):
     """Random tensors for every key of a released listing, cut after a few attention blocks (speed), as a file."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import hivit
 from hivit import PRESETS, HiViT, HiViTConfig, VisionTransformer, VIT_PRESETS, load_official
-from conftest import gmacs, official_layout
+from conftest import gmacs, official_hivit_logits, official_layout
 
 
 def meta_model(cfg):
@@ -81,51 +81,6 @@ def test_masked_unit_pixels_do_not_reach_visible_units():
             assert torch.equal(a, b)
 
 
-# ---- independent oracle: the official classifier's forward, written out on its own key names (flat blocks.{i}) ----
-
-def official_forward(sd, *, n1, n2, depth, heads, img=64):
-    """Functional re-statement of the official iTPN(num_outs=1) classifier, reading official keys directly."""
-    def ln(x, p, eps=1e-6):
-        return F.layer_norm(x, x.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps)
-
-    def lin(x, p):
-        return F.linear(x, sd[p + ".weight"], sd.get(p + ".bias"))
-
-    def mlp(x, p):
-        return lin(F.gelu(lin(x, p + ".fc1")), p + ".fc2")
-
-    x = F.conv2d(img, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4)
-    b, c, hh, ww = x.shape
-    g = hh // 4
-    # nested layout: (B, C, G, 4, G, 4) -> (B, G, G, 4, 4, C) -> (B, G*G, 4, 4, C)
-    x = x.view(b, c, g, 4, g, 4).permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, 4, 4, c)
-    x = ln(x, "patch_embed.norm")
-    merges = {n1, n1 + n2 + 1}
-    for i in range(n1 + n2 + 2):
-        p = f"blocks.{i}"
-        if i in merges:                                                   # Swin order (0,0), (1,0), (0,1), (1,1)
-            x = torch.cat([x[:, :, 0::2, 0::2], x[:, :, 1::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 1::2]], -1)
-            x = lin(ln(x, p + ".norm"), p + ".reduction")
-        else:
-            x = x + mlp(ln(x, p + ".norm2"), p + ".mlp")
-    x = x[:, :, 0, 0, :] + sd["absolute_pos_embed"]
-    n = x.shape[1]
-    coords = torch.stack(torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :] + (g - 1)
-    index = rel[0] * (2 * g - 1) + rel[1]
-    for i in range(n1 + n2 + 2, n1 + n2 + 2 + depth):
-        p = f"blocks.{i}"
-        h = ln(x, p + ".norm1")
-        qkv = lin(h, p + ".attn.qkv").view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        att = q @ k.transpose(-1, -2) / (q.shape[-1] ** 0.5)
-        att = att + sd[p + ".attn.relative_position_bias_table"][index].permute(2, 0, 1)[None]
-        h = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
-        x = x + lin(h, p + ".attn.proj")
-        x = x + mlp(ln(x, p + ".norm2"), p + ".mlp")
-    return lin(ln(x.mean(1), "fc_norm"), "head")
-
-
 def random_official_state_dict(cfg, seed=0):
     """Random tensors under official key names for a small config (the inverse of map_official_key, by hand)."""
     g = torch.Generator().manual_seed(seed)
@@ -158,7 +113,7 @@ def test_load_official_matches_independent_official_forward():
     assert ignored == ["relative_position_index"]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = official_forward(sd, n1=2, n2=1, depth=2, heads=2, img=x)
+        ref = official_hivit_logits(sd, x, n1=2, n2=1, heads=2)
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 
 
